@@ -1,0 +1,98 @@
+"""Attention that also returns its probabilities, reduced over heads as it goes.
+
+Fast kernels (SDPA, xformers, sub-quadratic) never expose the softmax, so a
+captured layer computes softmax(Q K^T / sqrt(d)) itself, in query chunks, and
+uses the same probabilities for its output: no second attention pass, and no
+(heads x N x N) tensor ever exists."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+# probs (B, heads, n, T) -> (B, n, T)
+HeadReducer = Callable[[torch.Tensor], torch.Tensor]
+
+# Largest score block held at once, in fp32 elements (128 MiB).
+CHUNK_ELEMENTS = 1 << 25
+
+
+def head_mean(probs: torch.Tensor) -> torch.Tensor:
+    return probs.mean(dim=1)
+
+
+class GridPool:
+    """Average-pools an (h, w) token grid to at most ``max_tokens`` cells.
+
+    Each token belongs to one cell (floor mapping, so any h, w works). Pooling
+    the key axis sums the cells (rows stay stochastic); pooling the query axis
+    averages them."""
+
+    def __init__(self, h: int, w: int, max_tokens: int, device: torch.device):
+        factor = max(1, math.ceil(math.sqrt(h * w / max_tokens)))
+        while math.ceil(h / factor) * math.ceil(w / factor) > max_tokens:
+            factor += 1
+        self.grid = (math.ceil(h / factor), math.ceil(w / factor))
+        rows = torch.arange(h, device=device) // factor
+        cols = torch.arange(w, device=device) // factor
+        self.cells = (rows[:, None] * self.grid[1] + cols[None, :]).reshape(-1)
+        self.size = self.grid[0] * self.grid[1]
+        self.counts = torch.bincount(self.cells, minlength=self.size)
+        self.identity = factor == 1
+
+    def pool_keys(self, maps: torch.Tensor) -> torch.Tensor:
+        if self.identity:
+            return maps
+        out = maps.new_zeros(*maps.shape[:-1], self.size)
+        return out.index_add_(-1, self.cells, maps)
+
+
+def attention_with_maps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, heads: int,
+                        reducer: HeadReducer = head_mean, pool: GridPool | None = None):
+    """Multi-head attention on (B, L, heads*d) tensors.
+
+    Returns (out, maps): ``out`` as the host's attention would return it
+    ((B, Nq, heads*d), None when ``v`` is None), ``maps`` the head-reduced
+    probabilities (B, Nq, Tk) in fp32; with ``pool`` both the query and key
+    axes are pooled to ``pool.grid``."""
+    batch, n_q, inner = q.shape
+    dim = inner // heads
+    n_k = k.shape[1]
+    scale = dim ** -0.5
+    qh = q.view(batch, n_q, heads, dim).transpose(1, 2)
+    kh = k.view(batch, n_k, heads, dim).transpose(1, 2).float()
+    vh = v.view(batch, n_k, heads, dim).transpose(1, 2) if v is not None else None
+
+    out = torch.empty_like(qh) if vh is not None else None
+    pooled = pool is not None and not pool.identity
+    n_cols = pool.size if pooled else n_k
+    maps = q.new_zeros((batch, pool.size if pooled else n_q, n_cols), dtype=torch.float32)
+    step = max(1, CHUNK_ELEMENTS // max(1, batch * heads * n_k))
+    for start in range(0, n_q, step):
+        stop = min(n_q, start + step)
+        probs = torch.matmul(qh[:, :, start:stop].float(), kh.transpose(-1, -2)).mul_(scale).softmax(dim=-1)
+        if out is not None:
+            out[:, :, start:stop] = torch.matmul(probs.to(vh.dtype), vh)
+        reduced = reducer(probs)
+        if pooled:
+            maps.index_add_(1, pool.cells[start:stop], pool.pool_keys(reduced))
+        else:
+            maps[:, start:stop] = reduced
+    if pooled:
+        maps /= pool.counts.to(maps.dtype)[None, :, None]
+    if out is not None:
+        out = out.transpose(1, 2).reshape(batch, n_q, inner)
+    return out, maps
+
+
+def fold_repeated_tokens(maps: torch.Tensor, token_count: int | None) -> torch.Tensor:
+    """Undo the host's repetition of a short context to a common length.
+
+    A context repeated r times splits each token's probability into r equal
+    copies; summing the copies restores the map of the original sequence."""
+    total = maps.shape[-1]
+    if not token_count or total == token_count or total % token_count:
+        return maps
+    return maps.unflatten(-1, (total // token_count, token_count)).sum(dim=-2)

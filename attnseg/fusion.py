@@ -1,0 +1,67 @@
+"""DiffSegmenter's cross-attention fusion and self-attention completion."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from .errors import AttnSegError
+from .scores import ScoreMaps, min_max, resize
+from .store import AttentionStore, StoredMaps
+from .tokens import SegPrompt
+
+# Paper weights for the 8/16/32/64 maps of SD1.5 at 512 px, coarsest first.
+DIFFSEGMENTER_WEIGHTS = (0.3, 0.5, 0.1, 0.1)
+
+
+def class_token_maps(maps: torch.Tensor, grid: tuple[int, int], prompt: SegPrompt) -> torch.Tensor:
+    """(B, N, T) cross-attention -> (B, C, h, w): each class is the mean of its tokens' maps."""
+    if maps.shape[-1] < prompt.token_count:
+        raise AttnSegError(
+            f"store: the captured cross-attention has {maps.shape[-1]} text tokens but the prompt has "
+            f"{prompt.token_count}. The store and the conditioning come from different prompts; "
+            f"capture with the same segmentation conditioning.")
+    cols = [maps[..., list(c.positions)].mean(-1) for c in prompt.classes]
+    return torch.stack(cols, dim=1).unflatten(-1, grid)
+
+
+def mean_by_resolution(entries: list[tuple[object, StoredMaps]]) -> dict[int, tuple[tuple[int, int], torch.Tensor]]:
+    """Average the layers of each grid size: {tokens: (grid, (B, N, T) mean)}."""
+    groups: dict[int, list[StoredMaps]] = defaultdict(list)
+    for _, stored in entries:
+        groups[stored.grid[0] * stored.grid[1]].append(stored)
+    return {n: (group[0].grid, torch.stack([s.mean() for s in group]).mean(0)) for n, group in groups.items()}
+
+
+def mean_self_attention(store: AttentionStore, what: str = "store") -> tuple[tuple[int, int], torch.Tensor]:
+    """Mean of the finest-grid self-attention maps: (grid, (B, N, N))."""
+    by_size = mean_by_resolution(store.require("self", what=what))
+    return by_size[max(by_size)]
+
+
+def diffsegmenter(store: AttentionStore, weights=DIFFSEGMENTER_WEIGHTS, self_completion: bool = True,
+                  what: str = "store") -> ScoreMaps:
+    """Weighted fusion of per-resolution cross-attention (coarsest first), then
+    one step of self-attention completion ``S . A``, then min-max per class."""
+    if store.prompt is None:
+        raise AttnSegError(f"{what}: the store has no class list. Encode the prompt with the "
+                           f"AttnSeg text encoder and use that conditioning for the capture.")
+    levels = mean_by_resolution(store.require("cross", what=what))
+    sizes = sorted(levels)  # coarsest first
+    if self_completion:
+        target_grid, self_attn = mean_self_attention(store, what)
+    else:
+        target_grid, self_attn = levels[sizes[-1]][0], None
+    if len(weights) < len(sizes):
+        raise AttnSegError(f"weights: {len(weights)} weights for {len(sizes)} resolutions "
+                           f"({', '.join(str(levels[s][0][0]) for s in sizes)}); give one per resolution, coarsest first.")
+    fused = None
+    for size, weight in zip(sizes, weights):
+        grid, maps = levels[size]
+        level = min_max(resize(class_token_maps(maps, grid, store.prompt), target_grid)) * weight
+        fused = level if fused is None else fused + level
+    if self_attn is not None:
+        flat = fused.flatten(-2).transpose(1, 2)  # (B, N, C)
+        fused = torch.bmm(self_attn, flat).transpose(1, 2).unflatten(-1, target_grid)
+    return ScoreMaps(min_max(fused), store.prompt.class_names, store.image_size, "diffsegmenter")

@@ -1,0 +1,48 @@
+"""Score maps -> labels, per-class masks and a colour overlay."""
+
+from __future__ import annotations
+
+import colorsys
+
+import torch
+
+from .errors import AttnSegError
+from .scores import ScoreMaps
+
+
+def label_map(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(B, C, H, W) scores -> (B, H, W) int64 labels: 0 where no class reaches
+    ``threshold``, else 1 + the argmax class."""
+    if not 0.0 <= threshold <= 1.0:
+        raise AttnSegError(f"threshold: {threshold} is outside [0, 1]; scores are min-max normalised.")
+    best, index = scores.max(dim=1)
+    return torch.where(best >= threshold, index + 1, torch.zeros_like(index))
+
+
+def class_masks(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, H, W) labels -> (B * C, H, W) float masks, image-major (image 0's classes first)."""
+    classes = torch.arange(1, num_classes + 1, device=labels.device)
+    return (labels[:, None] == classes[None, :, None, None]).flatten(0, 1).float()
+
+
+def palette(n: int) -> torch.Tensor:
+    """(n + 1, 3) colours in [0, 1]: black for background, then evenly spaced hues."""
+    colours = [(0.0, 0.0, 0.0)] + [colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.85, 1.0) for i in range(n)]
+    return torch.tensor(colours)
+
+
+def overlay(labels: torch.Tensor, num_classes: int, image: torch.Tensor | None = None,
+            alpha: float = 0.55) -> torch.Tensor:
+    """Colour the labels; over ``image`` (B, H, W, 3) when given. Returns (B, H, W, 3)."""
+    colours = palette(num_classes).to(labels.device)[labels]
+    if image is None:
+        return colours
+    tinted = image * (1 - alpha) + colours * alpha
+    return torch.where((labels > 0)[..., None], tinted, image)
+
+
+def make_masks(score_maps: ScoreMaps, threshold: float):
+    """Everything the mask node outputs, at the image size: (labels, masks, scores)."""
+    scores = score_maps.at_image_size().clamp(0, 1)
+    labels = label_map(scores, threshold)
+    return labels, class_masks(labels, scores.shape[1]), scores

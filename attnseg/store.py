@@ -1,0 +1,93 @@
+"""The attention store: head-reduced attention maps of chosen layers, summed
+over the captured steps, one entry per (layer, branch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import AttnSegError
+from .tokens import SegPrompt
+
+BRANCHES = ("cond", "uncond")
+
+
+@dataclass(frozen=True, order=True)
+class LayerKey:
+    """One attention layer of a UNet: ``kind`` is "cross" or "self"; ``block`` is
+    "input", "middle" or "output"; ``depth`` indexes the transformer inside the
+    block. ``factor`` is the latent-to-grid downscale (1 = full latent size)."""
+
+    kind: str
+    block: str
+    block_id: int
+    depth: int
+    factor: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}:{self.block}.{self.block_id}.{self.depth}"
+
+
+@dataclass
+class StoredMaps:
+    """A running sum of (B, N, T) maps on an (h, w) grid with N = h * w."""
+
+    grid: tuple[int, int]
+    total: torch.Tensor
+    count: int = 1
+
+    def mean(self) -> torch.Tensor:
+        return self.total.float() / self.count
+
+
+@dataclass
+class AttentionStore:
+    """Head-reduced attention maps captured from one model.
+
+    ``model_id`` names the model family and layout so later nodes can refuse a
+    store from another model. ``latent_size`` and ``image_size`` are (h, w);
+    ``image_size`` is the pixel size the maps describe (the input image for a
+    segmentation pass, latent x 8 for sampling). ``prompt`` is the class-token
+    metadata of the cond branch, when the prompt was encoded for segmentation.
+    """
+
+    model_id: str
+    batch_size: int
+    latent_size: tuple[int, int]
+    image_size: tuple[int, int]
+    prompt: SegPrompt | None = None
+    dtype: torch.dtype = torch.float16
+    entries: dict[tuple[LayerKey, str], StoredMaps] = field(default_factory=dict)
+    steps: set[int] = field(default_factory=set)
+
+    def add(self, key: LayerKey, branch: str, grid: tuple[int, int], maps: torch.Tensor) -> None:
+        """Accumulate (B, N, T) maps for one layer and branch (called from hooks:
+        no host sync, stays on the maps' device)."""
+        slot = self.entries.get((key, branch))
+        if slot is None:
+            self.entries[(key, branch)] = StoredMaps(grid, maps.to(self.dtype).clone())
+        else:
+            slot.total.add_(maps.to(slot.total.dtype))
+            slot.count += 1
+
+    def layers(self, kind: str, branch: str = "cond") -> list[tuple[LayerKey, StoredMaps]]:
+        return sorted((k, v) for (k, b), v in self.entries.items() if k.kind == kind and b == branch)
+
+    def require(self, kind: str, branch: str = "cond", what: str = "store") -> list[tuple[LayerKey, StoredMaps]]:
+        found = self.layers(kind, branch)
+        if not found:
+            raise AttnSegError(
+                f"{what}: the attention store holds no {kind}-attention maps of the {branch} branch. "
+                f"Capture them (Segment Image always does; on the capture sampler keep capture on, "
+                f"with self-attention enabled, and a step range inside the run).")
+        return found
+
+    def nbytes(self) -> int:
+        return sum(v.total.numel() * v.total.element_size() for v in self.entries.values())
+
+    def describe(self) -> str:
+        rows = [f"{k.name} {b} grid={v.grid[0]}x{v.grid[1]} tokens={v.total.shape[-1]} n={v.count}"
+                for (k, b), v in sorted(self.entries.items())]
+        return f"{self.model_id}, batch {self.batch_size}, image {self.image_size}\n" + "\n".join(rows)

@@ -1,0 +1,89 @@
+"""Class words -> token positions in the prompt as the text encoder sees it.
+
+Positions index the flattened token sequence of all 77-token chunks (each with
+its own BOS), which is exactly the key axis of the UNet's cross-attention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from .errors import AttnSegError
+
+
+@dataclass(frozen=True)
+class ClassTokens:
+    name: str
+    positions: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SegPrompt:
+    """The class metadata carried by a segmentation CONDITIONING."""
+
+    text: str
+    classes: tuple[ClassTokens, ...]
+    token_count: int  # length of the encoded sequence (77 x chunks)
+    words: tuple[str, ...]  # readable token strings, for messages and UIs
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    @property
+    def readable(self) -> str:
+        """The prompt as the model's tokens, special tokens left out."""
+        return readable(self.words)
+
+
+def readable(words: Sequence[str]) -> str:
+    return " ".join(w for w in words if w)
+
+
+def parse_class_list(text: str, input_name: str = "classes") -> list[str]:
+    """Comma-separated class list -> names, refusing empty and duplicate entries."""
+    names = [part.strip() for part in text.replace("\n", ",").split(",")]
+    names = [n for n in names if n]
+    if not names:
+        raise AttnSegError(f"{input_name}: the class list is empty. Give one or more class words "
+                           f"separated by commas, e.g. 'cat, sofa'.")
+    seen = set()
+    for n in names:
+        if n.lower() in seen:
+            raise AttnSegError(f"{input_name}: '{n}' is listed twice. List each class once.")
+        seen.add(n.lower())
+    return names
+
+
+def template_prompt(names: Sequence[str]) -> str:
+    """The prompt the papers use when none is given: 'a photograph of a and b'."""
+    return "a photograph of " + " and ".join(names)
+
+
+def find_subsequence(sequence: Sequence, part: Sequence, same=lambda a, b: a == b) -> int:
+    """First index where ``part`` occurs in ``sequence`` as a contiguous run, or -1."""
+    n = len(part)
+    for i in range(len(sequence) - n + 1):
+        if all(same(sequence[i + j], part[j]) for j in range(n)):
+            return i
+    return -1
+
+
+def locate_classes(prompt_tokens: Sequence, class_tokens: dict[str, Sequence], words: Sequence[str],
+                   text: str, same=lambda a, b: a == b, input_name: str = "classes") -> SegPrompt:
+    """Find every class's token run in the prompt's flattened token sequence.
+
+    ``prompt_tokens`` is the whole sequence (BOS/EOS/padding included);
+    ``class_tokens`` maps each class name to its own tokens (no BOS/EOS)."""
+    found = []
+    for name, part in class_tokens.items():
+        if len(part) == 0:
+            raise AttnSegError(f"{input_name}: '{name}' has no tokens the text encoder can read.")
+        start = find_subsequence(prompt_tokens, part, same)
+        if start < 0:
+            raise AttnSegError(
+                f"{input_name}: the class '{name}' is not in the prompt. Add it to the prompt exactly as "
+                f"written, or leave the prompt empty to use 'a photograph of ...'. The prompt the model "
+                f"sees is: {readable(words)}")
+        found.append(ClassTokens(name, tuple(range(start, start + len(part)))))
+    return SegPrompt(text=text, classes=tuple(found), token_count=len(prompt_tokens), words=tuple(words))

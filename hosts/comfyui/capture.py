@@ -1,0 +1,139 @@
+"""Attention capture on a ComfyUI ModelPatcher clone.
+
+Only the layers a plan selects get an attention replace patch; in captured
+steps such a layer computes attention with its probabilities (attnseg core),
+in every other step it calls ComfyUI's optimized attention (or the replace
+patch that was there before). A model-function wrapper tells the patches which
+sampling step is running, once per UNet call, so the patches never sync."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from comfy.ldm.modules.attention import optimized_attention
+
+from ...attnseg import AttentionStore, LayerKey
+from ...attnseg.attention import GridPool, HeadReducer, attention_with_maps, fold_repeated_tokens, head_mean
+from .unet import AttentionLayer, UNetInfo
+
+BRANCH_NAMES = {0: "cond", 1: "uncond"}
+
+
+@dataclass(frozen=True)
+class StepRange:
+    """Steps start..end inclusive; a negative end counts back from the last step."""
+
+    start: int = 0
+    end: int = -1
+
+    def contains(self, step: int, total: int) -> bool:
+        end = self.end if self.end >= 0 else total + self.end
+        return self.start <= step <= end
+
+
+@dataclass(frozen=True)
+class CapturePlan:
+    """Which attention to record.
+
+    ``cross_factors`` / ``self_factors``: latent downscale factors of the layers
+    to capture (1 = full latent resolution); ``None`` for self means the finest
+    attention resolution of the model. Self-attention grids larger than
+    ``self_max_tokens`` are average-pooled (64 x 64 by default)."""
+
+    cross_steps: StepRange | None = StepRange()
+    self_steps: StepRange | None = StepRange()
+    cross_factors: frozenset[int] | None = None  # None: every resolution
+    self_factors: frozenset[int] | None = None  # None: the finest one
+    branches: frozenset[str] = frozenset({"cond"})
+    self_max_tokens: int = 64 * 64
+    reducer: HeadReducer = head_mean
+
+    def selects(self, info: UNetInfo, layer: AttentionLayer, kind: str) -> bool:
+        if kind == "cross":
+            return self.cross_steps is not None and (self.cross_factors is None or layer.factor in self.cross_factors)
+        factors = self.self_factors if self.self_factors is not None else {info.finest_factor}
+        return self.self_steps is not None and layer.factor in factors
+
+
+def step_index(sample_sigmas: torch.Tensor | None, sigma: torch.Tensor) -> tuple[int, int]:
+    """(step, total steps) of the running UNet call: the last schedule sigma at
+    or above the current one (so a second-order sampler's midpoint counts to
+    the step it belongs to)."""
+    if sample_sigmas is None:
+        return 0, 1
+    current = float(sigma.max())
+    at_or_above = int((sample_sigmas >= current * (1 - 1e-4)).sum())
+    return max(0, at_or_above - 1), max(1, len(sample_sigmas) - 1)
+
+
+def install_capture(model, info: UNetInfo, store: AttentionStore, plan: CapturePlan) -> None:
+    """Patch ``model`` (a clone the caller owns) so its runs fill ``store``."""
+    state = {"cross": False, "self": False}
+    replaces = model.model_options.setdefault("transformer_options", {}).get("patches_replace", {})
+    # The host repeats a shorter context to a common length: fold the copies of
+    # the cond prompt back onto its own tokens (the uncond length is unknown).
+    fold_lengths = {"cond": store.prompt.token_count if store.prompt else None, "uncond": None}
+    pools: dict[tuple, GridPool] = {}
+
+    def record(kind: str, key: LayerKey, maps: torch.Tensor, extra: dict, grid) -> None:
+        chunks = extra.get("cond_or_uncond") or [0]
+        per_chunk = maps.shape[0] // len(chunks)
+        taken = set()
+        for i, code in enumerate(chunks):
+            branch = BRANCH_NAMES.get(code)
+            if branch not in plan.branches or branch in taken:
+                continue
+            taken.add(branch)
+            part = maps[i * per_chunk:(i + 1) * per_chunk]
+            if kind == "cross":
+                part = fold_repeated_tokens(part, fold_lengths[branch])
+            store.add(key, branch, grid, part)
+
+    def make_patch(layer: AttentionLayer, kind: str, previous):
+        key = LayerKey(kind, layer.block, layer.block_id, layer.depth, layer.factor)
+
+        def patch(q, k, v, extra):
+            if not state[kind]:
+                if previous is not None:
+                    return previous(q, k, v, extra)
+                return optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"),
+                                           transformer_options=extra)
+            h, w = extra["activations_shape"][-2:]
+            pool = None
+            if kind == "self":
+                pool_key = (h, w, q.device)
+                pool = pools.get(pool_key)
+                if pool is None:
+                    pool = pools[pool_key] = GridPool(h, w, plan.self_max_tokens, q.device)
+            out, maps = attention_with_maps(q, k, None if previous is not None else v, extra["n_heads"],
+                                            plan.reducer, pool)
+            record(kind, key, maps, extra, pool.grid if pool is not None else (h, w))
+            return previous(q, k, v, extra) if previous is not None else out
+
+        return patch
+
+    for layer in info.layers:
+        for kind, slot in (("cross", "attn2"), ("self", "attn1")):
+            if plan.selects(info, layer, kind):
+                previous = replaces.get(slot, {}).get(layer.patch_key)
+                setter = model.set_model_attn2_replace if slot == "attn2" else model.set_model_attn1_replace
+                setter(make_patch(layer, kind, previous), *layer.patch_key)
+
+    previous_wrapper = model.model_options.get("model_function_wrapper")
+
+    def wrapper(apply_model, args):
+        options = args["c"].get("transformer_options", {})
+        step, total = step_index(options.get("sample_sigmas"), args["timestep"])
+        state["cross"] = plan.cross_steps is not None and plan.cross_steps.contains(step, total)
+        state["self"] = plan.self_steps is not None and plan.self_steps.contains(step, total)
+        if state["cross"] or state["self"]:
+            store.steps.add(step)
+        try:
+            if previous_wrapper is not None:
+                return previous_wrapper(apply_model, args)
+            return apply_model(args["input"], args["timestep"], **args["c"])
+        finally:
+            state["cross"] = state["self"] = False
+
+    model.set_model_unet_function_wrapper(wrapper)

@@ -1,0 +1,90 @@
+"""The two ways to fill a store: one denoising pass over an input image, and a
+sampler run that captures while it generates."""
+
+from __future__ import annotations
+
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+import torch
+
+from ...attnseg import AttentionStore, AttnSegError
+from .capture import CapturePlan, install_capture
+from .text import prompt_of
+from .unet import check_conditioning, describe_unet
+
+LATENT_TO_PIXELS = 8  # SD1.x / SD2.x / SDXL VAEs
+
+
+def parse_timesteps(text: str) -> list[int]:
+    try:
+        values = [int(float(part)) for part in text.replace(";", ",").split(",") if part.strip()]
+    except ValueError:
+        raise AttnSegError(f"timesteps: '{text}' is not a list of numbers. Give e.g. '100' or '1,50,100,150'.")
+    if not values or any(not 0 <= t <= 999 for t in values):
+        raise AttnSegError(f"timesteps: '{text}' must list one or more timesteps between 0 and 999 (papers: 100).")
+    return values
+
+
+def working_size(height: int, width: int, resolution: int) -> tuple[int, int]:
+    """Scale so the longer side is ``resolution``, keeping the aspect ratio, each
+    side a multiple of 64 (the UNet halves the latent three times)."""
+    scale = resolution / max(height, width)
+    return (max(64, round(height * scale / 64) * 64), max(64, round(width * scale / 64) * 64))
+
+
+def segment_image(model, vae, image: torch.Tensor, positive, timesteps: list[int], seed: int,
+                  resolution: int, plan: CapturePlan | None = None) -> AttentionStore:
+    """Encode ``image`` (B, H, W, C in [0, 1]), noise it to each timestep and run
+    one cond-only UNet pass per timestep, capturing into a new store."""
+    info = describe_unet(model)
+    check_conditioning(info, positive, "conditioning")
+    if image.ndim != 4 or image.shape[-1] < 3:
+        raise AttnSegError(f"image: expected an IMAGE batch (B, H, W, 3), got shape {tuple(image.shape)}.")
+    batch, height, width = image.shape[:3]
+    size = working_size(height, width, resolution)
+    pixels = image[..., :3]
+    if (height, width) != size:
+        pixels = comfy.utils.common_upscale(pixels.movedim(-1, 1), size[1], size[0], "bilinear", "disabled").movedim(1, -1)
+    latent = vae.encode(pixels)
+    store = AttentionStore(info.model_id, batch, tuple(latent.shape[-2:]), (height, width), prompt_of(positive))
+    patched = model.clone()
+    install_capture(patched, info, store, plan or CapturePlan())
+    sampling = patched.get_model_object("model_sampling")
+    euler = comfy.samplers.sampler_object("euler")
+    progress = comfy.utils.ProgressBar(len(timesteps))
+    for t in timesteps:
+        sigma = sampling.sigma(torch.tensor(float(t)))
+        sigmas = torch.stack([sigma, torch.zeros_like(sigma)])
+        noise = comfy.sample.prepare_noise(latent, seed)
+        # cfg 1: the cond branch alone, as iSeg and GoCA run it; DiffSegmenter's
+        # [uncond, cond] batch gives the same cond maps.
+        comfy.sample.sample_custom(patched, noise, 1.0, euler, sigmas, positive, positive, latent,
+                                   disable_pbar=True, seed=seed)
+        progress.update(1)
+    return store
+
+
+def capture_sample(model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, positive,
+                   negative, latent: dict, denoise: float, plan: CapturePlan | None):
+    """The stock KSampler's run; with a plan, also the attention store it filled."""
+    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    store = None
+    sampling_model = model
+    if plan is not None:
+        info = describe_unet(model)
+        check_conditioning(info, positive, "positive")
+        height, width = latent_image.shape[-2:]
+        store = AttentionStore(info.model_id, latent_image.shape[0], (height, width),
+                               (height * LATENT_TO_PIXELS, width * LATENT_TO_PIXELS), prompt_of(positive))
+        sampling_model = model.clone()
+        install_capture(sampling_model, info, store, plan)
+    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    callback = latent_preview.prepare_callback(sampling_model, steps)
+    samples = comfy.sample.sample(sampling_model, noise, steps, cfg, sampler_name, scheduler, positive, negative,
+                                  latent_image, denoise=denoise, noise_mask=latent.get("noise_mask"),
+                                  callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    out = latent.copy()
+    out["samples"] = samples
+    return out, store

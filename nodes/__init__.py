@@ -1,0 +1,9 @@
+"""ComfyUI node classes: parse inputs, call the host and core, format outputs."""
+
+from . import capture, masks, segmenters, text
+
+NODE_CLASS_MAPPINGS = {}
+NODE_DISPLAY_NAME_MAPPINGS = {}
+for module in (text, capture, segmenters, masks):
+    NODE_CLASS_MAPPINGS.update(module.NODE_CLASS_MAPPINGS)
+    NODE_DISPLAY_NAME_MAPPINGS.update(module.NODE_DISPLAY_NAME_MAPPINGS)

@@ -1,0 +1,99 @@
+import comfy.samplers
+
+from ..attnseg import AttnSegError
+from ..hosts.comfyui.capture import CapturePlan, StepRange
+from ..hosts.comfyui.passes import capture_sample, parse_timesteps, segment_image
+from .types import ATTN_STORE, CATEGORY
+
+SELF_ATTENTION_MODES = ("last step", "captured steps", "off")
+
+
+class AttnSegSegmentImage:
+    """One denoising pass over an input image that records the model's attention."""
+
+    DESCRIPTION = ("Encodes the image, noises it to the timestep and runs the model once (cond branch), "
+                   "recording cross-attention of every layer and self-attention of the finest layers. "
+                   "Several timesteps are averaged (DiffSegmenter: 1,50,100,150).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL",),
+            "vae": ("VAE",),
+            "image": ("IMAGE", {"tooltip": "Any size and aspect ratio; a batch is segmented image by image "
+                                           "in one pass."}),
+            "conditioning": ("CONDITIONING", {"tooltip": "From AttnSeg Text Encode."}),
+            "timesteps": ("STRING", {"default": "100", "tooltip": "Noise level(s) out of 1000, comma separated; "
+                                                                   "the maps are averaged over them."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": "fixed"}),
+            "resolution": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 64,
+                                   "tooltip": "Longer side of the image the model sees (aspect kept); "
+                                              "512 for SD1.x/2.x, 1024 for SDXL."}),
+        }}
+
+    RETURN_TYPES = (ATTN_STORE,)
+    RETURN_NAMES = ("attention",)
+    FUNCTION = "segment"
+    CATEGORY = CATEGORY
+
+    def segment(self, model, vae, image, conditioning, timesteps, seed, resolution):
+        store = segment_image(model, vae, image, conditioning, parse_timesteps(timesteps), seed, resolution)
+        return (store,)
+
+
+class AttnSegCaptureSampler:
+    """KSampler that also records attention while it samples."""
+
+    DESCRIPTION = ("The stock KSampler (same result for the same seed) that also outputs the attention of the "
+                   "chosen steps: cross-attention of every layer, self-attention of the finest layers.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL",),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
+            "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+            "sampler_name": (comfy.samplers.KSampler.SAMPLERS,),
+            "scheduler": (comfy.samplers.KSampler.SCHEDULERS,),
+            "positive": ("CONDITIONING", {"tooltip": "From AttnSeg Text Encode, so the maps carry the classes."}),
+            "negative": ("CONDITIONING",),
+            "latent_image": ("LATENT",),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+            "capture": ("BOOLEAN", {"default": True, "tooltip": "Off: exactly the stock KSampler, no store."}),
+            "capture_start_step": ("INT", {"default": 0, "min": 0, "max": 10000}),
+            "capture_end_step": ("INT", {"default": -1, "min": -10000, "max": 10000,
+                                         "tooltip": "Inclusive; negative counts back from the last step (-1)."}),
+            "self_attention": (SELF_ATTENTION_MODES, {"tooltip": "Self-attention is large: by default it is "
+                                                                  "taken at the last captured step only."}),
+        }}
+
+    RETURN_TYPES = ("LATENT", ATTN_STORE)
+    RETURN_NAMES = ("latent", "attention")
+    FUNCTION = "sample"
+    CATEGORY = CATEGORY
+
+    def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+               denoise, capture, capture_start_step, capture_end_step, self_attention):
+        plan = None
+        if capture:
+            plan = capture_plan(steps, capture_start_step, capture_end_step, self_attention)
+        latent, store = capture_sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                                       latent_image, denoise, plan)
+        return (latent, store)
+
+
+def capture_plan(steps: int, start: int, end: int, self_attention: str) -> CapturePlan:
+    """The sampler's step inputs as a plan, checked against the step count."""
+    last = end if end >= 0 else steps + end
+    if not 0 <= start <= last < steps:
+        raise AttnSegError(f"capture_start_step / capture_end_step: steps {start}..{end} select nothing of a "
+                           f"{steps}-step run. Use 0 and -1 to capture every step.")
+    cross = StepRange(start, last)
+    self_steps = {"last step": StepRange(last, last), "captured steps": cross, "off": None}[self_attention]
+    return CapturePlan(cross_steps=cross, self_steps=self_steps)
+
+
+NODE_CLASS_MAPPINGS = {"AttnSegSegmentImage": AttnSegSegmentImage, "AttnSegCaptureSampler": AttnSegCaptureSampler}
+NODE_DISPLAY_NAME_MAPPINGS = {"AttnSegSegmentImage": "AttnSeg Capture Image Attention",
+                              "AttnSegCaptureSampler": "AttnSeg KSampler (capture attention)"}

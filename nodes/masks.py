@@ -1,0 +1,105 @@
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from ..attnseg import AttnSegError
+from ..attnseg.masks import make_masks, overlay, palette
+from ..attnseg.scores import ScoreMaps, resize
+from .types import ATTN_SCORES, CATEGORY
+
+LEGEND_ROW = 14
+
+
+def fit_to_image(scores: ScoreMaps, image: torch.Tensor | None) -> ScoreMaps:
+    """Check an optional IMAGE against the scores and retarget them to its size."""
+    if image is None:
+        return scores
+    batch = scores.maps.shape[0]
+    if image.shape[0] != batch:
+        raise AttnSegError(f"image: {image.shape[0]} images but the scores are of {batch}. Connect the image "
+                           f"batch that was segmented.")
+    size = tuple(image.shape[1:3])
+    if size != scores.image_size:
+        ratio = (size[1] / size[0]) / (scores.image_size[1] / scores.image_size[0])
+        if abs(ratio - 1) > 0.02:
+            raise AttnSegError(f"image: {size[1]}x{size[0]} does not have the aspect ratio of the segmented "
+                               f"image ({scores.image_size[1]}x{scores.image_size[0]}). Connect the image that "
+                               f"was segmented.")
+        scores = ScoreMaps(scores.maps, scores.class_names, size, scores.method)
+    return scores
+
+
+def legend(names: list[str], width: int) -> torch.Tensor:
+    """A (rows * 14, width, 3) strip: one swatch and name per label, background first."""
+    colours = (palette(len(names)).numpy() * 255).astype(np.uint8)
+    strip = Image.new("RGB", (width, LEGEND_ROW * (len(names) + 1)), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    font = ImageFont.load_default()
+    for row, (name, colour) in enumerate(zip(["background"] + names, colours)):
+        top = row * LEGEND_ROW
+        draw.rectangle([2, top + 2, 12, top + 12], fill=tuple(int(c) for c in colour), outline=(0, 0, 0))
+        draw.text((16, top + 1), name, fill=(0, 0, 0), font=font)
+    return torch.from_numpy(np.asarray(strip).astype(np.float32) / 255.0)
+
+
+class AttnSegMasks:
+    """Score maps -> per-class masks, a label map and a colour preview."""
+
+    DESCRIPTION = ("Each pixel takes the class with the highest score, or background where no score reaches the "
+                   "threshold. Outputs are at the segmented image's size.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "scores": (ATTN_SCORES,),
+            "threshold": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
+                                    "tooltip": "Background below this score (DiffSegmenter sweeps 0.3-0.74)."}),
+        }, "optional": {
+            "image": ("IMAGE", {"tooltip": "Draw the preview over this image (the one that was segmented)."}),
+        }}
+
+    RETURN_TYPES = ("MASK", "MASK", "IMAGE", "MASK")
+    RETURN_NAMES = ("masks", "label_map", "preview", "soft_masks")
+    OUTPUT_TOOLTIPS = ("One mask per class and image, image-major: image 0's classes, then image 1's.",
+                       "Class index per pixel (0 background, 1.. in class order), as a float MASK.",
+                       "Labels coloured over the image, with a legend below.",
+                       "The scores themselves in [0, 1], same order as masks.")
+    FUNCTION = "make"
+    CATEGORY = CATEGORY
+
+    def make(self, scores, threshold, image=None):
+        scores = fit_to_image(scores, image)
+        labels, masks, soft = make_masks(scores, threshold)
+        base = image[..., :3].to(soft.device) if image is not None else None
+        coloured = overlay(labels, len(scores.class_names), base)
+        strip = legend(scores.class_names, coloured.shape[2]).to(coloured)
+        preview = torch.cat([coloured, strip.expand(coloured.shape[0], -1, -1, -1)], dim=1)
+        return (masks.cpu(), labels.float().cpu(), preview.cpu(), soft.flatten(0, 1).cpu())
+
+
+class AttnSegClassMask:
+    """The mask of one class, by name, for every image of the batch."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "scores": (ATTN_SCORES,),
+            "class_name": ("STRING", {"default": ""}),
+            "threshold": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01}),
+        }}
+
+    RETURN_TYPES = ("MASK",)
+    FUNCTION = "pick"
+    CATEGORY = CATEGORY
+
+    def pick(self, scores, class_name, threshold):
+        names = [n.lower() for n in scores.class_names]
+        if class_name.strip().lower() not in names:
+            raise AttnSegError(f"class_name: '{class_name}' is not one of the segmented classes "
+                               f"({', '.join(scores.class_names)}).")
+        labels, _, _ = make_masks(scores, threshold)
+        return (((labels == names.index(class_name.strip().lower()) + 1).float()).cpu(),)
+
+
+NODE_CLASS_MAPPINGS = {"AttnSegMasks": AttnSegMasks, "AttnSegClassMask": AttnSegClassMask}
+NODE_DISPLAY_NAME_MAPPINGS = {"AttnSegMasks": "AttnSeg Masks", "AttnSegClassMask": "AttnSeg Class Mask"}

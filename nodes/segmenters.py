@@ -1,0 +1,53 @@
+from ..attnseg import AttnSegError
+from ..attnseg.fusion import DIFFSEGMENTER_WEIGHTS, diffsegmenter
+from .types import ATTN_SCORES, ATTN_STORE, CATEGORY
+
+
+def require_store(store, input_name: str = "attention"):
+    if store is None:
+        raise AttnSegError(f"{input_name}: no attention was captured (capture is off on the sampler). "
+                           f"Turn capture on.")
+    return store
+
+
+def parse_weights(text: str) -> list[float]:
+    try:
+        weights = [float(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        raise AttnSegError(f"weights: '{text}' is not a comma-separated list of numbers.")
+    if not weights or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise AttnSegError(f"weights: '{text}' needs non-negative weights with a positive sum.")
+    return weights
+
+
+class AttnSegDiffSegmenter:
+    """DiffSegmenter: weighted fusion of per-resolution cross-attention plus
+    self-attention completion."""
+
+    DESCRIPTION = ("Per resolution, the mean cross-attention of each class's tokens over all layers, min-max "
+                   "normalised and summed with the weights (coarsest resolution first), then refined once by "
+                   "the mean finest self-attention (S . A) and min-max normalised.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "attention": (ATTN_STORE,),
+            "weights": ("STRING", {"default": ",".join(str(w) for w in DIFFSEGMENTER_WEIGHTS),
+                                   "tooltip": "One weight per attention resolution, coarsest first "
+                                              "(SD1.5 at 512 px: 8, 16, 32, 64). Paper: 0.3,0.5,0.1,0.1."}),
+            "self_completion": ("BOOLEAN", {"default": True, "tooltip": "Multiply by the finest "
+                                                                        "self-attention once (the paper)."}),
+        }}
+
+    RETURN_TYPES = (ATTN_SCORES,)
+    RETURN_NAMES = ("scores",)
+    FUNCTION = "segment"
+    CATEGORY = CATEGORY
+
+    def segment(self, attention, weights, self_completion):
+        store = require_store(attention)
+        return (diffsegmenter(store, parse_weights(weights), self_completion, what="attention"),)
+
+
+NODE_CLASS_MAPPINGS = {"AttnSegDiffSegmenter": AttnSegDiffSegmenter}
+NODE_DISPLAY_NAME_MAPPINGS = {"AttnSegDiffSegmenter": "AttnSeg DiffSegmenter"}

@@ -1,0 +1,38 @@
+from ..hosts.comfyui.text import encode_segmentation_prompt
+from .types import CATEGORY
+
+
+class AttnSegTextEncode:
+    """CLIPTextEncode that also records where each class word sits in the prompt."""
+
+    DESCRIPTION = ("Encodes a prompt for segmentation. The CONDITIONING works anywhere a normal one does and "
+                   "also carries the token positions of each class, which the segmenters read.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "clip": ("CLIP",),
+            "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "",
+                                  "tooltip": "Describes the image and names every class. Empty: "
+                                             "'a photograph of {class1} and {class2} ...'."}),
+            "classes": ("STRING", {"default": "", "tooltip": "Comma-separated class words, each "
+                                                             "written as it appears in the prompt."}),
+        }}
+
+    RETURN_TYPES = ("CONDITIONING", "STRING")
+    RETURN_NAMES = ("conditioning", "tokens")
+    OUTPUT_TOOLTIPS = ("Conditioning with the class metadata.", "The prompt as the model sees it, "
+                       "with each class's token positions.")
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY
+
+    def encode(self, clip, prompt, classes):
+        if clip is None:
+            raise RuntimeError("clip: no CLIP model is connected; connect a checkpoint loader's CLIP output.")
+        conditioning, meta = encode_segmentation_prompt(clip, prompt, classes)
+        report = meta.readable + "\n" + "\n".join(f"{c.name}: tokens {list(c.positions)}" for c in meta.classes)
+        return (conditioning, report)
+
+
+NODE_CLASS_MAPPINGS = {"AttnSegTextEncode": AttnSegTextEncode}
+NODE_DISPLAY_NAME_MAPPINGS = {"AttnSegTextEncode": "AttnSeg Text Encode (segmentation)"}
