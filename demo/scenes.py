@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "star")
 
-# Saturated colours: every pair is >= 120 apart in RGB, and every colour is
+# Saturated colours: every pair is >= 130 apart in RGB, and every colour is
 # >= ~135 away from any background tone (neutral greys / beige, see
 # _background), so object and background pixels never get confused.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -33,6 +33,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SUPERSAMPLE = 4          # shapes are rasterised at 4x, then box-downsampled
 MIN_SIZE, MAX_SIZE = 0.25, 0.50   # object size as a fraction of min(W, H)
 MIN_VISIBLE = 0.40       # visible area / own area required for every object
+MIN_COLOUR_IOU = 0.80    # colour_mask must recover each visible region this well
 PLACEMENT_TRIES = 50
 MAX_NOISE = 12           # per-channel background noise amplitude
 
@@ -138,18 +139,40 @@ def _rasterise(shape: str, x0: int, y0: int, size: int,
 def _downsample(hi: np.ndarray, width: int, height: int) -> np.ndarray:
     """Box-filter average of a (H*s, W*s, ...) array down to (H, W, ...)."""
     s = SUPERSAMPLE
-    return hi.reshape(height, s, width, s, *hi.shape[2:]).mean(axis=(1, 3))
+    # Two single-axis sums are ~3x faster than .mean(axis=(1, 3)) here.
+    blocks = hi.reshape(height, s, width, s, *hi.shape[2:])
+    return blocks.sum(axis=1, dtype=np.float64).sum(axis=2) / (s * s)
 
 
-def _visible_enough(masks: list[np.ndarray]) -> bool:
-    """Every object keeps >= MIN_VISIBLE of its area once later ones are drawn."""
-    labels = np.zeros(masks[0].shape, dtype=np.int64)
-    for i, m in enumerate(masks):
-        labels[m] = i + 1
-    return all((labels == i + 1).sum() >= MIN_VISIBLE * m.sum() for i, m in enumerate(masks))
+def _to_uint8(hi_image: np.ndarray, width: int, height: int) -> np.ndarray:
+    return np.clip(np.rint(_downsample(hi_image, width, height)), 0, 255).astype(np.uint8)
+
+
+def _readable(image: np.ndarray, objects: list[SceneObject]) -> bool:
+    """True if, with objects drawn in order, every object keeps at least
+    MIN_VISIBLE of its own area and its visible region is recoverable from its
+    colour alone (colour_mask IoU >= MIN_COLOUR_IOU). The second condition
+    rejects thin occluded slivers (mostly star arms) whose antialiased edges
+    would make the colour and the ground truth disagree."""
+    labels = Scene(image, objects, "", 0).label_map()
+    for i, obj in enumerate(objects):
+        visible = labels == i + 1
+        if visible.sum() < MIN_VISIBLE * obj.mask.sum():
+            return False
+        found = colour_mask(image, obj.colour)
+        if (visible & found).sum() < MIN_COLOUR_IOU * (visible | found).sum():
+            return False
+    return True
 
 
 def make_scene(seed: int, width: int = 64, height: int = 64, max_objects: int = 3) -> Scene:
+    """One scene with 1..max_objects objects of distinct colours.
+
+    Objects are placed at random (fully inside the image) and kept only if
+    every object stays readable (see _readable); an object that cannot be
+    placed in PLACEMENT_TRIES tries is dropped, so a scene may have fewer
+    objects than first drawn, but never none.
+    """
     if min(width, height) < 16:
         raise ValueError("width and height must be >= 16")
     if not 1 <= max_objects <= len(COLOURS):
@@ -175,22 +198,25 @@ def make_scene(seed: int, width: int = 64, height: int = 64, max_objects: int = 
             x0 = int(rng.integers(0, width - size + 1))
             y0 = int(rng.integers(0, height - size + 1))
             hi_mask = _rasterise(shape, x0, y0, size, width, height)
-            mask = _downsample(hi_mask, width, height) >= 0.5
-            if mask.any() and _visible_enough([o.mask for o in objects] + [mask]):
+            candidate = hi_image.copy()
+            candidate[hi_mask] = COLOURS[colour]
+            obj = SceneObject(shape, colour, _downsample(hi_mask, width, height) >= 0.5)
+            # The first object is always kept (nothing occludes it; in tiny
+            # images a small star may still miss the colour-IoU bar).
+            if not objects or _readable(_to_uint8(candidate, width, height), objects + [obj]):
+                hi_image = candidate
+                objects.append(obj)
                 break
-        else:
-            continue  # could not place it without hiding others: drop it
-        hi_image[hi_mask] = COLOURS[colour]
-        objects.append(SceneObject(shape=shape, colour=colour, mask=mask))
-    # The first object never fails (nothing to occlude), so objects is non-empty.
+        # If no try kept every object readable, this object is dropped.
 
-    image = np.clip(np.rint(_downsample(hi_image, width, height)), 0, 255).astype(np.uint8)
+    image = _to_uint8(hi_image, width, height)
     caption = " and ".join(f"a {o.colour} {o.shape}" for o in objects)
     return Scene(image=image, objects=objects, caption=caption, seed=seed)
 
 
 def make_dataset(seeds: range | list[int], width: int = 64, height: int = 64,
                  max_objects: int = 3) -> list[Scene]:
+    """make_scene for each seed, in order."""
     return [make_scene(int(s), width, height, max_objects) for s in seeds]
 
 

@@ -22,9 +22,9 @@ def scenes() -> list[Scene]:
 
 
 def _erode(mask: np.ndarray) -> np.ndarray:
-    """3x3 binary erosion; pixels on the image border are kept if their
-    in-image neighbours are set."""
-    padded = np.pad(mask, 1, constant_values=True)
+    """3x3 binary erosion. Outside the image counts as unset, so an object
+    touching the border loses its (partially covered) border pixels too."""
+    padded = np.pad(mask, 1, constant_values=False)
     h, w = mask.shape
     out = np.ones_like(mask)
     for dy, dx in itertools.product(range(3), range(3)):
@@ -88,8 +88,12 @@ def test_label_map_consistency(scenes):
             # Deep inside the visible region the pixel is the flat object colour.
             core = _erode(visible)
             assert (_dist(s.image[core], COLOURS[o.colour]) <= 30).all(), (s.seed, o)
-        # Background pixels (including antialiased edges) never look like an object.
-        bg = s.image[labels == 0]
+        # Background never looks like an object. Only pixels at least one pixel
+        # away from every object are checked: a label-0 pixel where two objects
+        # each cover < 50% can legitimately blend into a third colour (e.g. a
+        # red/yellow edge looks orange). With a single object every label-0
+        # pixel, antialiased edges included, must pass.
+        bg = s.image[(labels == 0) if len(s.objects) == 1 else _erode(labels == 0)]
         for rgb in COLOURS.values():
             assert (_dist(bg, rgb) > 60).all(), s.seed
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .comfy_env import import_comfy
+from comfy_env import import_comfy
 
 import_comfy()
 

@@ -1,0 +1,70 @@
+"""The capture math against plain reference attention (pure torch, no ComfyUI)."""
+
+import torch
+
+from attnseg.attention import GridPool, attention_with_maps, fold_repeated_tokens
+
+
+def reference(q, k, v, heads):
+    b, n, inner = q.shape
+    d = inner // heads
+    qh, kh, vh = (t.view(b, t.shape[1], heads, d).transpose(1, 2) for t in (q, k, v))
+    probs = (qh @ kh.transpose(-1, -2) / d ** 0.5).softmax(-1)
+    return (probs @ vh).transpose(1, 2).reshape(b, n, inner), probs
+
+
+def test_output_and_head_mean_match_reference(monkeypatch):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 48, 32), torch.randn(2, 77, 32), torch.randn(2, 77, 32)
+    # Force several query chunks so the chunk bookkeeping is exercised.
+    monkeypatch.setattr("attnseg.attention.CHUNK_ELEMENTS", 2 * 4 * 77 * 5)
+    out, maps = attention_with_maps(q, k, v, heads=4)
+    ref_out, ref_probs = reference(q, k, v, 4)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(maps, ref_probs.mean(1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(
+        *(t.view(2, t.shape[1], 4, 8).transpose(1, 2) for t in (q, k, v))).transpose(1, 2).reshape(2, 48, 32),
+        atol=1e-5, rtol=1e-5)
+
+
+def test_maps_only_when_no_values():
+    q, k = torch.randn(1, 16, 16), torch.randn(1, 16, 16)
+    out, maps = attention_with_maps(q, k, None, heads=2)
+    assert out is None
+    torch.testing.assert_close(maps.sum(-1), torch.ones(1, 16))
+
+
+def test_custom_reducer_is_used():
+    q, k, v = torch.randn(1, 8, 16), torch.randn(1, 5, 16), torch.randn(1, 5, 16)
+    _, maps = attention_with_maps(q, k, v, heads=2, reducer=lambda p: p[:, 0])
+    torch.testing.assert_close(maps, reference(q, k, v, 2)[1][:, 0])
+
+
+def test_grid_pool_keeps_rows_stochastic_and_averages_cells():
+    torch.manual_seed(1)
+    h, w = 8, 12
+    q, k = torch.randn(1, h * w, 16), torch.randn(1, h * w, 16)
+    pool = GridPool(h, w, max_tokens=24, device=torch.device("cpu"))
+    assert pool.grid == (4, 6)
+    _, pooled = attention_with_maps(q, k, None, heads=2, pool=pool)
+    _, full = attention_with_maps(q, k, None, heads=2)
+    torch.testing.assert_close(pooled.sum(-1), torch.ones(1, 24))
+    grid = full.view(1, h, w, h, w)
+    # query cells average, key cells sum: 2x2 blocks on both axes
+    expected = grid.view(1, 4, 2, 6, 2, 4, 2, 6, 2).sum((6, 8)).mean((2, 4)).reshape(1, 24, 24)
+    torch.testing.assert_close(pooled, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_grid_pool_handles_sizes_that_do_not_divide():
+    pool = GridPool(13, 7, max_tokens=30, device=torch.device("cpu"))
+    assert pool.size <= 30 and int(pool.counts.sum()) == 13 * 7 and bool((pool.counts > 0).all())
+
+
+def test_fold_repeated_tokens_restores_the_original_map():
+    torch.manual_seed(2)
+    q, k = torch.randn(1, 10, 16), torch.randn(1, 77, 16)
+    _, single = attention_with_maps(q, k, None, heads=2)
+    _, repeated = attention_with_maps(q, k.repeat(1, 3, 1), None, heads=2)
+    torch.testing.assert_close(fold_repeated_tokens(repeated, 77), single, atol=1e-6, rtol=1e-5)
+    assert fold_repeated_tokens(repeated, None) is repeated
+    assert fold_repeated_tokens(single, 77) is single

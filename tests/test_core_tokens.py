@@ -1,0 +1,38 @@
+import pytest
+
+from attnseg import AttnSegError
+from attnseg.tokens import find_subsequence, locate_classes, parse_class_list, template_prompt
+
+
+def test_parse_class_list_strips_and_splits():
+    assert parse_class_list(" cat, blue sofa ,\nlamp") == ["cat", "blue sofa", "lamp"]
+
+
+@pytest.mark.parametrize("text", ["", " , ,", "\n"])
+def test_empty_class_list_is_refused(text):
+    with pytest.raises(AttnSegError, match="classes: the class list is empty"):
+        parse_class_list(text)
+
+
+def test_duplicate_class_is_refused():
+    with pytest.raises(AttnSegError, match="'Cat' is listed twice"):
+        parse_class_list("cat, Cat")
+
+
+def test_template_prompt():
+    assert template_prompt(["cat", "dog"]) == "a photograph of cat and dog"
+
+
+def test_subsequence():
+    assert find_subsequence([1, 2, 3, 2, 3], [2, 3]) == 1
+    assert find_subsequence([1, 2], [2, 3]) == -1
+
+
+def test_locate_classes_positions_and_missing_class_message():
+    tokens = [100, 5, 6, 7, 8, 101, 101]
+    words = ["", "a", "blue", "sofa", "cat", "", ""]
+    meta = locate_classes(tokens, {"blue sofa": [6, 7], "cat": [8]}, words, "a blue sofa cat")
+    assert [c.positions for c in meta.classes] == [(2, 3), (4,)]
+    assert meta.token_count == 7 and meta.readable == "a blue sofa cat"
+    with pytest.raises(AttnSegError, match="'dog' is not in the prompt.*sees is: a blue sofa cat"):
+        locate_classes(tokens, {"dog": [9]}, words, "a blue sofa cat")
