@@ -25,7 +25,7 @@ class AttnSegSegmentImage:
             "conditioning": ("CONDITIONING", {"tooltip": "From AttnSeg Text Encode."}),
             "timesteps": ("STRING", {"default": "100", "tooltip": "Noise level(s) out of 1000, comma separated; "
                                                                    "the maps are averaged over them."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": "fixed"}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True}),
             "resolution": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 64,
                                    "tooltip": "Longer side of the image the model sees (aspect kept); "
                                               "512 for SD1.x/2.x, 1024 for SDXL."}),

@@ -1,0 +1,104 @@
+"""End to end: the real ComfyUI server on 127.0.0.1 with this pack in
+custom_nodes/, the workflows in workflows/ POSTed to /prompt, outputs read back."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from comfy_server import ComfyServer, WorkflowError
+from comfy_env import REPO
+from random_sd15 import NAME as CHECKPOINT, ensure as ensure_checkpoint
+
+sys.path.insert(0, str(REPO / "scripts"))
+from workflow_ui import strip_meta, ui_to_api  # noqa: E402
+
+from demo.scenes import make_scene  # noqa: E402
+
+WORKFLOWS = REPO / "workflows"
+PACK_NODES = {"AttnSegTextEncode", "AttnSegSegmentImage", "AttnSegCaptureSampler", "AttnSegDiffSegmenter",
+              "AttnSegMasks", "AttnSegClassMask"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy")
+    with ComfyServer(base, [ensure_checkpoint()]) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    info = server.get("/object_info")
+    # Kept for regenerating workflows/*.json with scripts/workflow_ui.py.
+    artifacts = REPO / "tests" / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    (artifacts / "object_info.json").write_text(json.dumps(info))
+    return info
+
+
+def api_workflow(name: str) -> dict:
+    return json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+
+
+def read(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_pack_nodes_are_registered(object_info):
+    assert PACK_NODES <= set(object_info)
+    sampler = object_info["AttnSegCaptureSampler"]
+    assert sampler["output"] == ["LATENT", "ATTN_STORE"] and sampler["category"] == "attnseg"
+    assert object_info["AttnSegMasks"]["output_name"] == ["masks", "label_map", "preview", "soft_masks"]
+
+
+@pytest.mark.parametrize("name", ["segment-image", "generate-and-segment"])
+def test_ui_workflows_match_their_api_form(object_info, name):
+    ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    assert ui_to_api(ui, object_info) == strip_meta(api_workflow(name))
+
+
+def test_segment_image_workflow_on_a_non_square_image(server, tmp_path):
+    scene = make_scene(3, width=96, height=64)
+    Image.fromarray(scene.image).save(tmp_path / "attnseg-demo.png")
+    server.add_input(tmp_path / "attnseg-demo.png")
+    workflow = api_workflow("segment-image")
+    workflow["1"]["inputs"]["ckpt_name"] = CHECKPOINT
+    workflow["3"]["inputs"].update(prompt=scene.caption, classes=", ".join(scene.class_names))
+    workflow["4"]["inputs"]["resolution"] = 192
+    outputs = server.output_files(server.run(workflow))
+    preview, = outputs["7"]
+    masks = outputs["9"]
+    assert len(masks) == len(scene.objects)
+    for path in masks:
+        mask = read(path)
+        assert mask.shape == (64, 96, 3) and set(np.unique(mask)) <= {0, 255}
+    legend_rows = len(scene.objects) + 1
+    assert read(preview).shape == (64 + 14 * legend_rows, 96, 3)
+
+
+def test_generate_and_segment_workflow(server):
+    workflow = api_workflow("generate-and-segment")
+    workflow["4"]["inputs"].update(width=192, height=128)
+    workflow["5"]["inputs"].update(steps=3)
+    outputs = server.output_files(server.run(workflow))
+    generated, = outputs["9"]
+    assert read(generated).shape == (128, 192, 3)
+    masks = outputs["12"]
+    assert len(masks) == 2 and all(read(p).shape == (128, 192, 3) for p in masks)
+
+
+def test_a_class_missing_from_the_prompt_is_reported_by_name(server):
+    workflow = api_workflow("generate-and-segment")
+    workflow["2"]["inputs"]["classes"] = "red circle, green star"
+    workflow["4"]["inputs"].update(width=64, height=64)
+    workflow["5"]["inputs"].update(steps=1)
+    with pytest.raises(WorkflowError) as error:
+        server.run(workflow)
+    message = str(error.value)
+    assert "classes: the class 'green star' is not in the prompt" in message
+    assert "a red circle and a blue square" in message  # the tokenized prompt is shown
+    assert server.get("/system_stats")  # the server is still up
