@@ -1,0 +1,142 @@
+"""The pack's nodes in-process on tiny models: prompt handling and every bad input."""
+
+import pytest
+import torch
+
+from comfy_env import import_pack
+from tiny_models import CONTEXT_DIM, SD15_LAYOUT, tiny_clip, tiny_unet, tiny_vae
+
+pack = import_pack()
+from attnseg_pack.attnseg import AttnSegError  # noqa: E402
+from attnseg_pack.hosts.comfyui.text import prompt_of  # noqa: E402
+
+NODES = pack.NODE_CLASS_MAPPINGS
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_unet(SD15_LAYOUT, seed=5), tiny_clip(seed=6), tiny_vae(seed=7)
+
+
+def encode(clip, prompt, classes):
+    return NODES["AttnSegTextEncode"]().encode(clip, prompt, classes)
+
+
+def segment(models, image, cond, **kw):
+    model, _, vae = models
+    args = dict(timesteps="100", seed=0, resolution=128) | kw
+    return NODES["AttnSegSegmentImage"]().segment(model, vae, image, cond, **args)[0]
+
+
+def scores_of(store):
+    return NODES["AttnSegDiffSegmenter"]().segment(store, "0.3,0.5,0.1,0.1", True)[0]
+
+
+def test_weights_and_escapes_in_the_prompt_still_match_the_class(models):
+    _, clip, _ = models
+    cond, report = encode(clip, "a (red cat:1.2) next to pokemon \\(creature\\)", "red cat, pokemon (creature)")
+    meta = prompt_of(cond)
+    assert [c.positions for c in meta.classes] == [(2, 3), (6, 7, 8, 9)]
+    assert "red cat: tokens [2, 3]" in report
+    assert torch.is_tensor(cond[0][0]) and cond[0][0].shape == (1, 77, CONTEXT_DIM)
+
+
+def test_a_class_in_the_second_chunk_of_a_long_prompt(models):
+    _, clip, _ = models
+    prompt = "a photo, " + "very detailed, " * 30 + "a cat"
+    cond, _ = encode(clip, prompt, "cat")
+    (cat,) = prompt_of(cond).classes
+    assert cond[0][0].shape[1] == 154 and cat.positions[0] > 77
+    store = segment(models, torch.rand(1, 64, 64, 3), cond)
+    assert scores_of(store).maps.shape == (1, 1, 16, 16)
+
+
+def test_empty_prompt_uses_the_papers_template(models):
+    _, clip, _ = models
+    cond, report = encode(clip, "  ", "cat, dog")
+    assert prompt_of(cond).text == "a photograph of cat and dog" and report.startswith("a photograph of cat and dog")
+
+
+@pytest.mark.parametrize("classes, message", [
+    ("", "classes: the class list is empty"),
+    ("cat, cat", "classes: 'cat' is listed twice"),
+    ("cat, zebra", "classes: the class 'zebra' is not in the prompt"),
+])
+def test_bad_class_lists(models, classes, message):
+    _, clip, _ = models
+    with pytest.raises(AttnSegError, match=message):
+        encode(clip, "a cat on a sofa", classes)
+
+
+def test_conditioning_from_another_model_is_refused(models):
+    wide = [[torch.zeros(1, 77, 2048), {}]]
+    with pytest.raises(AttnSegError, match="conditioning: this conditioning has 2048-wide text embeddings"):
+        segment(models, torch.rand(1, 64, 64, 3), wide)
+
+
+def test_unsupported_model_family_is_refused(models):
+    import comfy.model_patcher
+
+    _, clip, vae = models
+    dit = tiny_unet(SD15_LAYOUT)
+    dit.model.diffusion_model = torch.nn.Identity()  # stands in for a DiT: not a UNetModel
+    cond, _ = encode(clip, "a cat", "cat")
+    with pytest.raises(AttnSegError, match="model: SD15 \\(Identity\\) is not supported yet.*DiT"):
+        NODES["AttnSegSegmentImage"]().segment(dit, vae, torch.rand(1, 64, 64, 3), cond, "100", 0, 128)
+    assert isinstance(dit, comfy.model_patcher.ModelPatcher)
+
+
+@pytest.mark.parametrize("timesteps", ["", "abc", "1000", "-5"])
+def test_bad_timesteps(models, timesteps):
+    _, clip, _ = models
+    cond, _ = encode(clip, "a cat", "cat")
+    with pytest.raises(AttnSegError, match="timesteps:"):
+        segment(models, torch.rand(1, 64, 64, 3), cond, timesteps=timesteps)
+
+
+def test_masks_check_the_image_batch_and_aspect(models):
+    _, clip, _ = models
+    cond, _ = encode(clip, "a cat and a dog", "cat, dog")
+    scores = scores_of(segment(models, torch.rand(2, 48, 80, 3), cond))
+    masks, labels, preview, soft = NODES["AttnSegMasks"]().make(scores, 0.5, torch.rand(2, 48, 80, 3))
+    assert masks.shape == (4, 48, 80) and labels.shape == (2, 48, 80) and soft.shape == (4, 48, 80)
+    assert preview.shape == (2, 48 + 14 * 3, 80, 3)
+    assert set(labels.unique().tolist()) <= {0.0, 1.0, 2.0}
+    # Same aspect at another size: the masks follow the image.
+    assert NODES["AttnSegMasks"]().make(scores, 0.5, torch.rand(2, 96, 160, 3))[0].shape == (4, 96, 160)
+    with pytest.raises(AttnSegError, match="image: 1 images but the scores are of 2"):
+        NODES["AttnSegMasks"]().make(scores, 0.5, torch.rand(1, 48, 80, 3))
+    with pytest.raises(AttnSegError, match="image: 80x80 does not have the aspect ratio"):
+        NODES["AttnSegMasks"]().make(scores, 0.5, torch.rand(2, 80, 80, 3))
+
+
+def test_class_mask_by_name(models):
+    _, clip, _ = models
+    cond, _ = encode(clip, "a cat and a dog", "cat, dog")
+    scores = scores_of(segment(models, torch.rand(1, 64, 64, 3), cond))
+    masks = NODES["AttnSegMasks"]().make(scores, 0.3)[0]
+    dog, = NODES["AttnSegClassMask"]().pick(scores, "Dog", 0.3)
+    assert torch.equal(dog, masks[1:2])
+    with pytest.raises(AttnSegError, match="class_name: 'zebra' is not one of the segmented classes \\(cat, dog\\)"):
+        NODES["AttnSegClassMask"]().pick(scores, "zebra", 0.3)
+
+
+def test_sampler_step_range_and_store_errors(models):
+    from attnseg_pack.nodes.capture import capture_plan
+
+    with pytest.raises(AttnSegError, match="capture_start_step / capture_end_step: steps 5..-1"):
+        capture_plan(4, 5, -1, "last step")
+    with pytest.raises(AttnSegError, match="attention: no attention was captured"):
+        NODES["AttnSegDiffSegmenter"]().segment(None, "0.3,0.5,0.1,0.1", True)
+    with pytest.raises(AttnSegError, match="weights:"):
+        NODES["AttnSegDiffSegmenter"]().segment(object(), "0.3,x", True)
+
+
+def test_store_captured_without_a_segmentation_prompt_is_refused(models):
+    model, clip, _ = models
+    plain = clip.encode_from_tokens_scheduled(clip.tokenize("a cat"))
+    latent = {"samples": torch.randn(1, 4, 8, 8)}
+    _, store = NODES["AttnSegCaptureSampler"]().sample(model, 0, 1, 1.0, "euler", "normal", plain, plain, latent,
+                                                       1.0, True, 0, -1, "last step")
+    with pytest.raises(AttnSegError, match="attention: the store has no class list"):
+        scores_of(store)
