@@ -50,13 +50,15 @@ class GridPool:
 
 
 def attention_with_maps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, heads: int,
-                        reducer: HeadReducer = head_mean, pool: GridPool | None = None):
+                        reducer: HeadReducer = head_mean, pool: GridPool | None = None,
+                        keep: slice = slice(None)):
     """Multi-head attention on (B, L, heads*d) tensors.
 
     Returns (out, maps): ``out`` as the host's attention would return it
     ((B, Nq, heads*d), None when ``v`` is None), ``maps`` the head-reduced
-    probabilities (B, Nq, Tk) in fp32; with ``pool`` both the query and key
-    axes are pooled to ``pool.grid``."""
+    probabilities (B', Nq, Tk) in fp32 of the batch rows ``keep`` selects (the
+    branch being captured); with ``pool`` both the query and key axes are
+    pooled to ``pool.grid``."""
     batch, n_q, inner = q.shape
     dim = inner // heads
     n_k = k.shape[1]
@@ -68,14 +70,15 @@ def attention_with_maps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None
     out = torch.empty_like(qh) if vh is not None else None
     pooled = pool is not None and not pool.identity
     n_cols = pool.size if pooled else n_k
-    maps = q.new_zeros((batch, pool.size if pooled else n_q, n_cols), dtype=torch.float32)
+    kept = len(range(batch)[keep])
+    maps = q.new_zeros((kept, pool.size if pooled else n_q, n_cols), dtype=torch.float32)
     step = max(1, CHUNK_ELEMENTS // max(1, batch * heads * n_k))
     for start in range(0, n_q, step):
         stop = min(n_q, start + step)
         probs = torch.matmul(qh[:, :, start:stop].float(), kh.transpose(-1, -2)).mul_(scale).softmax(dim=-1)
         if out is not None:
             out[:, :, start:stop] = torch.matmul(probs.to(vh.dtype), vh)
-        reduced = reducer(probs)
+        reduced = reducer(probs[keep])
         if pooled:
             maps.index_add_(1, pool.cells[start:stop], pool.pool_keys(reduced))
         else:

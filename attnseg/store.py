@@ -67,7 +67,7 @@ class AttentionStore:
         no host sync, stays on the maps' device)."""
         slot = self.entries.get((key, branch))
         if slot is None:
-            self.entries[(key, branch)] = StoredMaps(grid, maps.to(self.dtype).clone())
+            self.entries[(key, branch)] = StoredMaps(grid, maps.to(self.dtype, copy=True))
         else:
             slot.total.add_(maps.to(slot.total.dtype))
             slot.count += 1

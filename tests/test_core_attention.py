@@ -68,3 +68,12 @@ def test_fold_repeated_tokens_restores_the_original_map():
     torch.testing.assert_close(fold_repeated_tokens(repeated, 77), single, atol=1e-6, rtol=1e-5)
     assert fold_repeated_tokens(repeated, None) is repeated
     assert fold_repeated_tokens(single, 77) is single
+
+
+def test_keep_selects_the_captured_rows_only():
+    torch.manual_seed(3)
+    q, k, v = torch.randn(4, 12, 16), torch.randn(4, 7, 16), torch.randn(4, 7, 16)
+    out_all, maps_all = attention_with_maps(q, k, v, heads=2)
+    out_cond, maps_cond = attention_with_maps(q, k, v, heads=2, keep=slice(2, 4))
+    torch.testing.assert_close(out_cond, out_all)  # the output still covers the whole batch
+    torch.testing.assert_close(maps_cond, maps_all[2:4])

@@ -76,29 +76,30 @@ def install_capture(model, info: UNetInfo, store: AttentionStore, plan: CaptureP
     fold_lengths = {"cond": store.prompt.token_count if store.prompt else None, "uncond": None}
     pools: dict[tuple, GridPool] = {}
 
-    def record(kind: str, key: LayerKey, maps: torch.Tensor, extra: dict, grid) -> None:
+    def wanted_rows(extra: dict, batch: int) -> list[tuple[str, slice]]:
+        """The batch rows of each captured branch in this call (its first chunk)."""
         chunks = extra.get("cond_or_uncond") or [0]
-        per_chunk = maps.shape[0] // len(chunks)
-        taken = set()
+        per_chunk = batch // len(chunks)
+        rows = {}
         for i, code in enumerate(chunks):
             branch = BRANCH_NAMES.get(code)
-            if branch not in plan.branches or branch in taken:
-                continue
-            taken.add(branch)
-            part = maps[i * per_chunk:(i + 1) * per_chunk]
-            if kind == "cross":
-                part = fold_repeated_tokens(part, fold_lengths[branch])
-            store.add(key, branch, grid, part)
+            if branch in plan.branches and branch not in rows:
+                rows[branch] = slice(i * per_chunk, (i + 1) * per_chunk)
+        return list(rows.items())
 
     def make_patch(layer: AttentionLayer, kind: str, previous):
         key = LayerKey(kind, layer.block, layer.block_id, layer.depth, layer.factor)
 
+        def fast(q, k, v, extra):
+            if previous is not None:
+                return previous(q, k, v, extra)
+            return optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"),
+                                       transformer_options=extra)
+
         def patch(q, k, v, extra):
-            if not state[kind]:
-                if previous is not None:
-                    return previous(q, k, v, extra)
-                return optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"),
-                                           transformer_options=extra)
+            rows = wanted_rows(extra, q.shape[0]) if state[kind] else None
+            if not rows:
+                return fast(q, k, v, extra)
             h, w = extra["activations_shape"][-2:]
             pool = None
             if kind == "self":
@@ -106,10 +107,17 @@ def install_capture(model, info: UNetInfo, store: AttentionStore, plan: CaptureP
                 pool = pools.get(pool_key)
                 if pool is None:
                     pool = pools[pool_key] = GridPool(h, w, plan.self_max_tokens, q.device)
+            # One captured branch: only its rows get maps. Several: all rows, split after.
+            keep = rows[0][1] if len(rows) == 1 else slice(None)
             out, maps = attention_with_maps(q, k, None if previous is not None else v, extra["n_heads"],
-                                            plan.reducer, pool)
-            record(kind, key, maps, extra, pool.grid if pool is not None else (h, w))
-            return previous(q, k, v, extra) if previous is not None else out
+                                            plan.reducer, pool, keep)
+            grid = pool.grid if pool is not None else (h, w)
+            for branch, part in rows:
+                branch_maps = maps if len(rows) == 1 else maps[part]
+                if kind == "cross":
+                    branch_maps = fold_repeated_tokens(branch_maps, fold_lengths[branch])
+                store.add(key, branch, grid, branch_maps)
+            return out if previous is None else fast(q, k, v, extra)
 
         return patch
 

@@ -34,21 +34,25 @@ def working_size(height: int, width: int, resolution: int) -> tuple[int, int]:
     return (max(64, round(height * scale / 64) * 64), max(64, round(width * scale / 64) * 64))
 
 
-def segment_image(model, vae, image: torch.Tensor, positive, timesteps: list[int], seed: int,
-                  resolution: int, plan: CapturePlan | None = None) -> AttentionStore:
-    """Encode ``image`` (B, H, W, C in [0, 1]), noise it to each timestep and run
-    one cond-only UNet pass per timestep, capturing into a new store."""
-    info = describe_unet(model)
-    check_conditioning(info, positive, "conditioning")
+def encode_image(vae, image: torch.Tensor, resolution: int) -> torch.Tensor:
+    """IMAGE (B, H, W, C in [0, 1]) -> VAE latent at the working size (posterior mean)."""
     if image.ndim != 4 or image.shape[-1] < 3:
         raise AttnSegError(f"image: expected an IMAGE batch (B, H, W, 3), got shape {tuple(image.shape)}.")
-    batch, height, width = image.shape[:3]
+    height, width = image.shape[1:3]
     size = working_size(height, width, resolution)
     pixels = image[..., :3]
     if (height, width) != size:
         pixels = comfy.utils.common_upscale(pixels.movedim(-1, 1), size[1], size[0], "bilinear", "disabled").movedim(1, -1)
-    latent = vae.encode(pixels)
-    store = AttentionStore(info.model_id, batch, tuple(latent.shape[-2:]), (height, width), prompt_of(positive))
+    return vae.encode(pixels)
+
+
+def capture_pass(model, latent: torch.Tensor, positive, timesteps: list[int], seed: int,
+                 image_size: tuple[int, int], plan: CapturePlan | None = None) -> AttentionStore:
+    """Noise ``latent`` to each timestep and run one cond-only UNet pass per
+    timestep, capturing into a new store (maps averaged over the timesteps)."""
+    info = describe_unet(model)
+    check_conditioning(info, positive, "conditioning")
+    store = AttentionStore(info.model_id, latent.shape[0], tuple(latent.shape[-2:]), image_size, prompt_of(positive))
     patched = model.clone()
     install_capture(patched, info, store, plan or CapturePlan())
     sampling = patched.get_model_object("model_sampling")
@@ -64,6 +68,14 @@ def segment_image(model, vae, image: torch.Tensor, positive, timesteps: list[int
                                    disable_pbar=True, seed=seed)
         progress.update(1)
     return store
+
+
+def segment_image(model, vae, image: torch.Tensor, positive, timesteps: list[int], seed: int,
+                  resolution: int, plan: CapturePlan | None = None) -> AttentionStore:
+    """The segmentation front end: encode ``image``, then :func:`capture_pass`."""
+    describe_unet(model)  # refuse an unsupported model before spending a VAE encode
+    latent = encode_image(vae, image, resolution)
+    return capture_pass(model, latent, positive, timesteps, seed, tuple(image.shape[1:3]), plan)
 
 
 def capture_sample(model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, positive,
