@@ -1,0 +1,177 @@
+"""Capture overhead on the full-size random-weight SD1.5, on this machine's device.
+
+Timing: the stock KSampler, the capture sampler and a naive capture (every
+attention map of every layer materialised per head, through ComfyUI's attention
+override) run interleaved in one process, ``--repeats`` rounds, medians.
+Memory: each variant samples once in a fresh process; a thread samples the RSS.
+
+    python benchmarks/capture_overhead.py [--steps 4 --size 512 --repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from comfy_env import import_pack  # noqa: E402
+
+PACK = import_pack()
+
+import comfy.sample  # noqa: E402
+import comfy.samplers  # noqa: E402
+import comfy.sd  # noqa: E402
+import nodes as comfy_nodes  # noqa: E402  (ComfyUI's own module)
+import psutil  # noqa: E402
+import torch  # noqa: E402
+from random_sd15 import ensure  # noqa: E402
+from reference_capture import install_naive_capture  # noqa: E402
+
+from attnseg_pack.hosts.comfyui.passes import capture_pass, capture_sample  # noqa: E402
+from attnseg_pack.hosts.comfyui.text import encode_segmentation_prompt  # noqa: E402
+from attnseg_pack.nodes.capture import capture_plan  # noqa: E402
+
+PROMPT, CLASSES = "a photograph of a cat sitting on a sofa", "cat, sofa"
+
+
+def load():
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(ensure()), output_vae=True, output_clip=True)
+    positive, _ = encode_segmentation_prompt(clip, PROMPT, CLASSES)
+    negative = clip.encode_from_tokens_scheduled(clip.tokenize("blurry"))
+    return model, positive, negative
+
+
+def sampler_variants(model, positive, negative, steps: int, size: int):
+    latent = {"samples": torch.zeros(1, 4, size // 8, size // 8)}
+
+    def stock():
+        comfy_nodes.common_ksampler(model, 0, steps, 7.5, "euler", "normal", positive, negative, latent)
+
+    def capture():
+        plan = capture_plan(steps, 0, -1, "last step")  # all cross layers every step, finest self at the last
+        capture_sample(model, 0, steps, 7.5, "euler", "normal", positive, negative, latent, 1.0, plan)
+
+    def naive():
+        clone = model.clone()
+        install_naive_capture(clone)
+        comfy_nodes.common_ksampler(clone, 0, steps, 7.5, "euler", "normal", positive, negative, latent)
+
+    return {"stock": stock, "capture": capture, "naive": naive}
+
+
+def pass_variants(model, positive, size: int):
+    latent = torch.zeros(1, 4, size // 8, size // 8)
+    euler = comfy.samplers.sampler_object("euler")
+
+    def plain_forward():
+        sigma = model.get_model_object("model_sampling").sigma(torch.tensor(100.0))
+        noise = comfy.sample.prepare_noise(latent, 0)
+        comfy.sample.sample_custom(model, noise, 1.0, euler, torch.stack([sigma, sigma * 0]), positive, positive,
+                                   latent, disable_pbar=True, seed=0)
+
+    def segment_pass():
+        capture_pass(model, latent, positive, [100], 0, (size, size))
+
+    def naive_pass():
+        clone = model.clone()
+        install_naive_capture(clone)
+        sigma = clone.get_model_object("model_sampling").sigma(torch.tensor(100.0))
+        noise = comfy.sample.prepare_noise(latent, 0)
+        comfy.sample.sample_custom(clone, noise, 1.0, euler, torch.stack([sigma, sigma * 0]), positive, positive,
+                                   latent, disable_pbar=True, seed=0)
+
+    return {"plain forward": plain_forward, "segment pass": segment_pass, "naive pass": naive_pass}
+
+
+def timed(variants: dict, repeats: int) -> dict[str, float]:
+    for run in variants.values():  # warm-up: loads weights, fills caches
+        run()
+    times = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, run in variants.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def peak_rss(run) -> tuple[float, float]:
+    """(RSS before, peak RSS during) ``run``, in MiB."""
+    process = psutil.Process()
+    before = process.memory_info().rss
+    peak, done = [before], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        run()
+    finally:
+        done.set()
+        watcher.join()
+    return before / 2**20, peak[0] / 2**20
+
+
+def memory_child(variant: str, steps: int, size: int) -> None:
+    model, positive, negative = load()
+    comfy_nodes.common_ksampler(model, 0, 1, 7.5, "euler", "normal", positive, negative,
+                                {"samples": torch.zeros(1, 4, 8, 8)})  # load the weights first
+    before, peak = peak_rss(sampler_variants(model, positive, negative, steps, size)[variant])
+    print(json.dumps({"before": before, "peak": peak}))
+
+
+def memory(steps: int, size: int) -> dict[str, dict]:
+    out = {}
+    for variant in ("stock", "capture", "naive"):
+        result = subprocess.run([sys.executable, __file__, "--memory-child", variant, "--steps", str(steps),
+                                 "--size", str(size)], capture_output=True, text=True, check=True)
+        out[variant] = json.loads(result.stdout.strip().splitlines()[-1])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--memory-child")
+    args = parser.parse_args()
+    if args.memory_child:
+        return memory_child(args.memory_child, args.steps, args.size)
+
+    model, positive, negative = load()
+    sampling = timed(sampler_variants(model, positive, negative, args.steps, args.size), args.repeats)
+    passes = timed(pass_variants(model, positive, args.size), args.repeats)
+    mem = memory(args.steps, args.size)
+    work = {k: v["peak"] - v["before"] for k, v in mem.items()}
+    rows = [
+        ("capture sampler / stock KSampler, time", sampling["capture"] / sampling["stock"], 1.15),
+        ("naive capture / stock KSampler, time", sampling["naive"] / sampling["stock"], None),
+        ("segment pass / plain UNet forward, time", passes["segment pass"] / passes["plain forward"], 1.3),
+        ("naive pass / plain UNet forward, time", passes["naive pass"] / passes["plain forward"], None),
+        ("capture sampler / stock, peak RSS", mem["capture"]["peak"] / mem["stock"]["peak"], 1.10),
+        ("naive capture / stock, peak RSS", mem["naive"]["peak"] / mem["stock"]["peak"], None),
+    ]
+    print(f"SD1.5 (random weights), {args.size}x{args.size}, {args.steps} steps euler cfg 7.5, "
+          f"{torch.get_num_threads()} threads, medians of {args.repeats}")
+    print("| measure | ratio | target |\n| --- | --- | --- |")
+    for name, ratio, target in rows:
+        print(f"| {name} | {ratio:.3f} | {'<= %.2f' % target if target else '-'} |")
+    print(f"\nseconds: " + ", ".join(f"{k} {v:.2f}" for k, v in {**sampling, **passes}.items()))
+    print("sampling working memory (peak - before, MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in work.items()))
+
+
+if __name__ == "__main__":
+    main()
