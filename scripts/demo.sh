@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/host.sh setup
 export HF_HUB_OFFLINE=1
-exec "$(bash scripts/host.sh python)" scripts/demo.py "$@"
+exec "$(bash scripts/host.sh python)" scripts/run_demo.py "$@"
