@@ -10,9 +10,6 @@ import torch
 from .errors import AttnSegError
 from .tokens import SegPrompt
 
-BRANCHES = ("cond", "uncond")
-
-
 @dataclass(frozen=True, order=True)
 class LayerKey:
     """One attention layer of a UNet: ``kind`` is "cross" or "self"; ``block`` is
@@ -80,14 +77,6 @@ class AttentionStore:
         if not found:
             raise AttnSegError(
                 f"{what}: the attention store holds no {kind}-attention maps of the {branch} branch. "
-                f"Capture them (Segment Image always does; on the capture sampler keep capture on, "
+                f"Capture them (AttnSeg Capture Image Attention always does; on the capture sampler keep capture on, "
                 f"with self-attention enabled, and a step range inside the run).")
         return found
-
-    def nbytes(self) -> int:
-        return sum(v.total.numel() * v.total.element_size() for v in self.entries.values())
-
-    def describe(self) -> str:
-        rows = [f"{k.name} {b} grid={v.grid[0]}x{v.grid[1]} tokens={v.total.shape[-1]} n={v.count}"
-                for (k, b), v in sorted(self.entries.items())]
-        return f"{self.model_id}, batch {self.batch_size}, image {self.image_size}\n" + "\n".join(rows)
