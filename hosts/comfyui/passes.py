@@ -12,7 +12,7 @@ import torch
 from ...attnseg import AttentionStore, AttnSegError
 from .capture import CapturePlan, install_capture
 from .text import prompt_of
-from .unet import check_conditioning, describe_unet
+from .unet import UNetInfo, check_conditioning, describe_unet
 
 LATENT_TO_PIXELS = 8  # SD1.x / SD2.x / SDXL VAEs
 
@@ -46,12 +46,19 @@ def encode_image(vae, image: torch.Tensor, resolution: int) -> torch.Tensor:
     return vae.encode(pixels)
 
 
+def checked_unet(model, positive, input_name: str) -> UNetInfo:
+    """The model's layout, after refusing an unsupported model or foreign conditioning."""
+    info = describe_unet(model)
+    check_conditioning(info, positive, input_name)
+    return info
+
+
 def capture_pass(model, latent: torch.Tensor, positive, timesteps: list[int], seed: int,
-                 image_size: tuple[int, int], plan: CapturePlan | None = None) -> AttentionStore:
+                 image_size: tuple[int, int], plan: CapturePlan | None = None,
+                 info: UNetInfo | None = None) -> AttentionStore:
     """Noise ``latent`` to each timestep and run one cond-only UNet pass per
     timestep, capturing into a new store (maps averaged over the timesteps)."""
-    info = describe_unet(model)
-    check_conditioning(info, positive, "conditioning")
+    info = info or checked_unet(model, positive, "conditioning")
     store = AttentionStore(info.model_id, latent.shape[0], tuple(latent.shape[-2:]), image_size, prompt_of(positive))
     patched = model.clone()
     install_capture(patched, info, store, plan or CapturePlan())
@@ -73,9 +80,9 @@ def capture_pass(model, latent: torch.Tensor, positive, timesteps: list[int], se
 def segment_image(model, vae, image: torch.Tensor, positive, timesteps: list[int], seed: int,
                   resolution: int, plan: CapturePlan | None = None) -> AttentionStore:
     """The segmentation front end: encode ``image``, then :func:`capture_pass`."""
-    describe_unet(model)  # refuse an unsupported model before spending a VAE encode
+    info = checked_unet(model, positive, "conditioning")  # refuse bad input before spending a VAE encode
     latent = encode_image(vae, image, resolution)
-    return capture_pass(model, latent, positive, timesteps, seed, tuple(image.shape[1:3]), plan)
+    return capture_pass(model, latent, positive, timesteps, seed, tuple(image.shape[1:3]), plan, info)
 
 
 def capture_sample(model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, positive,
@@ -85,8 +92,7 @@ def capture_sample(model, seed: int, steps: int, cfg: float, sampler_name: str, 
     store = None
     sampling_model = model
     if plan is not None:
-        info = describe_unet(model)
-        check_conditioning(info, positive, "positive")
+        info = checked_unet(model, positive, "positive")
         height, width = latent_image.shape[-2:]
         store = AttentionStore(info.model_id, latent_image.shape[0], (height, width),
                                (height * LATENT_TO_PIXELS, width * LATENT_TO_PIXELS), prompt_of(positive))
