@@ -10,13 +10,24 @@ from .errors import AttnSegError
 from .scores import ScoreMaps
 
 
-def label_map(scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    """(B, C, H, W) scores -> (B, H, W) int64 labels: 0 where no class reaches
-    ``threshold``, else 1 + the argmax class."""
+BACKGROUND_RULES = ("threshold", "(1 - max)^2")
+
+
+def label_map(scores: torch.Tensor, threshold: float, background: str = "threshold") -> torch.Tensor:
+    """(B, C, H, W) scores -> (B, H, W) int64 labels, 0 = background, else 1 + the
+    argmax class. The background competes in the argmax with a score of
+    ``threshold`` ("threshold": iSeg's COCO rule, DiffSegmenter's sweep) or of
+    ``(1 - max_c)^2`` ("(1 - max)^2": iSeg's VOC rule; ``threshold`` unused)."""
     if not 0.0 <= threshold <= 1.0:
         raise AttnSegError(f"threshold: {threshold} is outside [0, 1]; scores are min-max normalised.")
     best, index = scores.max(dim=1)
-    return torch.where(best >= threshold, index + 1, torch.zeros_like(index))
+    if background == "threshold":
+        background_score = torch.full_like(best, threshold)
+    elif background == "(1 - max)^2":
+        background_score = (1 - best) ** 2
+    else:
+        raise AttnSegError(f"background: '{background}' is not one of {', '.join(BACKGROUND_RULES)}.")
+    return torch.where(best >= background_score, index + 1, torch.zeros_like(index))
 
 
 def class_masks(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -41,8 +52,8 @@ def overlay(labels: torch.Tensor, num_classes: int, image: torch.Tensor | None =
     return torch.where((labels > 0)[..., None], tinted, image)
 
 
-def make_masks(score_maps: ScoreMaps, threshold: float):
+def make_masks(score_maps: ScoreMaps, threshold: float, background: str = "threshold"):
     """Everything the mask node outputs, at the image size: (labels, masks, scores)."""
     scores = score_maps.at_image_size().clamp(0, 1)
-    labels = label_map(scores, threshold)
+    labels = label_map(scores, threshold, background)
     return labels, class_masks(labels, scores.shape[1]), scores

@@ -60,6 +60,13 @@ def template_prompt(names: Sequence[str]) -> str:
     return "a photograph of " + " and ".join(names)
 
 
+def iseg_template_prompt(names: Sequence[str], background_words: Sequence[str] = ()) -> str:
+    """iSeg's prompt: the classes, then 'other objects and background', then
+    optional background words that give the stuff in the image a token to go to."""
+    text = "a photograph of " + " and ".join(names) + " and other objects and background"
+    return text + (", " + ", ".join(background_words) if background_words else "")
+
+
 def find_subsequence(sequence: Sequence, part: Sequence, same=lambda a, b: a == b) -> int:
     """First index where ``part`` occurs in ``sequence`` as a contiguous run, or -1."""
     n = len(part)

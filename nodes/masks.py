@@ -3,7 +3,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..attnseg import AttnSegError
-from ..attnseg.masks import make_masks, overlay, palette
+from ..attnseg.masks import BACKGROUND_RULES, make_masks, overlay, palette
 from ..attnseg.scores import ScoreMaps, resize
 from .types import ATTN_SCORES, CATEGORY
 
@@ -45,8 +45,8 @@ def legend(names: list[str], width: int) -> torch.Tensor:
 class AttnSegMasks:
     """Score maps -> per-class masks, a label map and a colour preview."""
 
-    DESCRIPTION = ("Each pixel takes the class with the highest score, or background where no score reaches the "
-                   "threshold. Outputs are at the segmented image's size.")
+    DESCRIPTION = ("Each pixel takes the class with the highest score, or background where the background rule "
+                   "scores higher. Outputs are at the segmented image's size.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -54,6 +54,9 @@ class AttnSegMasks:
             "scores": (ATTN_SCORES,),
             "threshold": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
                                     "tooltip": "Background below this score (DiffSegmenter sweeps 0.3-0.74)."}),
+            "background": (list(BACKGROUND_RULES), {"default": "threshold", "tooltip": (
+                "threshold: background where no class reaches the threshold (iSeg COCO: 0.45). "
+                "(1 - max)^2: background scores (1 - best class score)^2, threshold unused (iSeg VOC).")}),
         }, "optional": {
             "image": ("IMAGE", {"tooltip": "Draw the preview over this image (the one that was segmented)."}),
         }}
@@ -67,9 +70,9 @@ class AttnSegMasks:
     FUNCTION = "make"
     CATEGORY = CATEGORY
 
-    def make(self, scores, threshold, image=None):
+    def make(self, scores, threshold, background="threshold", image=None):
         scores = fit_to_image(scores, image)
-        labels, masks, soft = make_masks(scores, threshold)
+        labels, masks, soft = make_masks(scores, threshold, background)
         base = image[..., :3].to(soft.device) if image is not None else None
         coloured = overlay(labels, len(scores.class_names), base)
         strip = legend(scores.class_names, coloured.shape[2]).to(coloured)

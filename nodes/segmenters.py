@@ -10,13 +10,13 @@ def require_store(store, input_name: str = "attention"):
     return store
 
 
-def parse_weights(text: str) -> list[float]:
+def parse_weights(text: str, input_name: str = "weights") -> list[float]:
     try:
         weights = [float(w) for w in text.split(",") if w.strip()]
     except ValueError:
-        raise AttnSegError(f"weights: '{text}' is not a comma-separated list of numbers.")
+        raise AttnSegError(f"{input_name}: '{text}' is not a comma-separated list of numbers.")
     if not weights or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise AttnSegError(f"weights: '{text}' needs non-negative weights with a positive sum.")
+        raise AttnSegError(f"{input_name}: '{text}' needs non-negative numbers with a positive sum.")
     return weights
 
 

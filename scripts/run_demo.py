@@ -1,5 +1,5 @@
 """Runs workflows/api/segment-image.json headless on a real ComfyUI server with
-the embedded default model and demo/attnseg-demo.png, and copies the masks and
+the embedded demo model (AttnSeg Demo Model Loader) and demo/attnseg-demo.png, and copies the masks and
 the preview to out/demo/ (or --out)."""
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from comfy_server import ComfyServer  # noqa: E402
-from random_sd15 import ensure as default_checkpoint  # noqa: E402
 
 DEMO_IMAGE = REPO / "demo" / "attnseg-demo.png"
 
@@ -24,13 +23,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=REPO / "out" / "demo")
     args = parser.parse_args()
-    checkpoint = default_checkpoint()
     workflow = json.loads((REPO / "workflows" / "api" / "segment-image.json").read_text())
-    workflow["1"]["inputs"]["ckpt_name"] = checkpoint.name
     with tempfile.TemporaryDirectory(prefix="attnseg-demo-") as base:
-        with ComfyServer(Path(base), [checkpoint]) as server:
+        with ComfyServer(Path(base)) as server:
             workflow["2"]["inputs"]["image"] = server.add_input(DEMO_IMAGE)
-            print(f"ComfyUI at {server.url}: running segment-image on {DEMO_IMAGE.name} with {checkpoint.name}")
+            print(f"ComfyUI at {server.url}: running segment-image on {DEMO_IMAGE.name} with the demo model")
             outputs = server.output_files(server.run(workflow))
         if args.out.exists():
             shutil.rmtree(args.out)

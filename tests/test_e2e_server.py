@@ -19,7 +19,8 @@ from workflow_ui import strip_meta, ui_to_api  # noqa: E402
 from demo.scenes import make_scene  # noqa: E402
 
 WORKFLOWS = REPO / "workflows"
-PACK_NODES = {"AttnSegTextEncode", "AttnSegSegmentImage", "AttnSegCaptureSampler", "AttnSegDiffSegmenter",
+MASK_IOU_FLOOR = 0.5
+PACK_NODES = {"AttnSegDemoModelLoader", "AttnSegTextEncode", "AttnSegSegmentImage", "AttnSegCaptureSampler", "AttnSegDiffSegmenter",
               "AttnSegMasks", "AttnSegClassMask"}
 
 
@@ -61,23 +62,26 @@ def test_ui_workflows_match_their_api_form(object_info, name):
     assert ui_to_api(ui, object_info) == strip_meta(api_workflow(name))
 
 
-def test_segment_image_workflow_on_a_non_square_image(server, tmp_path):
-    scene = make_scene(3, width=96, height=64)
-    Image.fromarray(scene.image).save(tmp_path / "attnseg-demo.png")
-    server.add_input(tmp_path / "attnseg-demo.png")
+def test_segment_image_workflow_finds_the_objects_of_a_non_square_scene(server, tmp_path):
+    """The shipped workflow on the demo model: each mask must cover its object."""
+    scene = make_scene(7, width=192, height=128)
+    Image.fromarray(scene.image).save(tmp_path / "scene.png")
     workflow = api_workflow("segment-image")
-    workflow["1"]["inputs"]["ckpt_name"] = CHECKPOINT
+    workflow["2"]["inputs"]["image"] = server.add_input(tmp_path / "scene.png")
     workflow["3"]["inputs"].update(prompt=scene.caption, classes=", ".join(scene.class_names))
-    workflow["4"]["inputs"]["resolution"] = 192
     outputs = server.output_files(server.run(workflow))
     preview, = outputs["7"]
     masks = outputs["9"]
-    assert len(masks) == len(scene.objects)
-    for path in masks:
+    assert len(masks) == len(scene.objects) >= 2
+    truth = scene.label_map()
+    for index, path in enumerate(masks):
         mask = read(path)
-        assert mask.shape == (64, 96, 3) and set(np.unique(mask)) <= {0, 255}
+        assert mask.shape == (128, 192, 3) and set(np.unique(mask)) <= {0, 255}
+        found, wanted = mask[..., 0] > 0, truth == index + 1
+        iou = (found & wanted).sum() / (found | wanted).sum()
+        assert iou > MASK_IOU_FLOOR, f"{scene.objects[index].name}: IoU {iou:.2f}"
     legend_rows = len(scene.objects) + 1
-    assert read(preview).shape == (64 + 14 * legend_rows, 96, 3)
+    assert read(preview).shape == (128 + 14 * legend_rows, 192, 3)
 
 
 def test_generate_and_segment_workflow(server):

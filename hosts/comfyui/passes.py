@@ -11,7 +11,8 @@ import torch
 
 from ...attnseg import AttentionStore, AttnSegError
 from .capture import CapturePlan, install_capture
-from .text import prompt_of
+from .catcross import install_key_scale
+from .text import key_scale_of, prompt_of
 from .unet import UNetInfo, check_conditioning, describe_unet
 
 LATENT_TO_PIXELS = 8  # SD1.x / SD2.x / SDXL VAEs
@@ -53,6 +54,14 @@ def checked_unet(model, positive, input_name: str) -> UNetInfo:
     return info
 
 
+def apply_key_scale(model, info: UNetInfo, positive) -> None:
+    """Cat-Cross "keys": weight the class tokens' keys of ``model`` (a clone), around
+    the capture patches so the store records the weighted attention."""
+    scale = key_scale_of(positive)
+    if scale is not None:
+        install_key_scale(model, info, scale)
+
+
 def capture_pass(model, latent: torch.Tensor, positive, timesteps: list[int], seed: int,
                  image_size: tuple[int, int], plan: CapturePlan | None = None,
                  info: UNetInfo | None = None) -> AttentionStore:
@@ -62,6 +71,7 @@ def capture_pass(model, latent: torch.Tensor, positive, timesteps: list[int], se
     store = AttentionStore(info.model_id, latent.shape[0], tuple(latent.shape[-2:]), image_size, prompt_of(positive))
     patched = model.clone()
     install_capture(patched, info, store, plan or CapturePlan())
+    apply_key_scale(patched, info, positive)
     sampling = patched.get_model_object("model_sampling")
     euler = comfy.samplers.sampler_object("euler")
     progress = comfy.utils.ProgressBar(len(timesteps))
@@ -91,13 +101,15 @@ def capture_sample(model, seed: int, steps: int, cfg: float, sampler_name: str, 
     latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     store = None
     sampling_model = model
-    if plan is not None:
+    if plan is not None or key_scale_of(positive) is not None:
         info = checked_unet(model, positive, "positive")
-        height, width = latent_image.shape[-2:]
-        store = AttentionStore(info.model_id, latent_image.shape[0], (height, width),
-                               (height * LATENT_TO_PIXELS, width * LATENT_TO_PIXELS), prompt_of(positive))
         sampling_model = model.clone()
-        install_capture(sampling_model, info, store, plan)
+        if plan is not None:
+            height, width = latent_image.shape[-2:]
+            store = AttentionStore(info.model_id, latent_image.shape[0], (height, width),
+                                   (height * LATENT_TO_PIXELS, width * LATENT_TO_PIXELS), prompt_of(positive))
+            install_capture(sampling_model, info, store, plan)
+        apply_key_scale(sampling_model, info, positive)
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     callback = latent_preview.prepare_callback(sampling_model, steps)
     samples = comfy.sample.sample(sampling_model, noise, steps, cfg, sampler_name, scheduler, positive, negative,

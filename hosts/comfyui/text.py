@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from ...attnseg.tokens import SegPrompt, locate_classes, parse_class_list, template_prompt
+from ...attnseg.errors import AttnSegError
+from ...attnseg.tokens import SegPrompt, iseg_template_prompt, locate_classes, parse_class_list, template_prompt
+from .catcross import KeyScale
 
-# The conditioning dict key that carries the class metadata to later nodes.
+# The conditioning dict keys that carry the class metadata and Cat-Cross's
+# key weighting to later nodes.
 PROMPT_KEY = "attnseg_prompt"
+KEY_SCALE_KEY = "attnseg_key_scale"
+CAT_CROSS_MODES = ("keys", "embedding")
 
 
 def _stream(tokens: dict) -> str:
@@ -34,10 +39,11 @@ def _readable(clip, stream: str, token) -> str:
     return word.replace("</w>", "")
 
 
-def segmentation_prompt(clip, prompt: str, classes: str) -> tuple[str, SegPrompt, dict]:
-    """(text, class metadata, tokens to encode) for a prompt and class list."""
+def segmentation_prompt(clip, prompt: str, classes: str, template=template_prompt) -> tuple[str, SegPrompt, dict]:
+    """(text, class metadata, tokens to encode) for a prompt and class list;
+    ``template(names)`` builds the prompt when ``prompt`` is empty."""
     names = parse_class_list(classes)
-    text = prompt.strip() or template_prompt(names)
+    text = prompt.strip() or template(names)
     tokens = clip.tokenize(text)
     stream = _stream(tokens)
     flat = [entry[0] for chunk in tokens[stream] for entry in chunk]
@@ -56,6 +62,38 @@ def encode_segmentation_prompt(clip, prompt: str, classes: str):
     _, meta, tokens = segmentation_prompt(clip, prompt, classes)
     conditioning = clip.encode_from_tokens_scheduled(tokens)
     return [[c, {**extras, PROMPT_KEY: meta}] for c, extras in conditioning], meta
+
+
+def encode_cat_cross(clip, prompt: str, classes: str, gamma: float, mode: str, background_words: str = ""):
+    """iSeg's Cat-Cross: the class tokens weighted by ``gamma``, either on the
+    keys inside the attention ("keys", the paper; applied by AttnSeg's capture
+    nodes) or on the text embedding, which scales keys and values ("embedding",
+    the released code). An empty prompt becomes iSeg's template."""
+    if not gamma > 0:
+        raise AttnSegError(f"gamma: {gamma} must be positive (iSeg: 1.6; 1 turns Cat-Cross off).")
+    if mode not in CAT_CROSS_MODES:
+        raise AttnSegError(f"mode: '{mode}' is not one of {', '.join(CAT_CROSS_MODES)}.")
+    extra_words = [w.strip() for w in background_words.split(",") if w.strip()]
+    _, meta, tokens = segmentation_prompt(clip, prompt, classes,
+                                          template=lambda names: iseg_template_prompt(names, extra_words))
+    positions = tuple(sorted({p for c in meta.classes for p in c.positions}))
+    conditioning = []
+    for cond, extras in clip.encode_from_tokens_scheduled(tokens):
+        extras = {**extras, PROMPT_KEY: meta}
+        if mode == "embedding":
+            cond = cond.clone()
+            cond[:, list(positions)] *= gamma
+        else:
+            extras[KEY_SCALE_KEY] = KeyScale(positions, float(gamma), meta.token_count)
+        conditioning.append([cond, extras])
+    return conditioning, meta
+
+
+def key_scale_of(conditioning) -> KeyScale | None:
+    for _, extras in conditioning or []:
+        if KEY_SCALE_KEY in extras:
+            return extras[KEY_SCALE_KEY]
+    return None
 
 
 def prompt_of(conditioning) -> SegPrompt | None:

@@ -1,0 +1,125 @@
+"""iSeg (Sun et al.): entropy-reduced self-attention (Ent-Self) applied
+iteratively to cross-attention class maps, or to user seeds.
+
+Maps on a grid are carried flat as (B, N, K) with N = h * w pixels on the
+self-attention grid and K maps (classes or seeds); the self-attention is
+(B, N, N) with query rows. The refined operator is applied N times as a
+matrix product on the maps, never raised to a power."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import AttnSegError
+from .scores import ScoreMaps, min_max, resize
+from .store import AttentionStore
+from .fusion import mean_by_resolution, mean_self_attention
+
+ENT_SELF_VARIANTS = ("paper", "code", "naive")
+# iSeg's cross-attention fusion: SD at 512 px uses the 16x16 and 32x32 layers,
+# i.e. the grids 4x and 2x below the latent, weighted 0.7 / 0.3.
+ISEG_CROSS_FACTORS = (4, 2)
+ISEG_CROSS_WEIGHTS = (0.7, 0.3)
+_TINY = 1e-12
+LOG_FLOOR = 1e-8
+
+
+def ent_self(self_attention: torch.Tensor, lam: float, variant: str = "paper") -> torch.Tensor:
+    """The refined operator, row-stochastic, fp32.
+
+    "paper": ``S + lam (1 + ln S)``, one gradient step lowering each row's entropy.
+    "code": column-max normalise ``S^ = S / max_q S``, then ``S^ + lam log10(e S^)``
+    on the positive entries (the released code).
+    Both are then clamped >= 0 and their rows renormalised, as the code does: used
+    raw, the paper's negative entries (``lam ln S`` of far-away pixels) turn the
+    product into a distance transform that spreads every map across borders.
+    "naive": ``S`` itself (lambda ignored), the baseline the paper compares against."""
+    if lam < 0:
+        raise AttnSegError(f"lambda: {lam} is negative; use 0 for plain self-attention or a small positive "
+                           f"value (paper: 0.01).")
+    s = self_attention.float()
+    if variant == "paper":
+        # fp16 stores flush the smallest probabilities to 0; ln is taken at a floor.
+        refined = s + lam * (1 + torch.log(s.clamp_min(LOG_FLOOR)))
+    elif variant == "code":
+        s_hat = s / s.amax(dim=-2, keepdim=True).clamp_min(_TINY)
+        refined = torch.where(s_hat > 0, s_hat + lam * torch.log10(math.e * s_hat.clamp_min(_TINY)), s_hat)
+    elif variant == "naive":
+        refined = s
+    else:
+        raise AttnSegError(f"variant: '{variant}' is not one of {', '.join(ENT_SELF_VARIANTS)}.")
+    refined = refined.clamp_min(0)
+    return refined / refined.sum(-1, keepdim=True).clamp_min(_TINY)
+
+
+def normalise_l1(maps: torch.Tensor) -> torch.Tensor:
+    """(B, N, K): subtract each map's minimum over pixels, then divide by its sum."""
+    shifted = maps - maps.amin(dim=1, keepdim=True)
+    return shifted / shifted.sum(dim=1, keepdim=True).clamp_min(_TINY)
+
+
+def iterate(maps: torch.Tensor, operator: torch.Tensor, iterations: int) -> torch.Tensor:
+    """``C <- operator C`` then min-subtract + L1, ``iterations`` times. (B, N, K) fp32."""
+    if iterations < 0:
+        raise AttnSegError(f"iterations: {iterations} is negative; use 0 (no refinement) or more (paper: 10).")
+    maps = normalise_l1(maps.float())
+    for _ in range(iterations):
+        maps = normalise_l1(torch.bmm(operator, maps))
+    return maps
+
+
+def iseg_cross_maps(store: AttentionStore, factors=ISEG_CROSS_FACTORS, weights=ISEG_CROSS_WEIGHTS,
+                    target_grid: tuple[int, int] | None = None, what: str = "store") -> torch.Tensor:
+    """iSeg's class maps from cross-attention: per chosen resolution, each token's
+    map L1-normalised over space and upsampled to ``target_grid``; weighted sum;
+    each class the mean of its tokens. Returns (B, C, h, w)."""
+    if store.prompt is None:
+        raise AttnSegError(f"{what}: the store has no class list. Encode the prompt with an AttnSeg text encoder.")
+    entries = store.require("cross", what=what)
+    levels = mean_by_resolution(entries)
+    by_factor = {key.factor: stored.grid[0] * stored.grid[1] for key, stored in entries}
+    fused = None
+    for factor, weight in zip(factors, weights):
+        if factor not in by_factor:
+            available = ", ".join(f"{f}x" for f in sorted(by_factor))
+            raise AttnSegError(f"{what}: no cross-attention {factor}x below the latent size was captured "
+                               f"(captured: {available}). Capture those layers.")
+        grid, maps = levels[by_factor[factor]]
+        maps = maps.float()
+        maps = maps / maps.sum(dim=1, keepdim=True).clamp_min(_TINY)  # each token sums to 1 over space
+        tokens = maps.transpose(1, 2).unflatten(-1, grid)  # (B, T, h, w)
+        level = resize(tokens, target_grid or grid) * weight
+        fused = level if fused is None else fused + level
+    classes = [fused[:, list(c.positions)].mean(1) for c in store.prompt.classes]
+    return torch.stack(classes, dim=1)
+
+
+def ent_self_refine(scores: ScoreMaps, store: AttentionStore, lam: float = 0.01, iterations: int = 10,
+                    variant: str = "paper", what: str = "attention") -> ScoreMaps:
+    """Any class maps refined by ``iterations`` Ent-Self steps on the store's
+    finest self-attention grid, min-max per class."""
+    grid, self_attention = mean_self_attention(store, what)
+    if scores.maps.shape[0] != self_attention.shape[0]:
+        raise AttnSegError(f"scores: {scores.maps.shape[0]} images but the {what} store holds "
+                           f"{self_attention.shape[0]}; use scores and attention from the same capture.")
+    initial = resize(scores.maps.float(), grid).flatten(-2).transpose(1, 2)
+    refined = iterate(initial.to(self_attention.device), ent_self(self_attention, lam, variant), iterations)
+    maps = min_max(refined.transpose(1, 2).unflatten(-1, grid))
+    return ScoreMaps(maps, scores.class_names, scores.image_size, f"{scores.method}+ent-self-{variant}")
+
+
+def iseg_cross(store: AttentionStore, factors=ISEG_CROSS_FACTORS, weights=ISEG_CROSS_WEIGHTS,
+               what: str = "attention") -> ScoreMaps:
+    """iSeg's cross-attention class maps on the self-attention grid, min-max per class."""
+    grid, _ = mean_self_attention(store, what)
+    maps = iseg_cross_maps(store, factors, weights, grid, what)
+    # Min-max here; the refiner's min-subtract + L1 gives the same maps either way.
+    return ScoreMaps(min_max(maps), store.prompt.class_names, store.image_size, "iseg-cross")
+
+
+def iseg(store: AttentionStore, lam: float = 0.01, iterations: int = 10, variant: str = "paper",
+         factors=ISEG_CROSS_FACTORS, weights=ISEG_CROSS_WEIGHTS, what: str = "attention") -> ScoreMaps:
+    """The whole method: iSeg's cross-attention maps refined by Ent-Self."""
+    return ent_self_refine(iseg_cross(store, factors, weights, what), store, lam, iterations, variant, what)

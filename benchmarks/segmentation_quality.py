@@ -1,0 +1,109 @@
+"""Segmentation quality of every method on the demo model's held-out scenes.
+
+Thresholds are tuned per method and token choice on 50 tuning scenes, then
+mIoU (background included) is measured on 200 test scenes, half of them
+non-square. Writes the table into README.md between the quality markers and
+the numbers to benchmarks/results/segmentation_quality.json (the CI slice test
+reads its floor from there).
+
+    python benchmarks/segmentation_quality.py [--test 200 --tune 50] [--no-readme]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
+
+from comfy_env import import_pack  # noqa: E402
+
+import_pack()
+
+import torch  # noqa: E402
+
+from attnseg_pack.hosts.comfyui import demo_model  # noqa: E402
+from demo import evaluate  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results" / "segmentation_quality.json"
+README = REPO / "README.md"
+START, END = "<!-- segmentation-quality:start -->", "<!-- segmentation-quality:end -->"
+SLICE_SCENES = 20
+SLICE_METHOD = evaluate.METHODS[1]  # DiffSegmenter
+
+
+def table(rows: list[dict], test_count: int, tune_count: int) -> str:
+    lines = [f"Demo model, {test_count} held-out scenes (half non-square), thresholds tuned on {tune_count} "
+             f"other scenes, timestep {','.join(map(str, evaluate.TIMESTEPS))}, CPU. mIoU includes background; "
+             f"the token columns segment each \"colour shape\" class with one of its words alone.",
+             "",
+             "| method | mIoU | colour token only | shape token only | threshold | s / image |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        parts = row["parts"]
+
+        def cell(part: str) -> str:
+            return f"{parts[part]['miou']:.3f}" if part in parts else "–"
+
+        lines.append(f"| {row['method']} | **{cell('colour + shape')}** | {cell('colour')} | {cell('shape')} | "
+                     f"{parts['colour + shape']['threshold']:.2f} | {row['seconds_per_image']:.3f} |")
+    return "\n".join(lines)
+
+
+def write_readme(text: str) -> None:
+    readme = README.read_text()
+    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
+    if not pattern.search(readme):
+        raise SystemExit(f"README.md has no {START} ... {END} section")
+    README.write_text(pattern.sub(lambda _: f"{START}\n{text}\n{END}", readme))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--test", type=int, default=len(evaluate.TEST_SEEDS))
+    parser.add_argument("--tune", type=int, default=len(evaluate.TUNE_SEEDS))
+    parser.add_argument("--no-readme", action="store_true", help="print only; leave README and results alone")
+    parser.add_argument("--checkpoint", type=Path, default=demo_model.CHECKPOINT)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model, clip, vae = demo_model.load(args.checkpoint)
+    tune = [evaluate.scene(s) for s in evaluate.TUNE_SEEDS[:args.tune]]
+    test = [evaluate.scene(s) for s in evaluate.TEST_SEEDS[:args.test]]
+
+    tuned = evaluate.score(model, clip, vae, tune)
+    chosen = {(m.name, p): tuned.best_threshold(m.name, p) for m in evaluate.METHODS for p in m.token_parts}
+    measured = evaluate.score(model, clip, vae, test, thresholds=lambda m, p: (chosen[(m, p)],))
+    rows = []
+    for method in evaluate.METHODS:
+        parts = {p: {"threshold": chosen[(method.name, p)], "miou": round(measured.miou(method.name, p, chosen[(method.name, p)]), 4)}
+                 for p in method.token_parts}
+        rows.append({"method": method.name, "parts": parts,
+                     "seconds_per_image": round(measured.seconds_per_image(method.name), 4)})
+        print(f"{method.name}: " + ", ".join(f"{p} {v['miou']:.3f} @ {v['threshold']:.2f}" for p, v in parts.items())
+              + f", {measured.seconds_per_image(method.name):.3f} s/image", flush=True)
+
+    slice_threshold = chosen[(SLICE_METHOD.name, "colour + shape")]
+    sliced = evaluate.score(model, clip, vae, test[:SLICE_SCENES], methods=(SLICE_METHOD,),
+                            thresholds=lambda m, p: (slice_threshold,))
+    slice_miou = sliced.miou(SLICE_METHOD.name, "colour + shape", slice_threshold)
+    print(f"CI slice ({SLICE_SCENES} scenes, {SLICE_METHOD.name}): {slice_miou:.4f}")
+    text = table(rows, len(test), len(tune))
+    print(text)
+    if args.no_readme:
+        return
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps({
+        "test_scenes": len(test), "tune_scenes": len(tune), "timesteps": evaluate.TIMESTEPS, "methods": rows,
+        "ci_slice": {"scenes": SLICE_SCENES, "method": SLICE_METHOD.name, "threshold": slice_threshold,
+                     "miou": round(slice_miou, 4)}}, indent=1) + "\n")
+    write_readme(text)
+    print(f"wrote {RESULTS} and the README table")
+
+
+if __name__ == "__main__":
+    main()

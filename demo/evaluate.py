@@ -1,0 +1,171 @@
+"""Scoring segmenters on held-out shape scenes with the demo model.
+
+Labels live in one global space: background plus every "colour shape" name,
+so the mIoU is the standard confusion-matrix one (per-class IoU over all
+pixels of all images, averaged over the classes that occur), background
+included. Thresholds are chosen on a tuning split and applied to the test
+split, never picked on the images they are scored on."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from attnseg_pack.attnseg import AttentionStore, SegPrompt
+from attnseg_pack.attnseg.fusion import diffsegmenter
+from attnseg_pack.attnseg.iseg import iseg
+from attnseg_pack.attnseg.masks import label_map
+from attnseg_pack.attnseg.scores import ScoreMaps
+from attnseg_pack.hosts.comfyui.passes import segment_image
+from attnseg_pack.hosts.comfyui.text import encode_cat_cross, encode_segmentation_prompt
+from demo.scenes import COLOURS, SHAPES, Scene, make_scene
+
+TEST_SEEDS = range(0, 200)  # training uses seeds from 1_000_000
+TUNE_SEEDS = range(50_000, 50_050)
+# (height, width) by seed % 4: half the scenes are non-square, both orientations.
+SIZES = ((128, 128), (128, 192), (128, 128), (192, 128))
+LABELS = ["background"] + [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
+THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(2, 19))
+TIMESTEPS = [100]
+# The tokens of a "colour shape" class to score with: both (the class as the
+# user names it), or one word alone, to see which words localise.
+TOKEN_PARTS = {"colour + shape": slice(None), "colour": slice(0, 1), "shape": slice(-1, None)}
+
+
+def scene(seed: int) -> Scene:
+    height, width = SIZES[seed % len(SIZES)]
+    return make_scene(seed, width, height)
+
+
+def truth_labels(item: Scene) -> torch.Tensor:
+    """(H, W) int64 ids into LABELS (topmost object wins)."""
+    local = torch.from_numpy(item.label_map())
+    lookup = torch.tensor([0] + [LABELS.index(o.name) for o in item.objects])
+    return lookup[local]
+
+
+class Confusion:
+    """A LABELS x LABELS pixel count matrix (rows: truth, columns: prediction)."""
+
+    def __init__(self) -> None:
+        self.matrix = torch.zeros(len(LABELS), len(LABELS), dtype=torch.int64)
+
+    def add(self, truth: torch.Tensor, prediction: torch.Tensor) -> None:
+        index = truth.flatten() * len(LABELS) + prediction.flatten()
+        self.matrix += torch.bincount(index, minlength=len(LABELS) ** 2).view(len(LABELS), len(LABELS))
+
+    def iou(self) -> torch.Tensor:
+        """Per-label IoU; NaN for labels neither present nor predicted."""
+        hits = self.matrix.diag().double()
+        union = self.matrix.sum(0).double() + self.matrix.sum(1).double() - hits
+        return torch.where(union > 0, hits / union.clamp_min(1), torch.full_like(hits, float("nan")))
+
+    def miou(self) -> float:
+        return float(self.iou().nanmean())
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    run: Callable[[AttentionStore], ScoreMaps]
+    token_parts: tuple[str, ...] = ("colour + shape",)
+    capture: str = "plain"  # a key of CAPTURES
+
+
+def _iseg(iterations: int, variant: str = "paper"):
+    return lambda store: iseg(store, lam=0.01, iterations=iterations, variant=variant)
+
+
+# How each capture encodes the scene's caption and classes.
+CAPTURES = {
+    "plain": lambda clip, text, classes: encode_segmentation_prompt(clip, text, classes)[0],
+    "cat-cross keys": lambda clip, text, classes: encode_cat_cross(clip, text, classes, 1.6, "keys")[0],
+    "cat-cross embedding": lambda clip, text, classes: encode_cat_cross(clip, text, classes, 1.6, "embedding")[0],
+}
+
+METHODS = (
+    Method("cross-attention (DiffSegmenter fusion only)", lambda store: diffsegmenter(store, self_completion=False),
+           tuple(TOKEN_PARTS)),
+    Method("DiffSegmenter (fusion + self-attention completion)", lambda store: diffsegmenter(store),
+           tuple(TOKEN_PARTS)),
+    Method("iSeg cross-attention, N = 0", _iseg(0)),
+    Method("iSeg naive iteration, N = 10", _iseg(10, "naive")),
+    *(Method(f"iSeg Ent-Self (paper), N = {n}", _iseg(n), tuple(TOKEN_PARTS) if n == 10 else ("colour + shape",))
+      for n in (1, 2, 5, 10, 12)),
+    Method("iSeg Ent-Self (code), N = 10", _iseg(10, "code")),
+    Method("iSeg Ent-Self (paper), N = 10, Cat-Cross keys", _iseg(10), capture="cat-cross keys"),
+    Method("iSeg Ent-Self (paper), N = 10, Cat-Cross embedding", _iseg(10), capture="cat-cross embedding"),
+)
+
+
+def restrict_tokens(prompt: SegPrompt, part: str) -> SegPrompt:
+    """The prompt metadata with each class reduced to some of its tokens."""
+    pick = TOKEN_PARTS[part]
+    classes = tuple(dataclasses.replace(c, positions=c.positions[pick]) for c in prompt.classes)
+    return dataclasses.replace(prompt, classes=classes)
+
+
+def capture(model, clip, vae, item: Scene, kind: str = "plain", timesteps=TIMESTEPS) -> AttentionStore:
+    """One segmentation pass over the scene, prompted with its caption and its object names."""
+    conditioning = CAPTURES[kind](clip, item.caption, ", ".join(o.name for o in item.objects))
+    image = torch.from_numpy(item.image).float().div(255)[None]
+    return segment_image(model, vae, image, conditioning, list(timesteps), 0, max(item.image.shape[:2]))
+
+
+@dataclass
+class Scores:
+    """Confusion matrices per (method, token part, threshold) and seconds spent."""
+
+    confusion: dict[tuple[str, str, float], Confusion] = dataclasses.field(default_factory=dict)
+    capture_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    method_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    capture_of: dict[str, str] = dataclasses.field(default_factory=dict)
+    images: int = 0
+
+    def miou(self, method: str, part: str, threshold: float) -> float:
+        return self.confusion[(method, part, threshold)].miou()
+
+    def best_threshold(self, method: str, part: str) -> float:
+        found = [t for (m, p, t) in self.confusion if m == method and p == part]
+        return max(found, key=lambda t: self.miou(method, part, t))
+
+    def seconds_per_image(self, method: str) -> float:
+        capture = self.capture_seconds[self.capture_of[method]]
+        return (capture + self.method_seconds[method]) / max(self.images, 1)
+
+
+def score(model, clip, vae, scenes: list[Scene], methods=METHODS,
+          thresholds: Callable[[str, str], tuple[float, ...]] = lambda method, part: THRESHOLDS,
+          timesteps=TIMESTEPS) -> Scores:
+    """Segment every scene with every method and token part, at each threshold."""
+    result = Scores()
+    for item in scenes:
+        stores = {}
+        for kind in dict.fromkeys(m.capture for m in methods):
+            began = time.perf_counter()
+            stores[kind] = capture(model, clip, vae, item, kind, timesteps)
+            result.capture_seconds[kind] = result.capture_seconds.get(kind, 0.0) + time.perf_counter() - began
+        truth = truth_labels(item)
+        lookup = torch.tensor([0] + [LABELS.index(o.name) for o in item.objects])
+        for method in methods:
+            store = stores[method.capture]
+            result.capture_of[method.name] = method.capture
+            for part in method.token_parts:
+                began = time.perf_counter()
+                maps = method.run(dataclasses.replace(store, prompt=restrict_tokens(store.prompt, part)))
+                scores = maps.at_image_size()[0:1].clamp(0, 1)
+                if part == "colour + shape":  # what a user runs; the other parts are diagnostics
+                    result.method_seconds[method.name] = (result.method_seconds.get(method.name, 0.0)
+                                                          + time.perf_counter() - began)
+                for threshold in thresholds(method.name, part):
+                    key = (method.name, part, threshold)
+                    if key not in result.confusion:
+                        result.confusion[key] = Confusion()
+                    result.confusion[key].add(truth, lookup[label_map(scores, threshold)[0]])
+        result.images += 1
+    return result
+

@@ -1,0 +1,62 @@
+"""iSeg's Cat-Cross in "keys" form: the class tokens' keys are multiplied by
+gamma in every cross-attention layer, for the cond branch only, so the
+attention is softmax(Q (W . K)^T / sqrt(d)) with V and the uncond branch untouched."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from comfy.ldm.modules.attention import optimized_attention
+
+from .unet import UNetInfo
+
+COND = 0  # ComfyUI's cond_or_uncond code of the positive branch
+
+
+@dataclass(frozen=True)
+class KeyScale:
+    """Multiply the keys at ``positions`` (of a ``token_count``-token prompt) by ``gamma``."""
+
+    positions: tuple[int, ...]
+    gamma: float
+    token_count: int
+
+    def weights(self, tokens: int, device, dtype) -> torch.Tensor:
+        """(tokens,) weights; a context the host tiled to a longer length repeats the prompt."""
+        w = torch.ones(tokens, device=device, dtype=dtype)
+        for start in range(0, tokens, self.token_count):
+            for p in self.positions:
+                if start + p < tokens:
+                    w[start + p] = self.gamma
+        return w
+
+
+def install_key_scale(model, info: UNetInfo, scale: KeyScale) -> None:
+    """Patch every cross-attention layer of ``model`` (a clone the caller owns),
+    around whatever replace patch is there (a capture patch then records the
+    re-weighted attention)."""
+    replaces = model.model_options.setdefault("transformer_options", {}).get("patches_replace", {})
+    cache: dict[tuple, torch.Tensor] = {}
+
+    def make_patch(previous):
+        def patch(q, k, v, extra):
+            chunks = extra.get("cond_or_uncond") or [COND]
+            if COND in chunks:
+                key = (k.shape[1], k.device, k.dtype)
+                if key not in cache:
+                    cache[key] = scale.weights(k.shape[1], k.device, k.dtype)
+                per_chunk = k.shape[0] // len(chunks)
+                row_weights = torch.stack([cache[key] if code == COND else torch.ones_like(cache[key])
+                                           for code in chunks]).repeat_interleave(per_chunk, dim=0)
+                k = k * row_weights[:, :, None]
+            if previous is not None:
+                return previous(q, k, v, extra)
+            return optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"),
+                                       transformer_options=extra)
+
+        return patch
+
+    for layer in info.layers:
+        previous = replaces.get("attn2", {}).get(layer.patch_key)
+        model.set_model_attn2_replace(make_patch(previous), *layer.patch_key)
