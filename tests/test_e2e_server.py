@@ -16,11 +16,12 @@ from random_sd15 import NAME as CHECKPOINT, ensure as ensure_checkpoint
 sys.path.insert(0, str(REPO / "scripts"))
 from workflow_ui import strip_meta, ui_to_api  # noqa: E402
 
-from demo.scenes import make_scene  # noqa: E402
+from demo.scenes import colour_mask, make_scene  # noqa: E402
 
 WORKFLOWS = REPO / "workflows"
 MASK_IOU_FLOOR = 0.5
-PACK_NODES = {"AttnSegDemoModelLoader", "AttnSegTextEncode", "AttnSegSegmentImage", "AttnSegCaptureSampler", "AttnSegDiffSegmenter",
+PACK_NODES = {"AttnSegDemoModelLoader", "AttnSegTextEncode", "AttnSegCatCrossEncode", "AttnSegISegCrossAttention",
+              "AttnSegEntSelf", "AttnSegSeeds", "AttnSegSegmentImage", "AttnSegCaptureSampler", "AttnSegDiffSegmenter",
               "AttnSegMasks", "AttnSegClassMask"}
 
 
@@ -56,7 +57,7 @@ def test_pack_nodes_are_registered(object_info):
     assert object_info["AttnSegMasks"]["output_name"] == ["masks", "label_map", "preview", "soft_masks"]
 
 
-@pytest.mark.parametrize("name", ["segment-image", "generate-and-segment"])
+@pytest.mark.parametrize("name", ["segment-image", "generate-and-segment", "iseg-segment", "iseg-seeds"])
 def test_ui_workflows_match_their_api_form(object_info, name):
     ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
     assert ui_to_api(ui, object_info) == strip_meta(api_workflow(name))
@@ -82,6 +83,37 @@ def test_segment_image_workflow_finds_the_objects_of_a_non_square_scene(server, 
         assert iou > MASK_IOU_FLOOR, f"{scene.objects[index].name}: IoU {iou:.2f}"
     legend_rows = len(scene.objects) + 1
     assert read(preview).shape == (128 + 14 * legend_rows, 192, 3)
+
+
+def mask_iou(found: np.ndarray, wanted: np.ndarray) -> float:
+    return float((found & wanted).sum() / (found | wanted).sum())
+
+
+def test_iseg_workflow_finds_the_objects(server, tmp_path):
+    """Cat-Cross -> capture -> iSeg cross-attention -> Ent-Self -> masks on the demo model."""
+    scene = make_scene(9, width=192, height=128)
+    Image.fromarray(scene.image).save(tmp_path / "scene.png")
+    workflow = api_workflow("iseg-segment")
+    workflow["2"]["inputs"]["image"] = server.add_input(tmp_path / "scene.png")
+    workflow["3"]["inputs"].update(prompt=scene.caption, classes=", ".join(scene.class_names))
+    outputs = server.output_files(server.run(workflow))
+    truth = scene.label_map()
+    assert len(outputs["10"]) == len(scene.objects) >= 2
+    for index, path in enumerate(outputs["10"]):
+        iou = mask_iou(read(path)[..., 0] > 0, truth == index + 1)
+        assert iou > MASK_IOU_FLOOR, f"{scene.objects[index].name}: IoU {iou:.2f}"
+
+
+def test_seeds_workflow_segments_the_clicked_and_the_boxed_object(server):
+    """The shipped seeds workflow on the demo image: a point on the red circle and a
+    box on the blue square, no class words."""
+    workflow = api_workflow("iseg-seeds")
+    workflow["2"]["inputs"]["image"] = server.add_input(REPO / "demo" / "attnseg-demo.png")
+    outputs = server.output_files(server.run(workflow))
+    image = read(REPO / "demo" / "attnseg-demo.png")
+    clicked, boxed = (read(p)[..., 0] > 0 for p in outputs["9"])
+    assert mask_iou(clicked, colour_mask(image, "red")) > MASK_IOU_FLOOR
+    assert mask_iou(boxed, colour_mask(image, "blue")) > MASK_IOU_FLOOR
 
 
 def test_generate_and_segment_workflow(server):

@@ -1,0 +1,102 @@
+"""S-CFG as a ComfyUI model patch: a per-step attention capture on the two
+coarsest attention resolutions (both CFG halves) feeding a sampler CFG function.
+Works with any sampler or guider that goes through ComfyUI's cfg_function."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+
+from ...attnseg import AttentionStore, AttnSegError
+from ...attnseg.scfg import RATE_LIMITS, guidance_rate, refined_token_maps, spatial_cfg, token_regions
+from .capture import CapturePlan, install_capture
+from .unet import UNetInfo, describe_unet
+
+# Self-attention is pooled to at most this many tokens: S-CFG works on 16x16
+# maps (SD1.5 at 512 px), and this bounds memory on SDXL at 1024 px.
+SELF_TOKENS = 16 * 16
+
+
+@dataclass(frozen=True)
+class SCFGSettings:
+    rate_min: float = RATE_LIMITS[0]
+    rate_max: float = RATE_LIMITS[1]
+    blur: int = 3
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+
+
+def scfg_factors(info: UNetInfo) -> frozenset[int]:
+    """The two coarsest attention resolutions (SD1.5: 16x16 and 8x8 at 512 px)."""
+    return frozenset(sorted({layer.factor for layer in info.layers})[-2:])
+
+
+def _layers(store: AttentionStore, branch: str):
+    """(grid, self, cross) per transformer block of one branch, cross pooled to the self grid."""
+    selfs = {(k.block, k.block_id, k.depth): v for k, v in store.layers("self", branch)}
+    out = []
+    for key, cross in store.layers("cross", branch):
+        stored_self = selfs.get((key.block, key.block_id, key.depth))
+        if stored_self is None:
+            continue
+        maps = cross.mean().transpose(1, 2).unflatten(-1, cross.grid)
+        if cross.grid != stored_self.grid:
+            maps = F.adaptive_avg_pool2d(maps, stored_self.grid)
+        out.append((stored_self.grid, stored_self.mean(), maps.flatten(-2).transpose(1, 2)))
+    return out
+
+
+def install_scfg(model, settings: SCFGSettings) -> None:
+    """Patch ``model`` (a clone the caller owns) with S-CFG."""
+    if "sampler_cfg_function" in model.model_options:
+        raise AttnSegError("model: another node already replaced the CFG formula of this model (a "
+                           "sampler_cfg_function, e.g. from a rescale-CFG or other guidance node). S-CFG replaces it "
+                           "too and cannot be combined with it: remove one of them or put S-CFG first.")
+    if not 0 <= settings.start_percent <= settings.end_percent <= 1:
+        raise AttnSegError(f"start_percent, end_percent: need 0 <= start ({settings.start_percent}) <= end "
+                           f"({settings.end_percent}) <= 1.")
+    if not 0 < settings.rate_min <= settings.rate_max:
+        raise AttnSegError(f"rate_min, rate_max: need 0 < rate_min ({settings.rate_min}) <= rate_max "
+                           f"({settings.rate_max}); S-CFG uses 0.8 and 3.0.")
+    if settings.blur > 1 and settings.blur % 2 == 0:
+        raise AttnSegError(f"blur: {settings.blur} must be odd (or 0 to turn blurring off).")
+    info = describe_unet(model)
+    factors = scfg_factors(info)
+    store = AttentionStore(info.model_id, 0, (0, 0), (0, 0))
+    plan = CapturePlan(cross_factors=factors, self_factors=factors, branches=frozenset({"cond", "uncond"}),
+                       self_max_tokens=SELF_TOKENS)
+    install_capture(model, info, store, plan)
+    sampling = model.get_model_object("model_sampling")
+    sigma_range = (float(sampling.percent_to_sigma(settings.start_percent)),
+                   float(sampling.percent_to_sigma(settings.end_percent)))
+    said = set()
+
+    def note(message: str) -> None:
+        if message not in said:
+            said.add(message)
+            logging.info("AttnSeg S-CFG: %s", message)
+
+    def cfg_function(args):
+        cond, uncond, scale = args["cond"], args["uncond"], float(args["cond_scale"])
+        try:
+            sigma = float(args["sigma"].max())
+            in_range = sigma_range[1] <= sigma <= sigma_range[0]
+            cond_layers = _layers(store, "cond")
+            uncond_layers = _layers(store, "uncond")
+            if abs(scale - 1.0) < 1e-6:
+                note("cfg is 1, so there is no guidance to rescale; sampling as plain CFG.")
+            elif in_range and cond_layers and uncond_layers:
+                grid = max((g for g, _, _ in cond_layers), key=lambda g: g[0] * g[1])
+                cond_maps = refined_token_maps(cond_layers, grid, settings.blur)
+                uncond_maps = refined_token_maps(uncond_layers, grid, settings.blur)
+                regions, foreground = token_regions(cond_maps, uncond_maps, tuple(cond.shape[-2:]))
+                rate = guidance_rate(cond - uncond, regions, foreground, scale,
+                                     (settings.rate_min, settings.rate_max), settings.blur)
+                return spatial_cfg(cond, uncond, scale, rate)
+            return uncond + scale * (cond - uncond)
+        finally:
+            store.entries.clear()  # only the current step's maps are ever kept
+
+    model.set_model_sampler_cfg_function(cfg_function, disable_cfg1_optimization=False)

@@ -1,0 +1,76 @@
+"""S-CFG as a model patch under the real ComfyUI samplers."""
+
+import pytest
+import torch
+
+from comfy_env import import_pack
+from tiny_models import SD15_LAYOUT, SDXL_LAYOUT, tiny_clip, tiny_unet
+
+pack = import_pack()
+import nodes as comfy_nodes  # noqa: E402  (ComfyUI's own module)
+
+from attnseg_pack.attnseg import AttnSegError  # noqa: E402
+from attnseg_pack.hosts.comfyui.scfg import scfg_factors  # noqa: E402
+from attnseg_pack.hosts.comfyui.unet import describe_unet  # noqa: E402
+
+SCFG = pack.NODE_CLASS_MAPPINGS["AttnSegSCFG"]()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    clip = tiny_clip(seed=2)
+    positive = clip.encode_from_tokens_scheduled(clip.tokenize("a red cat on a blue sofa"))
+    negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    return tiny_unet(SD15_LAYOUT, seed=1), positive, negative
+
+
+def sample(model, positive, negative, cfg=6.0, batch=1, h=8, w=12, seed=3):
+    latent = {"samples": torch.zeros(batch, 4, h, w)}
+    out, = comfy_nodes.common_ksampler(model, seed, 3, cfg, "euler", "normal", positive, negative, latent)
+    return out["samples"]
+
+
+def test_scfg_changes_the_sample_deterministically_and_leaves_the_model_alone(setup):
+    model, positive, negative = setup
+    patched, = SCFG.patch(model, 0.8, 3.0, 3, 0.0, 1.0)
+    plain = sample(model, positive, negative)
+    first, second = sample(patched, positive, negative), sample(patched, positive, negative)
+    assert torch.equal(first, second)
+    assert not torch.allclose(first, plain, atol=1e-4)
+    assert "sampler_cfg_function" not in model.model_options
+    assert torch.equal(sample(model, positive, negative), plain)
+
+
+def test_a_rate_pinned_to_one_is_plain_cfg(setup):
+    model, positive, negative = setup
+    pinned, = SCFG.patch(model, 1.0, 1.0, 0, 0.0, 1.0)
+    for batch, h, w in ((1, 8, 12), (2, 16, 8)):
+        assert torch.allclose(sample(pinned, positive, negative, batch=batch, h=h, w=w),
+                              sample(model, positive, negative, batch=batch, h=h, w=w), atol=1e-4)
+
+
+def test_outside_its_step_range_and_at_cfg_one_it_is_a_no_op(setup):
+    model, positive, negative = setup
+    late, = SCFG.patch(model, 0.8, 3.0, 3, 0.99, 1.0)  # no step of a 3-step run starts this late
+    assert torch.allclose(sample(late, positive, negative), sample(model, positive, negative), atol=1e-4)
+    patched, = SCFG.patch(model, 0.8, 3.0, 3, 0.0, 1.0)
+    assert torch.allclose(sample(patched, positive, negative, cfg=1.0), sample(model, positive, negative, cfg=1.0),
+                          atol=1e-5)
+
+
+def test_scfg_uses_the_two_coarsest_resolutions():
+    assert scfg_factors(describe_unet(tiny_unet(SD15_LAYOUT))) == {4, 8}
+    assert scfg_factors(describe_unet(tiny_unet(SDXL_LAYOUT))) == {2, 4}
+
+
+def test_conflicting_cfg_function_and_bad_ranges_are_refused(setup):
+    model = setup[0].clone()
+    model.set_model_sampler_cfg_function(lambda args: args["cond"])
+    with pytest.raises(AttnSegError, match="another node already replaced the CFG formula"):
+        SCFG.patch(model, 0.8, 3.0, 3, 0.0, 1.0)
+    with pytest.raises(AttnSegError, match="start_percent"):
+        SCFG.patch(setup[0], 0.8, 3.0, 3, 0.8, 0.2)
+    with pytest.raises(AttnSegError, match="rate_min, rate_max"):
+        SCFG.patch(setup[0], 3.0, 0.8, 3, 0.0, 1.0)
+    with pytest.raises(AttnSegError, match="blur: 4 must be odd"):
+        SCFG.patch(setup[0], 0.8, 3.0, 4, 0.0, 1.0)
