@@ -21,7 +21,7 @@ from demo.scenes import colour_mask, make_scene  # noqa: E402
 WORKFLOWS = REPO / "workflows"
 MASK_IOU_FLOOR = 0.5
 PACK_NODES = {"AttnSegDemoModelLoader", "AttnSegTextEncode", "AttnSegCatCrossEncode", "AttnSegISegCrossAttention",
-              "AttnSegEntSelf", "AttnSegSeeds", "AttnSegSegmentImage", "AttnSegCaptureSampler", "AttnSegDiffSegmenter",
+              "AttnSegEntSelf", "AttnSegSeeds", "AttnSegSCFG", "AttnSegSegmentImage", "AttnSegCaptureSampler", "AttnSegDiffSegmenter",
               "AttnSegMasks", "AttnSegClassMask"}
 
 
@@ -57,7 +57,8 @@ def test_pack_nodes_are_registered(object_info):
     assert object_info["AttnSegMasks"]["output_name"] == ["masks", "label_map", "preview", "soft_masks"]
 
 
-@pytest.mark.parametrize("name", ["segment-image", "generate-and-segment", "iseg-segment", "iseg-seeds"])
+@pytest.mark.parametrize("name", ["segment-image", "generate-and-segment", "iseg-segment", "iseg-seeds",
+                                  "scfg-generate"])
 def test_ui_workflows_match_their_api_form(object_info, name):
     ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
     assert ui_to_api(ui, object_info) == strip_meta(api_workflow(name))
@@ -114,6 +115,15 @@ def test_seeds_workflow_segments_the_clicked_and_the_boxed_object(server):
     clicked, boxed = (read(p)[..., 0] > 0 for p in outputs["9"])
     assert mask_iou(clicked, colour_mask(image, "red")) > MASK_IOU_FLOOR
     assert mask_iou(boxed, colour_mask(image, "blue")) > MASK_IOU_FLOOR
+
+
+def test_scfg_workflow_generates_the_captions_colours(server):
+    workflow = api_workflow("scfg-generate")
+    workflow["6"]["inputs"]["steps"] = 12
+    generated, = server.output_files(server.run(workflow))["8"]
+    image = read(generated)
+    assert image.shape == (128, 128, 3)
+    assert colour_mask(image, "red").mean() > 0.02 and colour_mask(image, "blue").mean() > 0.02
 
 
 def test_generate_and_segment_workflow(server):
