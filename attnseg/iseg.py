@@ -35,6 +35,7 @@ def ent_self(self_attention: torch.Tensor, lam: float, variant: str = "paper") -
     Both are then clamped >= 0 and their rows renormalised, as the code does: used
     raw, the paper's negative entries (``lam ln S`` of far-away pixels) turn the
     product into a distance transform that spreads every map across borders.
+    A row the clamp would empty keeps its original attention.
     "naive": ``S`` itself (lambda ignored), the baseline the paper compares against."""
     if lam < 0:
         raise AttnSegError(f"lambda: {lam} is negative; use 0 for plain self-attention or a small positive "
@@ -51,6 +52,9 @@ def ent_self(self_attention: torch.Tensor, lam: float, variant: str = "paper") -
     else:
         raise AttnSegError(f"variant: '{variant}' is not one of {', '.join(ENT_SELF_VARIANTS)}.")
     refined = refined.clamp_min(0)
+    # A row with no entry above ~exp(-1 - S / lam) would be clamped away entirely (flat
+    # rows over many pixels, e.g. lam 0.01 on a 64x64 grid): it keeps its attention.
+    refined = torch.where(refined.sum(-1, keepdim=True) > 0, refined, s)
     return refined / refined.sum(-1, keepdim=True).clamp_min(_TINY)
 
 

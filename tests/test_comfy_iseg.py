@@ -42,8 +42,9 @@ def test_cat_cross_keys_weights_only_the_cond_branchs_class_keys(models):
     patches = unet.model_options["transformer_options"]["patches_replace"]["attn2"]
     assert set(patches) == {layer.patch_key for layer in info.layers}  # every cross-attention layer
     generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(4, 6, 32, generator=generator) for _ in range(3))
-    k, v = k[:, :8], v[:, :8]  # a context the host tiled to twice the prompt's 4 tokens
+    q = torch.randn(4, 6, 32, generator=generator)
+    # Keys and values of a context the host tiled to twice the prompt's 4 tokens.
+    k, v = (torch.randn(4, 8, 32, generator=generator) for _ in range(2))
     out = patches[info.layers[0].patch_key](q, k, v, {"n_heads": 2, "cond_or_uncond": [1, 0]})
     w = torch.ones(8)
     w[[2, 3, 6, 7]] = 1.6

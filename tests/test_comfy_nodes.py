@@ -98,16 +98,16 @@ def test_masks_check_the_image_batch_and_aspect(models):
     _, clip, _ = models
     cond, _ = encode(clip, "a cat and a dog", "cat, dog")
     scores = scores_of(segment(models, torch.rand(2, 48, 80, 3), cond))
-    masks, labels, preview, soft = NODES["AttnSegMasks"]().make(scores, 0.5, torch.rand(2, 48, 80, 3))
+    masks, labels, preview, soft = NODES["AttnSegMasks"]().make(scores, 0.5, image=torch.rand(2, 48, 80, 3))
     assert masks.shape == (4, 48, 80) and labels.shape == (2, 48, 80) and soft.shape == (4, 48, 80)
     assert preview.shape == (2, 48 + 14 * 3, 80, 3)
     assert set(labels.unique().tolist()) <= {0.0, 1.0, 2.0}
     # Same aspect at another size: the masks follow the image.
-    assert NODES["AttnSegMasks"]().make(scores, 0.5, torch.rand(2, 96, 160, 3))[0].shape == (4, 96, 160)
+    assert NODES["AttnSegMasks"]().make(scores, 0.5, image=torch.rand(2, 96, 160, 3))[0].shape == (4, 96, 160)
     with pytest.raises(AttnSegError, match="image: 1 images but the scores are of 2"):
-        NODES["AttnSegMasks"]().make(scores, 0.5, torch.rand(1, 48, 80, 3))
+        NODES["AttnSegMasks"]().make(scores, 0.5, image=torch.rand(1, 48, 80, 3))
     with pytest.raises(AttnSegError, match="image: 80x80 does not have the aspect ratio"):
-        NODES["AttnSegMasks"]().make(scores, 0.5, torch.rand(2, 80, 80, 3))
+        NODES["AttnSegMasks"]().make(scores, 0.5, image=torch.rand(2, 80, 80, 3))
 
 
 def test_class_mask_by_name(models):

@@ -52,7 +52,7 @@ def test_a_rate_pinned_to_one_is_plain_cfg(setup):
 def test_outside_its_step_range_and_at_cfg_one_it_is_a_no_op(setup):
     model, positive, negative = setup
     late, = SCFG.patch(model, 0.8, 3.0, 3, 0.99, 1.0)  # no step of a 3-step run starts this late
-    assert torch.allclose(sample(late, positive, negative), sample(model, positive, negative), atol=1e-4)
+    assert torch.allclose(sample(late, positive, negative), sample(model, positive, negative), rtol=1e-4, atol=1e-3)
     patched, = SCFG.patch(model, 0.8, 3.0, 3, 0.0, 1.0)
     assert torch.allclose(sample(patched, positive, negative, cfg=1.0), sample(model, positive, negative, cfg=1.0),
                           atol=1e-5)

@@ -97,6 +97,13 @@ def test_a_block_diagonal_self_attention_holds_a_seed_on_its_block():
         assert float(maps[0, :12, 0].min()) > 0
 
 
+def test_rows_the_paper_step_would_empty_keep_their_attention():
+    flat = torch.full((1, 100, 100), 0.01)  # 0.01 + 0.1 (1 + ln 0.01) < 0: every entry clamped
+    peaked = torch.tensor([[[0.97, 0.01, 0.01, 0.01]] * 4])
+    assert torch.allclose(ent_self(flat, 0.1, "paper"), flat)
+    assert torch.allclose(ent_self(peaked, 0.1, "paper")[0, 0], torch.tensor([1.0, 0.0, 0.0, 0.0]))
+
+
 def test_iterate_normalises_and_refuses_negative_counts():
     maps = torch.tensor([[[1.0, 5.0], [3.0, 5.0], [2.0, 6.0]]])
     assert torch.allclose(normalise_l1(maps)[0, :, 0], torch.tensor([0.0, 2 / 3, 1 / 3]))

@@ -72,7 +72,8 @@ TINY_VAE = {"embed_dim": 4, "ddconfig": {"double_z": True, "z_channels": 4, "res
 
 
 def tiny_vae(seed: int = 0):
-    torch.manual_seed(seed)
     params = {**TINY_VAE, "ddconfig": dict(TINY_VAE["ddconfig"])}
-    state = AutoencoderKL(**params).state_dict()
+    autoencoder = AutoencoderKL(**params)
+    init_weights(autoencoder, seed)  # ComfyUI's ops leave weights uninitialised (garbage, even NaN)
+    state = autoencoder.state_dict()
     return comfy.sd.VAE(sd=state, config={"params": params})
