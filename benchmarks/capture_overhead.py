@@ -5,7 +5,10 @@ attention map of every layer materialised per head, through ComfyUI's attention
 override) run interleaved in one process, ``--repeats`` rounds, medians.
 Memory: each variant samples once in a fresh process; a thread samples the RSS.
 
-    python benchmarks/capture_overhead.py [--steps 4 --size 512 --repeats 3]
+    python benchmarks/capture_overhead.py [--steps 4 --size 512 --repeats 3] [--variants stock,scfg]
+
+Variants: stock KSampler, capture sampler, naive capture, S-CFG (the AttnSeg
+S-CFG patch on the stock KSampler).
 """
 
 from __future__ import annotations
@@ -64,7 +67,11 @@ def sampler_variants(model, positive, negative, steps: int, size: int):
         install_naive_capture(clone)
         comfy_nodes.common_ksampler(clone, 0, steps, 7.5, "euler", "normal", positive, negative, latent)
 
-    return {"stock": stock, "capture": capture, "naive": naive}
+    def scfg():
+        patched, = PACK.NODE_CLASS_MAPPINGS["AttnSegSCFG"]().patch(model, 0.8, 3.0, 3, 0.0, 1.0)
+        comfy_nodes.common_ksampler(patched, 0, steps, 7.5, "euler", "normal", positive, negative, latent)
+
+    return {"stock": stock, "capture": capture, "naive": naive, "scfg": scfg}
 
 
 def pass_variants(model, positive, size: int):
@@ -132,9 +139,9 @@ def memory_child(variant: str, steps: int, size: int) -> None:
     print(json.dumps({"before": before, "peak": peak}))
 
 
-def memory(steps: int, size: int) -> dict[str, dict]:
+def memory(steps: int, size: int, variants) -> dict[str, dict]:
     out = {}
-    for variant in ("stock", "capture", "naive"):
+    for variant in variants:
         result = subprocess.run([sys.executable, __file__, "--memory-child", variant, "--steps", str(steps),
                                  "--size", str(size)], capture_output=True, text=True, check=True)
         out[variant] = json.loads(result.stdout.strip().splitlines()[-1])
@@ -146,24 +153,30 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--variants", default="stock,capture,naive,scfg",
+                        help="comma-separated sampler variants; stock is the baseline and always needed")
     parser.add_argument("--memory-child")
     args = parser.parse_args()
     if args.memory_child:
         return memory_child(args.memory_child, args.steps, args.size)
 
     model, positive, negative = load()
-    sampling = timed(sampler_variants(model, positive, negative, args.steps, args.size), args.repeats)
-    passes = timed(pass_variants(model, positive, args.size), args.repeats)
-    mem = memory(args.steps, args.size)
+    chosen = args.variants.split(",")
+    sampling = timed({k: v for k, v in sampler_variants(model, positive, negative, args.steps, args.size).items()
+                      if k in chosen}, args.repeats)
+    passes = timed(pass_variants(model, positive, args.size), args.repeats) if "capture" in chosen else {}
+    mem = memory(args.steps, args.size, chosen)
     work = {k: v["peak"] - v["before"] for k, v in mem.items()}
-    rows = [
-        ("capture sampler / stock KSampler, time", sampling["capture"] / sampling["stock"], 1.15),
-        ("naive capture / stock KSampler, time", sampling["naive"] / sampling["stock"], None),
-        ("segment pass / plain UNet forward, time", passes["segment pass"] / passes["plain forward"], 1.3),
-        ("naive pass / plain UNet forward, time", passes["naive pass"] / passes["plain forward"], None),
-        ("capture sampler / stock, peak RSS", mem["capture"]["peak"] / mem["stock"]["peak"], 1.10),
-        ("naive capture / stock, peak RSS", mem["naive"]["peak"] / mem["stock"]["peak"], None),
-    ]
+    rows = []
+    for variant, label, time_target, memory_target in (
+            ("capture", "capture sampler", 1.15, 1.10), ("naive", "naive capture", None, None),
+            ("scfg", "S-CFG sampler", 1.15, None)):
+        if variant in chosen:
+            rows.append((f"{label} / stock KSampler, time", sampling[variant] / sampling["stock"], time_target))
+            rows.append((f"{label} / stock, peak RSS", mem[variant]["peak"] / mem["stock"]["peak"], memory_target))
+    if passes:
+        rows.append(("segment pass / plain UNet forward, time", passes["segment pass"] / passes["plain forward"], 1.3))
+        rows.append(("naive pass / plain UNet forward, time", passes["naive pass"] / passes["plain forward"], None))
     print(f"SD1.5 (random weights), {args.size}x{args.size}, {args.steps} steps euler cfg 7.5, "
           f"{torch.get_num_threads()} threads, medians of {args.repeats}")
     print("| measure | ratio | target |\n| --- | --- | --- |")

@@ -55,12 +55,13 @@ def table(rows: list[dict], test_count: int, tune_count: int) -> str:
     return "\n".join(lines)
 
 
-def write_readme(text: str) -> None:
+def write_readme(text: str, start: str = START, end: str = END) -> None:
+    """Replace the README section between the ``start`` and ``end`` markers."""
     readme = README.read_text()
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     if not pattern.search(readme):
-        raise SystemExit(f"README.md has no {START} ... {END} section")
-    README.write_text(pattern.sub(lambda _: f"{START}\n{text}\n{END}", readme))
+        raise SystemExit(f"README.md has no {start} ... {end} section")
+    README.write_text(pattern.sub(lambda _: f"{start}\n{text}\n{end}", readme))
 
 
 def main() -> None:

@@ -13,16 +13,18 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from attnseg_pack.attnseg import AttentionStore, SegPrompt
 from attnseg_pack.attnseg.fusion import diffsegmenter
 from attnseg_pack.attnseg.iseg import iseg
-from attnseg_pack.attnseg.masks import label_map
+from attnseg_pack.attnseg.masks import label_map, make_masks
 from attnseg_pack.attnseg.scores import ScoreMaps
-from attnseg_pack.hosts.comfyui.passes import segment_image
+from attnseg_pack.hosts.comfyui.capture import CapturePlan
+from attnseg_pack.hosts.comfyui.passes import capture_sample, segment_image
 from attnseg_pack.hosts.comfyui.text import encode_cat_cross, encode_segmentation_prompt
-from demo.scenes import COLOURS, SHAPES, Scene, make_scene
+from demo.scenes import COLOURS, SHAPES, Scene, colour_mask, make_scene
 
 TEST_SEEDS = range(0, 200)  # training uses seeds from 1_000_000
 TUNE_SEEDS = range(50_000, 50_050)
@@ -184,3 +186,37 @@ def score(model, clip, vae, scenes: list[Scene], methods=METHODS,
         result.images += 1
     return result
 
+
+
+def object_names(caption: str) -> list[str]:
+    return [part.removeprefix("a ").strip() for part in caption.split(" and ")]
+
+
+def generate(model, clip, vae, caption: str, seed: int, cfg: float = 5.0, steps: int = 20):
+    """A 128-px sample of ``caption`` with capture on: (image uint8 H x W x 3, masks (C, H, W)
+    bool from DiffSegmenter on the sample's own attention, the demo model's 8x8 level)."""
+    positive, _ = encode_segmentation_prompt(clip, caption, ", ".join(object_names(caption)))
+    negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    latent = {"samples": torch.zeros(1, 4, 16, 16)}
+    with torch.inference_mode():  # as ComfyUI runs nodes
+        out, store = capture_sample(model, seed, steps, cfg, "euler", "normal", positive, negative, latent, 1.0,
+                                    CapturePlan())
+        image = (vae.decode(out["samples"])[0].clamp(0, 1).numpy() * 255).astype(np.uint8)
+    _, masks, _ = make_masks(diffsegmenter(store, DEMO_WEIGHTS), 0.65)
+    return image, masks.numpy() > 0
+
+
+def drawn(image: np.ndarray, masks: np.ndarray, caption: str) -> list[tuple[str, bool, str]]:
+    """Per named object: (name, drawn, why). Drawn = its colour covers >= 2% of the
+    image and more than any colour the caption does not name, and mostly (> 50%)
+    lies inside the object's own mask."""
+    names = object_names(caption)
+    colours = [name.split()[0] for name in names]
+    strongest_other = max(colour_mask(image, c).mean() for c in COLOURS if c not in colours)
+    out = []
+    for index, (name, colour) in enumerate(zip(names, colours)):
+        paint = colour_mask(image, colour)
+        inside = (paint & masks[index]).sum() / max(paint.sum(), 1)
+        ok = paint.mean() >= max(0.02, strongest_other) and inside > 0.5
+        out.append((name, bool(ok), f"area {paint.mean():.3f}, inside its mask {inside:.2f}"))
+    return out
