@@ -182,7 +182,7 @@ def main() -> None:
     print("| measure | ratio | target |\n| --- | --- | --- |")
     for name, ratio, target in rows:
         print(f"| {name} | {ratio:.3f} | {'<= %.2f' % target if target else '-'} |")
-    print(f"\nseconds: " + ", ".join(f"{k} {v:.2f}" for k, v in {**sampling, **passes}.items()))
+    print("\nseconds: " + ", ".join(f"{k} {v:.2f}" for k, v in {**sampling, **passes}.items()))
     print("sampling working memory (peak - before, MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in work.items()))
 
 

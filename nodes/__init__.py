@@ -1,9 +1,21 @@
-"""ComfyUI node classes: parse inputs, call the host and core, format outputs."""
+"""ComfyUI node classes: parse inputs, call the host and core, format outputs.
 
-from . import capture, demo, guidance, iseg, masks, segmenters, text
+Each feature module is loaded on its own, so one that fails to import (an
+incompatible ComfyUI, say) is logged and skipped instead of taking the whole
+pack down."""
+
+import importlib
+import logging
+
+MODULES = ("demo", "text", "capture", "segmenters", "iseg", "masks", "guidance")
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
-for module in (demo, text, capture, segmenters, iseg, masks, guidance):
+for name in MODULES:
+    try:
+        module = importlib.import_module(f".{name}", __name__)
+    except Exception:
+        logging.exception("AttnSeg: the %s nodes could not be loaded and are left out", name)
+        continue
     NODE_CLASS_MAPPINGS.update(module.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(module.NODE_DISPLAY_NAME_MAPPINGS)

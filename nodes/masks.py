@@ -4,7 +4,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..attnseg import AttnSegError
 from ..attnseg.masks import BACKGROUND_RULES, make_masks, overlay, palette
-from ..attnseg.scores import ScoreMaps, resize
+from ..attnseg.scores import ScoreMaps
 from .types import ATTN_SCORES, CATEGORY
 
 LEGEND_ROW = 14

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import torch
 
 
 def install_naive_capture(model, keep_maps: bool = True):

@@ -9,7 +9,6 @@ from tiny_models import SD15_LAYOUT, SDXL_LAYOUT, tiny_clip, tiny_unet, tiny_vae
 
 
 pack = import_pack()
-from attnseg_pack.attnseg import AttnSegError  # noqa: E402
 from attnseg_pack.hosts.comfyui.capture import CapturePlan, StepRange  # noqa: E402
 from attnseg_pack.hosts.comfyui.passes import capture_sample, segment_image  # noqa: E402
 from attnseg_pack.hosts.comfyui.text import encode_segmentation_prompt  # noqa: E402

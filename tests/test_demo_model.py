@@ -5,7 +5,6 @@ scenes its captions describe."""
 import json
 
 import pytest
-import torch
 
 from comfy_env import REPO, import_pack
 

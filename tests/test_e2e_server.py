@@ -11,7 +11,7 @@ from PIL import Image
 
 from comfy_server import ComfyServer, WorkflowError
 from comfy_env import REPO
-from random_sd15 import NAME as CHECKPOINT, ensure as ensure_checkpoint
+from random_sd15 import ensure as ensure_checkpoint
 
 sys.path.insert(0, str(REPO / "scripts"))
 from workflow_ui import strip_meta, ui_to_api  # noqa: E402
