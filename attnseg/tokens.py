@@ -94,3 +94,15 @@ def locate_classes(prompt_tokens: Sequence, class_tokens: dict[str, Sequence], w
                 f"sees is: {readable(words)}")
         found.append(ClassTokens(name, tuple(range(start, start + len(part)))))
     return SegPrompt(text=text, classes=tuple(found), token_count=len(prompt_tokens), words=tuple(words))
+
+
+def fuse_ing_words(prompt: SegPrompt) -> SegPrompt:
+    """DiffSegmenter's rule: a class word directly followed by a word ending in
+    "-ing" ("dog running") also takes that token."""
+    classes = []
+    for c in prompt.classes:
+        following = c.positions[-1] + 1
+        if following < len(prompt.words) and prompt.words[following].lower().endswith("ing"):
+            c = ClassTokens(c.name, c.positions + (following,))
+        classes.append(c)
+    return SegPrompt(prompt.text, tuple(classes), prompt.token_count, prompt.words)

@@ -17,6 +17,11 @@ class AttnSegTextEncode:
                                              "'a photograph of {class1} and {class2} ...'."}),
             "classes": ("STRING", {"default": "", "tooltip": "Comma-separated class words, each "
                                                              "written as it appears in the prompt."}),
+            "class_weight": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 5.0, "step": 0.01,
+                                       "tooltip": "Re-weight the class tokens, z_empty + w (z - z_empty) "
+                                                  "(DiffSegmenter's class++: 1.21; 1 = off)."}),
+            "fuse_ing_word": ("BOOLEAN", {"default": True, "tooltip": "A word ending in -ing right after a class "
+                                          "word joins the class (DiffSegmenter: 'dog running')."}),
         }}
 
     RETURN_TYPES = ("CONDITIONING", "STRING")
@@ -26,10 +31,10 @@ class AttnSegTextEncode:
     FUNCTION = "encode"
     CATEGORY = CATEGORY
 
-    def encode(self, clip, prompt, classes):
+    def encode(self, clip, prompt, classes, class_weight=1.0, fuse_ing_word=True):
         if clip is None:
             raise RuntimeError("clip: no CLIP model is connected; connect a checkpoint loader's CLIP output.")
-        conditioning, meta = encode_segmentation_prompt(clip, prompt, classes)
+        conditioning, meta = encode_segmentation_prompt(clip, prompt, classes, class_weight, fuse_ing_word)
         report = meta.readable + "\n" + "\n".join(f"{c.name}: tokens {list(c.positions)}" for c in meta.classes)
         return (conditioning, report)
 

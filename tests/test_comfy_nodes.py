@@ -8,7 +8,7 @@ from tiny_models import CONTEXT_DIM, SD15_LAYOUT, tiny_clip, tiny_unet, tiny_vae
 
 pack = import_pack()
 from attnseg_pack.attnseg import AttnSegError  # noqa: E402
-from attnseg_pack.hosts.comfyui.text import prompt_of  # noqa: E402
+from attnseg_pack.hosts.comfyui.text import encode_segmentation_prompt, prompt_of  # noqa: E402
 
 NODES = pack.NODE_CLASS_MAPPINGS
 
@@ -140,3 +140,17 @@ def test_store_captured_without_a_segmentation_prompt_is_refused(models):
                                                        1.0, True, 0, -1, "last step")
     with pytest.raises(AttnSegError, match="attention: the store has no class list"):
         scores_of(store)
+
+
+def test_class_plus_plus_reweights_only_the_class_tokens(models):
+    _, clip, _ = models
+    plain, meta = encode_segmentation_prompt(clip, "a photo of a cat", "cat")
+    weighted, _ = encode_segmentation_prompt(clip, "a photo of a cat", "cat", class_weight=1.21)
+    empty = clip.encode_from_tokens_scheduled(clip.tokenize(""))[0][0]
+    cat = list(meta.classes[0].positions)
+    others = [i for i in range(plain[0][0].shape[1]) if i not in cat]
+    expected = empty[:, cat] + 1.21 * (plain[0][0][:, cat] - empty[:, cat])
+    assert torch.allclose(weighted[0][0][:, cat], expected, atol=1e-5)
+    assert torch.equal(weighted[0][0][:, others], plain[0][0][:, others])
+    with pytest.raises(AttnSegError, match="class_weight"):
+        encode_segmentation_prompt(clip, "a cat", "cat", class_weight=0.0)

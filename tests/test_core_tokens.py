@@ -1,7 +1,8 @@
 import pytest
 
 from attnseg import AttnSegError
-from attnseg.tokens import find_subsequence, locate_classes, parse_class_list, template_prompt
+from attnseg.tokens import (ClassTokens, SegPrompt, find_subsequence, fuse_ing_words, locate_classes,
+                            parse_class_list, template_prompt)
 
 
 def test_parse_class_list_strips_and_splits():
@@ -36,3 +37,10 @@ def test_locate_classes_positions_and_missing_class_message():
     assert meta.token_count == 7 and meta.readable == "a blue sofa cat"
     with pytest.raises(AttnSegError, match="'dog' is not in the prompt.*sees is: a blue sofa cat"):
         locate_classes(tokens, {"dog": [9]}, words, "a blue sofa cat")
+
+
+def test_a_following_ing_word_joins_its_class():
+    words = ("", "a", "dog", "running", "and", "a", "cat", "sat", "")
+    meta = SegPrompt("a dog running and a cat sat", (ClassTokens("dog", (2,)), ClassTokens("cat", (6,))), 9, words)
+    fused = fuse_ing_words(meta)
+    assert [c.positions for c in fused.classes] == [(2, 3), (6,)]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ...attnseg.errors import AttnSegError
-from ...attnseg.tokens import SegPrompt, iseg_template_prompt, locate_classes, parse_class_list, template_prompt
+from ...attnseg.tokens import (SegPrompt, fuse_ing_words, iseg_template_prompt, locate_classes, parse_class_list,
+                               template_prompt)
 from .catcross import KeyScale
 
 # The conditioning dict keys that carry the class metadata and Cat-Cross's
@@ -57,10 +58,29 @@ def segmentation_prompt(clip, prompt: str, classes: str, template=template_promp
     return text, locate_classes(flat, class_tokens, words, text, same=_same), tokens
 
 
-def encode_segmentation_prompt(clip, prompt: str, classes: str):
-    """CONDITIONING for ``prompt`` whose entries carry the class metadata."""
+def encode_segmentation_prompt(clip, prompt: str, classes: str, class_weight: float = 1.0, fuse_ing: bool = False):
+    """CONDITIONING for ``prompt`` whose entries carry the class metadata.
+
+    ``class_weight`` != 1 re-weights the class tokens as DiffSegmenter's "class++"
+    does (Compel-style): ``z_empty + w (z - z_empty)`` at their positions, with
+    ``z_empty`` the encoding of the empty prompt. ``fuse_ing`` adds a following
+    "-ing" word's token to its class."""
+    if not class_weight > 0:
+        raise AttnSegError(f"class_weight: {class_weight} must be positive (1 = off, DiffSegmenter 1.21).")
     _, meta, tokens = segmentation_prompt(clip, prompt, classes)
+    if fuse_ing:
+        meta = fuse_ing_words(meta)
     conditioning = clip.encode_from_tokens_scheduled(tokens)
+    if class_weight != 1.0:
+        empty = clip.encode_from_tokens_scheduled(clip.tokenize(""))[0][0]
+        positions = sorted({p for c in meta.classes for p in c.positions})
+        weighted = []
+        for cond, extras in conditioning:
+            z_empty = empty.to(cond).repeat(1, cond.shape[1] // empty.shape[1] + 1, 1)[:, :cond.shape[1]]
+            cond = cond.clone()
+            cond[:, positions] = z_empty[:, positions] + class_weight * (cond[:, positions] - z_empty[:, positions])
+            weighted.append([cond, extras])
+        conditioning = weighted
     return [[c, {**extras, PROMPT_KEY: meta}] for c, extras in conditioning], meta
 
 
