@@ -74,3 +74,14 @@ def test_conflicting_cfg_function_and_bad_ranges_are_refused(setup):
         SCFG.patch(setup[0], 3.0, 0.8, 3, 0.0, 1.0)
     with pytest.raises(AttnSegError, match="blur: 4 must be odd"):
         SCFG.patch(setup[0], 0.8, 3.0, 4, 0.0, 1.0)
+
+
+def test_separate_cond_and_uncond_passes_give_the_same_sample(setup, monkeypatch):
+    model, positive, negative = setup
+    patched, = SCFG.patch(model, 0.8, 3.0, 3, 0.0, 1.0)
+    batched = sample(patched, positive, negative)
+    # A model that claims to need all the memory makes ComfyUI run cond and uncond as separate passes.
+    monkeypatch.setattr(patched.model, "memory_required", lambda *a, **k: float("inf"))
+    separate = sample(patched, positive, negative)
+    assert torch.allclose(separate, batched, rtol=1e-3, atol=1e-2)
+    assert not torch.allclose(separate, sample(model, positive, negative), rtol=1e-3, atol=1e-2)
