@@ -113,11 +113,12 @@ def fold_latent_scale(vae, scale: float) -> None:
     auto.post_quant_conv.weight /= scale
 
 
-def unet_stage(model, clip, latents: torch.Tensor, captions: list[list[str]], minutes: float, batch: int, log):
+def unet_stage(model, clip, latents: torch.Tensor, captions: list[list[str]], minutes: float, batch: int, log,
+               peak_lr: float = 1e-3, warmup: int = 200):
     diffusion = model.model.diffusion_model.train()
     text = clip.cond_stage_model.train()
     params = list(diffusion.parameters()) + list(text.parameters())
-    optim = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    optim = torch.optim.AdamW(params, lr=peak_lr, weight_decay=0.01)
     sampling = model.get_model_object("model_sampling")
     sigmas = sampling.sigmas.float()
     rng = random.Random(0)
@@ -144,7 +145,7 @@ def unet_stage(model, clip, latents: torch.Tensor, captions: list[list[str]], mi
         loss = (eps - noise).pow(2).mean()
         progress = (time.time() - start) / (minutes * 60)
         for group in optim.param_groups:
-            group["lr"] = 1e-3 * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1, progress))))
+            group["lr"] = peak_lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1, progress))))
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -168,6 +169,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=45.0, help="UNet + text encoder training time")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", type=Path, help="continue training this checkpoint (skips the VAE stage)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -182,24 +184,41 @@ def main() -> None:
     scenes = [make_scene(TRAIN_SEED0 + i, SIZE, SIZE) for i in range(args.scenes)]
     images = torch.from_numpy(np.stack([s.image for s in scenes]))
     log(f"{len(scenes)} scenes of {SIZE}x{SIZE}")
-    config = demo_model.CONFIG
-    vae = demo_model.build_vae(config["vae"])
-    init_fresh(vae.first_stage_model)
-    vae_stage(vae, images, args.vae_steps, 12, log)
-    latents = encode_all(vae, images)
-    scale = 1.0 / (SD_LATENT_FACTOR * latents.std().item())
-    fold_latent_scale(vae, scale)
-    latents = encode_all(vae, images)
-    log(f"latent {tuple(latents.shape[1:])}, std x factor {latents.std().item() * SD_LATENT_FACTOR:.3f}")
+    if args.resume:
+        # Continue a saved model: same data, a lower learning rate, no VAE stage.
+        model, clip, vae = demo_model.load(args.resume, clip_dtype=torch.float32)
+        config = demo_model.CONFIG
+        earlier = demo_model.training_info(args.resume)["training"]
+        latents = encode_all(vae, images)
+        log(f"resumed from {args.resume}: {earlier['unet_steps']} steps, latent std x factor "
+            f"{latents.std().item() * SD_LATENT_FACTOR:.3f}")
+        steps, final_loss, history = unet_stage(model, clip, latents, scenes, args.minutes, args.batch, log,
+                                                peak_lr=3e-4, warmup=50)
+        info = {"training": {"seconds": earlier["seconds"] + round(time.time() - began),
+                             "unet_steps": earlier["unet_steps"] + steps, "batch": args.batch,
+                             "final_loss": round(final_loss, 4), "scenes": args.scenes,
+                             "vae_steps": earlier["vae_steps"], "seed": args.seed, "threads": torch.get_num_threads(),
+                             "stages": [earlier, {"resumed_unet_steps": steps, "peak_lr": 3e-4,
+                                                  "seconds": round(time.time() - began)}]}}
+    else:
+        config = demo_model.CONFIG
+        vae = demo_model.build_vae(config["vae"])
+        init_fresh(vae.first_stage_model)
+        vae_stage(vae, images, args.vae_steps, 12, log)
+        latents = encode_all(vae, images)
+        scale = 1.0 / (SD_LATENT_FACTOR * latents.std().item())
+        fold_latent_scale(vae, scale)
+        latents = encode_all(vae, images)
+        log(f"latent {tuple(latents.shape[1:])}, std x factor {latents.std().item() * SD_LATENT_FACTOR:.3f}")
 
-    model = demo_model.build_unet(config["unet"])
-    clip = demo_model.build_clip(config["clip"], dtype=torch.float32)
-    init_fresh(model.model.diffusion_model)
-    init_fresh(clip.cond_stage_model)
-    steps, final_loss, history = unet_stage(model, clip, latents, scenes, args.minutes, args.batch, log)
-    info = {"training": {"seconds": round(time.time() - began), "unet_steps": steps, "batch": args.batch,
-                         "final_loss": round(final_loss, 4), "scenes": args.scenes, "vae_steps": args.vae_steps,
-                         "seed": args.seed, "threads": torch.get_num_threads()}}
+        model = demo_model.build_unet(config["unet"])
+        clip = demo_model.build_clip(config["clip"], dtype=torch.float32)
+        init_fresh(model.model.diffusion_model)
+        init_fresh(clip.cond_stage_model)
+        steps, final_loss, history = unet_stage(model, clip, latents, scenes, args.minutes, args.batch, log)
+        info = {"training": {"seconds": round(time.time() - began), "unet_steps": steps, "batch": args.batch,
+                             "final_loss": round(final_loss, 4), "scenes": args.scenes, "vae_steps": args.vae_steps,
+                             "seed": args.seed, "threads": torch.get_num_threads()}}
     demo_model.save(args.out, model.model.diffusion_model, clip.cond_stage_model, vae.first_stage_model, config, info)
     log(f"saved {args.out} ({args.out.stat().st_size / 2**20:.1f} MiB)")
     summary = args.out.with_suffix(".json")

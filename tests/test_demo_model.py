@@ -24,7 +24,7 @@ def demo():
 def test_the_shipped_checkpoint_is_small_and_documented():
     assert demo_model.CHECKPOINT.stat().st_size < 15 * 2**20
     summary = json.loads(demo_model.CHECKPOINT.with_suffix(".json").read_text())["training"]
-    assert summary["seconds"] < 75 * 60 and summary["unet_steps"] > 1000 and summary["final_loss"] < 0.05
+    assert summary["seconds"] < 90 * 60 and summary["unet_steps"] > 1000 and summary["final_loss"] < 0.05
 
 
 def test_a_slice_of_the_quality_benchmark_stays_above_its_floor(demo):

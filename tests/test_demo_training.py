@@ -29,3 +29,16 @@ def test_training_script_writes_a_checkpoint_the_stock_nodes_can_sample(tmp_path
                                             {"samples": torch.zeros(1, 4, 16, 20)})
     image = vae.decode(latent["samples"])
     assert image.shape == (1, 128, 160, 3) and bool(torch.isfinite(image).all())
+
+
+def test_training_resumes_from_a_checkpoint(tmp_path):
+    first, second = tmp_path / "first.safetensors", tmp_path / "second.safetensors"
+    common = [sys.executable, str(REPO / "demo" / "train.py"), "--scenes", "16", "--batch", "4"]
+    subprocess.run(common + ["--vae-steps", "2", "--minutes", "0.03", "--out", str(first)], check=True,
+                   capture_output=True)
+    subprocess.run(common + ["--resume", str(first), "--minutes", "0.03", "--out", str(second)], check=True,
+                   capture_output=True)
+    before = json.loads(first.with_suffix(".json").read_text())["training"]
+    after = json.loads(second.with_suffix(".json").read_text())["training"]
+    assert after["unet_steps"] > before["unet_steps"] and after["stages"][0] == before
+    assert demo_model.training_info(second)["training"] == after

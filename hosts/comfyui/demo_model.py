@@ -62,16 +62,23 @@ def _part(state: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}
 
 
-def load(path: Path = CHECKPOINT):
-    """(MODEL, CLIP, VAE) from a checkpoint written by :func:`save`."""
+def load(path: Path = CHECKPOINT, clip_dtype: torch.dtype | None = None):
+    """(MODEL, CLIP, VAE) from a checkpoint written by :func:`save`; ``clip_dtype``
+    as in :func:`build_clip` (training resumes in fp32)."""
     state, metadata = comfy.utils.load_torch_file(str(path), safe_load=True, return_metadata=True)
     config = json.loads(metadata["attnseg_config"])
     model = build_unet(config["unet"])
     model.model.diffusion_model.load_state_dict(_part(state, "unet."), strict=True)
-    clip = build_clip(config["clip"])
+    clip = build_clip(config["clip"], dtype=clip_dtype)
     clip.cond_stage_model.load_state_dict(_part(state, "clip."), strict=True)
     vae = build_vae(config["vae"], _part(state, "vae."))
     return model, clip, vae
+
+
+def training_info(path: Path = CHECKPOINT) -> dict:
+    """The ``info`` metadata :func:`save` stored (training log summary)."""
+    _, metadata = comfy.utils.load_torch_file(str(path), safe_load=True, return_metadata=True)
+    return {k: json.loads(v) for k, v in metadata.items() if k != "attnseg_config"}
 
 
 def save(path: Path, diffusion_model: torch.nn.Module, text_model: torch.nn.Module, autoencoder: torch.nn.Module,
