@@ -46,6 +46,15 @@ def api_workflow(name: str) -> dict:
     return json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
 
 
+def run_on_scene(server, tmp_path, name: str, scene) -> dict:
+    """Run a shipped workflow (image in node 2, prompt and classes in node 3) on a scene."""
+    Image.fromarray(scene.image).save(tmp_path / "scene.png")
+    workflow = api_workflow(name)
+    workflow["2"]["inputs"]["image"] = server.add_input(tmp_path / "scene.png")
+    workflow["3"]["inputs"].update(prompt=scene.caption, classes=", ".join(scene.class_names))
+    return server.output_files(server.run(workflow))
+
+
 def read(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
@@ -67,11 +76,7 @@ def test_ui_workflows_match_their_api_form(object_info, name):
 def test_segment_image_workflow_finds_the_objects_of_a_non_square_scene(server, tmp_path):
     """The shipped workflow on the demo model: each mask must cover its object."""
     scene = make_scene(7, width=192, height=128)
-    Image.fromarray(scene.image).save(tmp_path / "scene.png")
-    workflow = api_workflow("segment-image")
-    workflow["2"]["inputs"]["image"] = server.add_input(tmp_path / "scene.png")
-    workflow["3"]["inputs"].update(prompt=scene.caption, classes=", ".join(scene.class_names))
-    outputs = server.output_files(server.run(workflow))
+    outputs = run_on_scene(server, tmp_path, "segment-image", scene)
     preview, = outputs["7"]
     masks = outputs["9"]
     assert len(masks) == len(scene.objects) >= 2
@@ -93,11 +98,7 @@ def mask_iou(found: np.ndarray, wanted: np.ndarray) -> float:
 def test_iseg_workflow_finds_the_objects(server, tmp_path):
     """Cat-Cross -> capture -> iSeg cross-attention -> Ent-Self -> masks on the demo model."""
     scene = make_scene(7, width=192, height=128)
-    Image.fromarray(scene.image).save(tmp_path / "scene.png")
-    workflow = api_workflow("iseg-segment")
-    workflow["2"]["inputs"]["image"] = server.add_input(tmp_path / "scene.png")
-    workflow["3"]["inputs"].update(prompt=scene.caption, classes=", ".join(scene.class_names))
-    outputs = server.output_files(server.run(workflow))
+    outputs = run_on_scene(server, tmp_path, "iseg-segment", scene)
     truth = scene.label_map()
     assert len(outputs["10"]) == len(scene.objects) >= 2
     ious = [mask_iou(read(path)[..., 0] > 0, truth == index + 1) for index, path in enumerate(outputs["10"])]

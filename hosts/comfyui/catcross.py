@@ -41,15 +41,15 @@ def install_key_scale(model, info: UNetInfo, scale: KeyScale) -> None:
 
     def make_patch(previous):
         def patch(q, k, v, extra):
-            chunks = extra.get("cond_or_uncond") or [COND]
+            chunks = tuple(extra.get("cond_or_uncond") or [COND])
             if COND in chunks:
-                key = (k.shape[1], k.device, k.dtype)
+                # (batch, tokens, 1) weights, built once per batch layout: this runs in every layer and step.
+                key = (chunks, k.shape[0], k.shape[1], k.device, k.dtype)
                 if key not in cache:
-                    cache[key] = scale.weights(k.shape[1], k.device, k.dtype)
-                per_chunk = k.shape[0] // len(chunks)
-                row_weights = torch.stack([cache[key] if code == COND else torch.ones_like(cache[key])
-                                           for code in chunks]).repeat_interleave(per_chunk, dim=0)
-                k = k * row_weights[:, :, None]
+                    cond = scale.weights(k.shape[1], k.device, k.dtype)
+                    rows = [cond if code == COND else torch.ones_like(cond) for code in chunks]
+                    cache[key] = torch.stack(rows).repeat_interleave(k.shape[0] // len(chunks), dim=0)[:, :, None]
+                k = k * cache[key]
             if previous is not None:
                 return previous(q, k, v, extra)
             return optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"),
