@@ -34,6 +34,11 @@ def mean_by_resolution(entries: list[tuple[object, StoredMaps]]) -> dict[int, tu
     return {n: (group[0].grid, torch.stack([s.mean() for s in group]).mean(0)) for n, group in groups.items()}
 
 
+def finest_self_grid(store: AttentionStore, what: str = "store") -> tuple[int, int]:
+    """The grid of the finest captured self-attention (no maps averaged)."""
+    return max((stored.grid for _, stored in store.require("self", what=what)), key=lambda g: g[0] * g[1])
+
+
 def mean_self_attention(store: AttentionStore, what: str = "store") -> tuple[tuple[int, int], torch.Tensor]:
     """Mean of the finest-grid self-attention maps: (grid, (B, N, N))."""
     by_size = mean_by_resolution(store.require("self", what=what))

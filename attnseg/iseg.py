@@ -15,7 +15,7 @@ import torch
 from .errors import AttnSegError
 from .scores import ScoreMaps, min_max, resize
 from .store import AttentionStore
-from .fusion import mean_by_resolution, mean_self_attention
+from .fusion import finest_self_grid, mean_by_resolution, mean_self_attention
 
 ENT_SELF_VARIANTS = ("paper", "code", "naive")
 # iSeg's cross-attention fusion: SD at 512 px uses the 16x16 and 32x32 layers,
@@ -117,7 +117,7 @@ def ent_self_refine(scores: ScoreMaps, store: AttentionStore, lam: float = 0.01,
 def iseg_cross(store: AttentionStore, factors=ISEG_CROSS_FACTORS, weights=ISEG_CROSS_WEIGHTS,
                what: str = "attention") -> ScoreMaps:
     """iSeg's cross-attention class maps on the self-attention grid, min-max per class."""
-    grid, _ = mean_self_attention(store, what)
+    grid = finest_self_grid(store, what)
     maps = iseg_cross_maps(store, factors, weights, grid, what)
     # Min-max here; the refiner's min-subtract + L1 gives the same maps either way.
     return ScoreMaps(min_max(maps), store.prompt.class_names, store.image_size, "iseg-cross")

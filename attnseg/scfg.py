@@ -65,15 +65,17 @@ def token_regions(cond_maps: torch.Tensor, uncond_maps: torch.Tensor, size: tupl
 
 
 def guidance_rate(delta: torch.Tensor, regions: torch.Tensor, foreground: torch.Tensor, scale: float,
-                  limits: tuple[float, float] = RATE_LIMITS, blur: int = 3) -> torch.Tensor:
+                  limits: tuple[float, float] = RATE_LIMITS, blur: int = 3, count: int | None = None) -> torch.Tensor:
     """rho (B, 1, H, W): the foreground's mean guidance norm over the mean in each
     pixel's region, clamped to ``limits`` and to <= 15 / scale, blurred. ``delta``
-    is eps_c - eps_u (B, C, H, W). With no foreground, rho is 1."""
+    is eps_c - eps_u (B, C, H, W); ``count`` the number of regions (tokens), read
+    from ``regions`` when not given (a device sync). With no foreground, rho is 1."""
     low, high = limits
     if not 0 < low <= high:
         raise AttnSegError(f"rate limits: need 0 < min ({low}) <= max ({high}); S-CFG uses 0.8 and 3.0.")
     norm = delta.float().norm(dim=1)  # (B, H, W)
-    count = int(regions.max()) + 1 if regions.numel() else 1
+    if count is None:
+        count = int(regions.max()) + 1 if regions.numel() else 1
     one_hot = F.one_hot(regions, count).to(norm.dtype)  # (B, H, W, K)
     region_mean = (one_hot * norm[..., None]).sum((1, 2)) / one_hot.sum((1, 2)).clamp_min(1)  # (B, K)
     fg = foreground.to(norm.dtype)

@@ -31,6 +31,11 @@ class SegPrompt:
         return [c.name for c in self.classes]
 
     @property
+    def class_positions(self) -> tuple[int, ...]:
+        """Every class token position, sorted."""
+        return tuple(sorted({p for c in self.classes for p in c.positions}))
+
+    @property
     def readable(self) -> str:
         """The prompt as the model's tokens, special tokens left out."""
         return readable(self.words)

@@ -82,19 +82,18 @@ def install_scfg(model, settings: SCFGSettings) -> None:
         cond, uncond, scale = args["cond"], args["uncond"], float(args["cond_scale"])
         try:
             sigma = float(args["sigma"].max())
-            in_range = sigma_range[1] <= sigma <= sigma_range[0]
-            cond_layers = _layers(store, "cond")
-            uncond_layers = _layers(store, "uncond")
             if abs(scale - 1.0) < 1e-6:
                 note("cfg is 1, so there is no guidance to rescale; sampling as plain CFG.")
-            elif in_range and cond_layers and uncond_layers:
-                grid = max((g for g, _, _ in cond_layers), key=lambda g: g[0] * g[1])
-                cond_maps = refined_token_maps(cond_layers, grid, settings.blur)
-                uncond_maps = refined_token_maps(uncond_layers, grid, settings.blur)
-                regions, foreground = token_regions(cond_maps, uncond_maps, tuple(cond.shape[-2:]))
-                rate = guidance_rate(cond - uncond, regions, foreground, scale,
-                                     (settings.rate_min, settings.rate_max), settings.blur)
-                return spatial_cfg(cond, uncond, scale, rate)
+            elif sigma_range[1] <= sigma <= sigma_range[0]:
+                cond_layers, uncond_layers = _layers(store, "cond"), _layers(store, "uncond")
+                if cond_layers and uncond_layers:
+                    grid = max((g for g, _, _ in cond_layers), key=lambda g: g[0] * g[1])
+                    cond_maps = refined_token_maps(cond_layers, grid, settings.blur)
+                    uncond_maps = refined_token_maps(uncond_layers, grid, settings.blur)
+                    regions, foreground = token_regions(cond_maps, uncond_maps, tuple(cond.shape[-2:]))
+                    rate = guidance_rate(cond - uncond, regions, foreground, scale,
+                                         (settings.rate_min, settings.rate_max), settings.blur, cond_maps.shape[1])
+                    return spatial_cfg(cond, uncond, scale, rate)
             return uncond + scale * (cond - uncond)
         finally:
             store.entries.clear()  # only the current step's maps are ever kept

@@ -73,7 +73,7 @@ def encode_segmentation_prompt(clip, prompt: str, classes: str, class_weight: fl
     conditioning = clip.encode_from_tokens_scheduled(tokens)
     if class_weight != 1.0:
         empty = clip.encode_from_tokens_scheduled(clip.tokenize(""))[0][0]
-        positions = sorted({p for c in meta.classes for p in c.positions})
+        positions = list(meta.class_positions)
         weighted = []
         for cond, extras in conditioning:
             z_empty = empty.to(cond).repeat(1, cond.shape[1] // empty.shape[1] + 1, 1)[:, :cond.shape[1]]
@@ -96,7 +96,7 @@ def encode_cat_cross(clip, prompt: str, classes: str, gamma: float, mode: str, b
     extra_words = [w.strip() for w in background_words.split(",") if w.strip()]
     _, meta, tokens = segmentation_prompt(clip, prompt, classes,
                                           template=lambda names: iseg_template_prompt(names, extra_words))
-    positions = tuple(sorted({p for c in meta.classes for p in c.positions}))
+    positions = meta.class_positions
     conditioning = []
     for cond, extras in clip.encode_from_tokens_scheduled(tokens):
         extras = {**extras, PROMPT_KEY: meta}
@@ -109,15 +109,14 @@ def encode_cat_cross(clip, prompt: str, classes: str, gamma: float, mode: str, b
     return conditioning, meta
 
 
+def _extra_of(conditioning, key: str):
+    """The first value of ``key`` among a CONDITIONING's entries, or None."""
+    return next((extras[key] for _, extras in conditioning or [] if key in extras), None)
+
+
 def key_scale_of(conditioning) -> KeyScale | None:
-    for _, extras in conditioning or []:
-        if KEY_SCALE_KEY in extras:
-            return extras[KEY_SCALE_KEY]
-    return None
+    return _extra_of(conditioning, KEY_SCALE_KEY)
 
 
 def prompt_of(conditioning) -> SegPrompt | None:
-    for _, extras in conditioning or []:
-        if PROMPT_KEY in extras:
-            return extras[PROMPT_KEY]
-    return None
+    return _extra_of(conditioning, PROMPT_KEY)
