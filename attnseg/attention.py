@@ -12,14 +12,14 @@ from typing import Callable
 
 import torch
 
-# probs (B, heads, n, T) -> (B, n, T)
-HeadReducer = Callable[[torch.Tensor], torch.Tensor]
+# (probs (B, heads, n, T), head outputs probs @ V (B, heads, n, d) or None) -> (B, n, T)
+HeadReducer = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 # Largest score block held at once, in fp32 elements (128 MiB).
 CHUNK_ELEMENTS = 1 << 25
 
 
-def head_mean(probs: torch.Tensor) -> torch.Tensor:
+def head_mean(probs: torch.Tensor, head_out: torch.Tensor | None = None) -> torch.Tensor:
     return probs.mean(dim=1)
 
 
@@ -58,7 +58,8 @@ def attention_with_maps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None
     ((B, Nq, heads*d), None when ``v`` is None), ``maps`` the head-reduced
     probabilities (B', Nq, Tk) in fp32 of the batch rows ``keep`` selects (the
     branch being captured); with ``pool`` both the query and key axes are
-    pooled to ``pool.grid``."""
+    pooled to ``pool.grid``. The reducer sees each chunk's per-head outputs
+    (before the output projection) when ``v`` is given."""
     batch, n_q, inner = q.shape
     dim = inner // heads
     n_k = k.shape[1]
@@ -76,9 +77,11 @@ def attention_with_maps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None
     for start in range(0, n_q, step):
         stop = min(n_q, start + step)
         probs = torch.matmul(qh[:, :, start:stop].float(), kh.transpose(-1, -2)).mul_(scale).softmax(dim=-1)
+        head_out = None
         if out is not None:
             out[:, :, start:stop] = torch.matmul(probs.to(vh.dtype), vh)
-        reduced = reducer(probs[keep])
+            head_out = out[keep, :, start:stop]
+        reduced = reducer(probs[keep], head_out)
         if pooled:
             maps.index_add_(1, pool.cells[start:stop], pool.pool_keys(reduced))
         else:

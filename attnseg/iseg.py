@@ -111,7 +111,8 @@ def ent_self_refine(scores: ScoreMaps, store: AttentionStore, lam: float = 0.01,
     initial = resize(scores.maps.float(), grid).flatten(-2).transpose(1, 2)
     refined = iterate(initial.to(self_attention.device), ent_self(self_attention, lam, variant), iterations)
     maps = min_max(refined.transpose(1, 2).unflatten(-1, grid))
-    return ScoreMaps(maps, scores.class_names, scores.image_size, f"{scores.method}+ent-self-{variant}")
+    return ScoreMaps(maps, scores.class_names, scores.image_size, f"{scores.method}+ent-self-{variant}",
+                     scores.background)
 
 
 def iseg_cross(store: AttentionStore, factors=ISEG_CROSS_FACTORS, weights=ISEG_CROSS_WEIGHTS,

@@ -7,22 +7,26 @@ import colorsys
 import torch
 
 from .errors import AttnSegError
-from .scores import ScoreMaps
+from .scores import ScoreMaps, resize
 
 
 BACKGROUND_RULES = ("threshold", "(1 - max)^2")
 
 
-def label_map(scores: torch.Tensor, threshold: float, background: str = "threshold") -> torch.Tensor:
+def label_map(scores: torch.Tensor, threshold: float, background: str = "threshold",
+              background_map: torch.Tensor | None = None) -> torch.Tensor:
     """(B, C, H, W) scores -> (B, H, W) int64 labels, 0 = background, else 1 + the
     argmax class. The background competes in the argmax with a score of
-    ``threshold`` ("threshold": iSeg's COCO rule, DiffSegmenter's sweep) or of
+    ``threshold`` ("threshold": iSeg's COCO rule, DiffSegmenter's sweep; plus
+    ``background_map`` (B, 1, H, W) when given, GoCA's rule) or of
     ``(1 - max_c)^2`` ("(1 - max)^2": iSeg's VOC rule; ``threshold`` unused)."""
     if not 0.0 <= threshold <= 1.0:
         raise AttnSegError(f"threshold: {threshold} is outside [0, 1]; scores are min-max normalised.")
     best, index = scores.max(dim=1)
     if background == "threshold":
         background_score = torch.full_like(best, threshold)
+        if background_map is not None:
+            background_score = background_score + background_map[:, 0]
     elif background == "(1 - max)^2":
         background_score = (1 - best) ** 2
     else:
@@ -55,5 +59,8 @@ def overlay(labels: torch.Tensor, num_classes: int, image: torch.Tensor | None =
 def make_masks(score_maps: ScoreMaps, threshold: float, background: str = "threshold"):
     """Everything the mask node outputs, at the image size: (labels, masks, scores)."""
     scores = score_maps.at_image_size().clamp(0, 1)
-    labels = label_map(scores, threshold, background)
+    background_map = None
+    if score_maps.background is not None:
+        background_map = resize(score_maps.background, score_maps.image_size).clamp(0, 1)
+    labels = label_map(scores, threshold, background, background_map)
     return labels, class_masks(labels, scores.shape[1]), scores

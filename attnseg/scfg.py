@@ -11,27 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from .errors import AttnSegError
-from .scores import resize
+from .scores import gaussian_blur, resize
 
 RATE_LIMITS = (0.8, 3.0)
 RATE_TIMES_SCALE_CAP = 15.0  # rho <= 15 / w keeps w * rho bounded
 _TINY = 1e-12
-
-
-def gaussian_blur(maps: torch.Tensor, kernel: int) -> torch.Tensor:
-    """(B, C, h, w) blurred with a ``kernel`` x ``kernel`` Gaussian (sigma = kernel / 3),
-    edges replicated; kernel <= 1 returns the maps."""
-    if kernel <= 1:
-        return maps
-    if kernel % 2 == 0:
-        raise AttnSegError(f"blur: {kernel} must be odd (or 0 to turn blurring off).")
-    offsets = torch.arange(kernel, device=maps.device, dtype=maps.dtype) - kernel // 2
-    weights = torch.exp(-offsets ** 2 / (2 * (kernel / 3) ** 2))
-    weights = weights / weights.sum()
-    channels = maps.shape[1]
-    padded = F.pad(maps, [kernel // 2] * 4, mode="replicate")
-    horizontal = F.conv2d(padded, weights.view(1, 1, 1, -1).expand(channels, 1, 1, kernel), groups=channels)
-    return F.conv2d(horizontal, weights.view(1, 1, -1, 1).expand(channels, 1, kernel, 1), groups=channels)
 
 
 def refined_token_maps(layers: list[tuple[tuple[int, int], torch.Tensor, torch.Tensor]], target_grid: tuple[int, int],

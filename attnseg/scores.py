@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .errors import AttnSegError
+
 
 @dataclass
 class ScoreMaps:
@@ -17,6 +19,9 @@ class ScoreMaps:
     class_names: list[str]
     image_size: tuple[int, int]
     method: str = ""
+    # (B, 1, h, w) in [0, 1]: evidence for background (GoCA's background words),
+    # added to the background's threshold when labelling; None: no such evidence.
+    background: torch.Tensor | None = None
 
     def at_image_size(self) -> torch.Tensor:
         return resize(self.maps, self.image_size)
@@ -34,3 +39,24 @@ def min_max(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     low = flat.amin(-1, keepdim=True)
     high = flat.amax(-1, keepdim=True)
     return ((flat - low) / (high - low).clamp_min(eps)).view_as(maps)
+
+
+def gaussian_blur(maps: torch.Tensor, kernel: int, sigma: float | None = None,
+                  padding: str = "replicate") -> torch.Tensor:
+    """(B, C, h, w) blurred with a separable ``kernel`` x ``kernel`` Gaussian
+    (``sigma`` None: kernel / 3); kernel <= 1 returns the maps."""
+    if kernel <= 1:
+        return maps
+    if kernel % 2 == 0:
+        raise AttnSegError(f"blur: {kernel} must be odd (or 0 to turn blurring off).")
+    sigma = kernel / 3 if sigma is None else sigma
+    offsets = torch.arange(kernel, device=maps.device, dtype=maps.dtype) - kernel // 2
+    weights = torch.exp(-offsets ** 2 / (2 * sigma ** 2))
+    weights = weights / weights.sum()
+    channels = maps.shape[1]
+    pad = kernel // 2
+    if padding == "reflect" and min(maps.shape[-2:]) <= pad:
+        padding = "replicate"  # reflection needs more pixels than the pad
+    padded = F.pad(maps, [pad] * 4, mode=padding)
+    horizontal = F.conv2d(padded, weights.view(1, 1, 1, -1).expand(channels, 1, 1, kernel), groups=channels)
+    return F.conv2d(horizontal, weights.view(1, 1, -1, 1).expand(channels, 1, kernel, 1), groups=channels)

@@ -48,6 +48,10 @@ class AttentionStore:
     ``image_size`` is the pixel size the maps describe (the input image for a
     segmentation pass, latent x 8 for sampling). ``prompt`` is the class-token
     metadata of the cond branch, when the prompt was encoded for segmentation.
+    ``head_reduction`` says how the capture reduced cross-attention heads
+    ("mean", or "auto": GoCA's output-weighted heads). Besides "cross" and
+    "self" maps, entries of kind "query" hold a reference layer's queries
+    (B, N, C) for GoCA's layer weights.
     """
 
     model_id: str
@@ -56,6 +60,7 @@ class AttentionStore:
     image_size: tuple[int, int]
     prompt: SegPrompt | None = None
     dtype: torch.dtype = torch.float16
+    head_reduction: str = "mean"
     entries: dict[tuple[LayerKey, str], StoredMaps] = field(default_factory=dict)
     steps: set[int] = field(default_factory=set)
 

@@ -7,7 +7,7 @@ pack down."""
 import importlib
 import logging
 
-MODULES = ("demo", "text", "capture", "segmenters", "iseg", "masks", "guidance")
+MODULES = ("demo", "text", "capture", "segmenters", "iseg", "goca", "masks", "guidance")
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

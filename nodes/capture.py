@@ -1,11 +1,36 @@
+import dataclasses
+
 import comfy.samplers
 
 from ..attnseg import AttnSegError
-from ..hosts.comfyui.capture import CapturePlan, StepRange
+from ..hosts.comfyui.capture import GOCA_REFERENCE_FACTOR, CapturePlan, StepRange
 from ..hosts.comfyui.passes import capture_sample, parse_timesteps, segment_image
 from .types import ATTN_STORE, CATEGORY
 
 SELF_ATTENTION_MODES = ("last step", "captured steps", "off")
+HEADS = {"mean": "mean", "auto (GoCA)": "auto"}
+SELF_LAYERS = ("finest", "all (GoCA)")
+
+
+def goca_inputs():
+    """Optional capture inputs for GoCA (optional so older workflows still validate)."""
+    return {
+        "heads": (list(HEADS), {"default": "mean", "tooltip": "How cross-attention heads are reduced as they are "
+                                "captured: their mean, or GoCA's per-pixel weights from each head's share of "
+                                "the attention output."}),
+        "self_layers": (SELF_LAYERS, {"default": "finest", "tooltip": "Self-attention of the finest layers "
+                                      "(enough for DiffSegmenter, iSeg and GoCA's propagation), or of every layer "
+                                      "plus a reference layer's queries, which GoCA's automatic layer weights need."}),
+    }
+
+
+def with_goca(plan: CapturePlan, heads: str, self_layers: str) -> CapturePlan:
+    if heads not in HEADS or self_layers not in SELF_LAYERS:
+        raise AttnSegError(f"heads / self_layers: '{heads}' / '{self_layers}' are not among "
+                           f"{', '.join(HEADS)} / {', '.join(SELF_LAYERS)}.")
+    every = self_layers != "finest"
+    return dataclasses.replace(plan, cross_heads=HEADS[heads], self_every_layer=every,
+                               reference_factor=GOCA_REFERENCE_FACTOR if every else None)
 
 
 class AttnSegSegmentImage:
@@ -29,15 +54,17 @@ class AttnSegSegmentImage:
             "resolution": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 64,
                                    "tooltip": "Longer side of the image the model sees (aspect kept); "
                                               "512 for SD1.x/2.x, 1024 for SDXL."}),
-        }}
+        }, "optional": goca_inputs()}
 
     RETURN_TYPES = (ATTN_STORE,)
     RETURN_NAMES = ("attention",)
     FUNCTION = "segment"
     CATEGORY = CATEGORY
 
-    def segment(self, model, vae, image, conditioning, timesteps, seed, resolution):
-        store = segment_image(model, vae, image, conditioning, parse_timesteps(timesteps), seed, resolution)
+    def segment(self, model, vae, image, conditioning, timesteps, seed, resolution, heads="mean",
+                self_layers="finest"):
+        plan = with_goca(CapturePlan(), heads, self_layers)
+        store = segment_image(model, vae, image, conditioning, parse_timesteps(timesteps), seed, resolution, plan)
         return (store,)
 
 
@@ -66,7 +93,7 @@ class AttnSegCaptureSampler:
                                          "tooltip": "Inclusive; negative counts back from the last step (-1)."}),
             "self_attention": (SELF_ATTENTION_MODES, {"tooltip": "Self-attention is large: by default it is "
                                                                   "taken at the last captured step only."}),
-        }}
+        }, "optional": goca_inputs()}
 
     RETURN_TYPES = ("LATENT", ATTN_STORE)
     RETURN_NAMES = ("latent", "attention")
@@ -74,10 +101,12 @@ class AttnSegCaptureSampler:
     CATEGORY = CATEGORY
 
     def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
-               denoise, capture, capture_start_step, capture_end_step, self_attention):
+               denoise, capture, capture_start_step, capture_end_step, self_attention, heads="mean",
+               self_layers="finest"):
         plan = None
         if capture:
-            plan = capture_plan(steps, capture_start_step, capture_end_step, self_attention)
+            plan = with_goca(capture_plan(steps, capture_start_step, capture_end_step, self_attention), heads,
+                             self_layers)
         latent, store = capture_sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                        latent_image, denoise, plan)
         return (latent, store)

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -25,7 +27,7 @@ def fit_to_image(scores: ScoreMaps, image: torch.Tensor | None) -> ScoreMaps:
             raise AttnSegError(f"image: {size[1]}x{size[0]} does not have the aspect ratio of the segmented "
                                f"image ({scores.image_size[1]}x{scores.image_size[0]}). Connect the image that "
                                f"was segmented.")
-        scores = ScoreMaps(scores.maps, scores.class_names, size, scores.method)
+        scores = dataclasses.replace(scores, image_size=size)
     return scores
 
 

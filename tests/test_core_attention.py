@@ -36,7 +36,7 @@ def test_maps_only_when_no_values():
 
 def test_custom_reducer_is_used():
     q, k, v = torch.randn(1, 8, 16), torch.randn(1, 5, 16), torch.randn(1, 5, 16)
-    _, maps = attention_with_maps(q, k, v, heads=2, reducer=lambda p: p[:, 0])
+    _, maps = attention_with_maps(q, k, v, heads=2, reducer=lambda p, out: p[:, 0])
     torch.testing.assert_close(maps, reference(q, k, v, 2)[1][:, 0])
 
 

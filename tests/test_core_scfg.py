@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from attnseg import AttnSegError
-from attnseg.scfg import gaussian_blur, guidance_rate, refined_token_maps, spatial_cfg, token_regions
+from attnseg.scores import gaussian_blur
+from attnseg.scfg import guidance_rate, refined_token_maps, spatial_cfg, token_regions
 
 
 def two_regions(h=8, w=8):

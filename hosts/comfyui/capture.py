@@ -13,11 +13,15 @@ from dataclasses import dataclass
 import torch
 from comfy.ldm.modules.attention import optimized_attention
 
-from ...attnseg import AttentionStore, LayerKey
-from ...attnseg.attention import GridPool, HeadReducer, attention_with_maps, fold_repeated_tokens, head_mean
-from .unet import AttentionLayer, UNetInfo
+from ...attnseg import AttentionStore, AttnSegError, LayerKey
+from ...attnseg.attention import GridPool, attention_with_maps, fold_repeated_tokens, head_mean
+from ...attnseg.goca import output_weighted_heads
+from .unet import AttentionLayer, UNetInfo, attention_module, reference_layer
 
 BRANCH_NAMES = {0: "cond", 1: "uncond"}
+HEAD_REDUCTIONS = ("mean", "auto")
+# GoCA's reference layer sits at half the latent resolution (SD1.5 at 512 px: 32 x 32).
+GOCA_REFERENCE_FACTOR = 2
 
 
 @dataclass(frozen=True)
@@ -38,8 +42,11 @@ class CapturePlan:
 
     ``cross_factors`` / ``self_factors``: latent downscale factors of the layers
     to capture (1 = full latent resolution); ``None`` for self means the finest
-    attention resolution of the model. Self-attention grids larger than
-    ``self_max_tokens`` are average-pooled (64 x 64 by default)."""
+    attention resolution of the model, ``self_every_layer`` overrides it with
+    every layer. Self-attention grids larger than ``self_max_tokens`` are
+    average-pooled (64 x 64 by default). ``cross_heads``: "mean", or "auto" for
+    GoCA's output-weighted heads. ``reference_factor``: also store the queries of
+    GoCA's reference layer at that latent factor (None: no queries)."""
 
     cross_steps: StepRange | None = StepRange()
     self_steps: StepRange | None = StepRange()
@@ -47,13 +54,17 @@ class CapturePlan:
     self_factors: frozenset[int] | None = None  # None: the finest one
     branches: frozenset[str] = frozenset({"cond"})
     self_max_tokens: int = 64 * 64
-    reducer: HeadReducer = head_mean
+    self_every_layer: bool = False
+    cross_heads: str = "mean"
+    reference_factor: int | None = None
 
     def selects(self, info: UNetInfo, layer: AttentionLayer, kind: str) -> bool:
         if kind == "cross":
             return self.cross_steps is not None and (self.cross_factors is None or layer.factor in self.cross_factors)
+        if self.self_steps is None:
+            return False
         factors = self.self_factors if self.self_factors is not None else {info.finest_factor}
-        return self.self_steps is not None and layer.factor in factors
+        return self.self_every_layer or layer.factor in factors
 
 
 def step_index(sample_sigmas: torch.Tensor | None, sigma: torch.Tensor) -> tuple[int, int]:
@@ -69,6 +80,10 @@ def step_index(sample_sigmas: torch.Tensor | None, sigma: torch.Tensor) -> tuple
 
 def install_capture(model, info: UNetInfo, store: AttentionStore, plan: CapturePlan) -> None:
     """Patch ``model`` (a clone the caller owns) so its runs fill ``store``."""
+    if plan.cross_heads not in HEAD_REDUCTIONS:
+        raise AttnSegError(f"heads: '{plan.cross_heads}' is not one of {', '.join(HEAD_REDUCTIONS)}.")
+    store.head_reduction = plan.cross_heads
+    reference = reference_layer(info, plan.reference_factor) if plan.reference_factor else None
     state = {"cross": False, "self": False}
     replaces = model.model_options.setdefault("transformer_options", {}).get("patches_replace", {})
     # The host repeats a shorter context to a common length: fold the copies of
@@ -89,6 +104,12 @@ def install_capture(model, info: UNetInfo, store: AttentionStore, plan: CaptureP
 
     def make_patch(layer: AttentionLayer, kind: str, previous):
         key = LayerKey(kind, layer.block, layer.block_id, layer.depth, layer.factor)
+        output_weighted = kind == "cross" and plan.cross_heads == "auto"
+        # The projection's weight is read at call time: it may be cast, moved or
+        # LoRA-patched between runs.
+        projection = attention_module(model, layer, "attn2").to_out[0] if output_weighted else None
+        stores_queries = kind == "cross" and layer == reference
+        query_key = LayerKey("query", layer.block, layer.block_id, layer.depth, layer.factor)
 
         def fast(q, k, v, extra):
             if previous is not None:
@@ -109,14 +130,19 @@ def install_capture(model, info: UNetInfo, store: AttentionStore, plan: CaptureP
                     pool = pools[pool_key] = GridPool(h, w, plan.self_max_tokens, q.device)
             # One captured branch: only its rows get maps. Several: all rows, split after.
             keep = rows[0][1] if len(rows) == 1 else slice(None)
-            out, maps = attention_with_maps(q, k, None if previous is not None else v, extra["n_heads"],
-                                            plan.reducer, pool, keep)
+            reducer = head_mean
+            if projection is not None:
+                reducer = output_weighted_heads(projection.weight.to(device=q.device))
+            values = v if previous is None or projection is not None else None
+            out, maps = attention_with_maps(q, k, values, extra["n_heads"], reducer, pool, keep)
             grid = pool.grid if pool is not None else (h, w)
             for branch, part in rows:
                 branch_maps = maps if len(rows) == 1 else maps[part]
                 if kind == "cross":
                     branch_maps = fold_repeated_tokens(branch_maps, fold_lengths[branch])
                 store.add(key, branch, grid, branch_maps)
+                if stores_queries:
+                    store.add(query_key, branch, (h, w), q[part])
             return out if previous is None else fast(q, k, v, extra)
 
         return patch

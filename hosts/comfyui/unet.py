@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from comfy.ldm.modules.attention import SpatialTransformer
@@ -71,6 +72,27 @@ def describe_unet(model, input_name: str = "model") -> UNetInfo:
         raise AttnSegError(f"{input_name}: {family} has no text cross-attention to segment with.")
     context_dim = attn2.to_k.weight.shape[1]
     return UNetInfo(f"{family} (context {context_dim}, {len(layers)} attention layers)", context_dim, tuple(layers))
+
+
+def reference_layer(info: UNetInfo, factor: int = 2) -> AttentionLayer:
+    """GoCA's reference layer, chosen by resolution: the middle decoder
+    transformer at latent ``factor`` (SD1.5: output block 7, the authors' choice),
+    or at the nearest factor the model has."""
+    decoder = [layer for layer in info.layers if layer.block == "output"] or list(info.layers)
+    nearest = min({layer.factor for layer in decoder}, key=lambda f: (abs(math.log2(f / factor)), f))
+    at_factor = [layer for layer in decoder if layer.factor == nearest]
+    return at_factor[(len(at_factor) - 1) // 2]
+
+
+def attention_module(model, layer: AttentionLayer, slot: str):
+    """The ``attn1`` / ``attn2`` CrossAttention module of a layer."""
+    diffusion_model = model.get_model_object("diffusion_model")
+    if layer.block == "middle":
+        block = diffusion_model.middle_block
+    else:
+        block = (diffusion_model.input_blocks if layer.block == "input" else diffusion_model.output_blocks)[layer.block_id]
+    transformer = _transformers(block)[0].transformer_blocks[layer.depth]
+    return getattr(transformer, slot)
 
 
 def check_conditioning(info: UNetInfo, conditioning, input_name: str) -> None:

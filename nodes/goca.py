@@ -1,0 +1,49 @@
+"""GoCA: automatic head and layer aggregation, per-pixel rescaling and affinity
+propagation of the captured cross-attention."""
+
+from ..attnseg.goca import GOCA_BLUR, GOCA_ORDER, LAYER_WEIGHTINGS, goca
+from ..attnseg.tokens import parse_class_list
+from .segmenters import require_store
+from .types import ATTN_SCORES, ATTN_STORE, CATEGORY
+
+
+class AttnSegGoCA:
+    """GoCA's class maps, each stage switchable for the paper's ablation."""
+
+    DESCRIPTION = ("GoCA's segmenter. Heads are aggregated at capture time (the capture node's heads input: "
+                   "'auto (GoCA)' weighs each head per pixel by its share of the attention output). Layers: each "
+                   "layer weighted by how well its self-attention matches a pseudo self-attention from a "
+                   "reference layer's queries (capture with self_layers 'all (GoCA)'), or uniformly. Rescaling: "
+                   "each class map divided by the attention of all content words, blurred, min-max. "
+                   "Propagation: the maps multiplied k times by the finest self-attention.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "attention": (ATTN_STORE,),
+            "layer_weights": (list(LAYER_WEIGHTINGS), {"default": "auto", "tooltip": "auto: GoCA's weights from "
+                              "the reference layer's queries; uniform: the plain mean over layers."}),
+            "rescaling": ("BOOLEAN", {"default": True, "tooltip": "Divide each class map by the attention all "
+                                                                  "content words get at that pixel (GoCA)."}),
+            "blur": ("INT", {"default": GOCA_BLUR, "min": 0, "max": 15, "step": 1,
+                             "tooltip": "Odd Gaussian kernel after rescaling (GoCA 5; 0 = off)."}),
+            "propagation_order": ("INT", {"default": GOCA_ORDER, "min": 0, "max": 8, "tooltip": "k in S^k C "
+                                          "(GoCA 2 for SD1.5/SDXL; 0 = off)."}),
+            "background_classes": ("STRING", {"default": "", "tooltip": "Comma-separated classes of the text "
+                                              "encoder that are background (e.g. 'sky, grass'): their strongest "
+                                              "map is added to the mask node's background threshold."}),
+        }}
+
+    RETURN_TYPES = (ATTN_SCORES,)
+    RETURN_NAMES = ("scores",)
+    FUNCTION = "segment"
+    CATEGORY = CATEGORY
+
+    def segment(self, attention, layer_weights, rescaling, blur, propagation_order, background_classes):
+        store = require_store(attention)
+        backgrounds = parse_class_list(background_classes, "background_classes") if background_classes.strip() else []
+        return (goca(store, layer_weights, rescaling, blur, propagation_order, backgrounds),)
+
+
+NODE_CLASS_MAPPINGS = {"AttnSegGoCA": AttnSegGoCA}
+NODE_DISPLAY_NAME_MAPPINGS = {"AttnSegGoCA": "AttnSeg GoCA"}
