@@ -18,10 +18,11 @@ import torch
 
 from attnseg_pack.attnseg import AttentionStore, SegPrompt
 from attnseg_pack.attnseg.fusion import diffsegmenter
+from attnseg_pack.attnseg.goca import goca
 from attnseg_pack.attnseg.iseg import iseg
 from attnseg_pack.attnseg.masks import label_map, make_masks
-from attnseg_pack.attnseg.scores import ScoreMaps
-from attnseg_pack.hosts.comfyui.capture import CapturePlan
+from attnseg_pack.attnseg.scores import ScoreMaps, resize
+from attnseg_pack.hosts.comfyui.capture import GOCA_REFERENCE_FACTOR, CapturePlan
 from attnseg_pack.hosts.comfyui.passes import capture_sample, segment_image
 from attnseg_pack.hosts.comfyui.text import encode_cat_cross, encode_segmentation_prompt
 from demo.scenes import COLOURS, SHAPES, Scene, colour_mask, make_scene
@@ -89,12 +90,29 @@ DEMO_LEVEL = dict(factors=(2,), weights=(1.0,))
 DEMO_WEIGHTS = (0.0, 1.0, 0.0)  # DiffSegmenter weights, coarsest first: 4x4, 8x8, 16x16
 
 
-# How each capture encodes the scene's caption and classes.
+def _plain(clip, text, classes):
+    return encode_segmentation_prompt(clip, text, classes)[0]
+
+
+# GoCA's captures: every layer's self-attention and the reference queries, heads by output share or mean.
+GOCA_AUTO_HEADS = CapturePlan(cross_heads="auto", self_every_layer=True, reference_factor=GOCA_REFERENCE_FACTOR)
+GOCA_MEAN_HEADS = dataclasses.replace(GOCA_AUTO_HEADS, cross_heads="mean")
+
+# How each capture encodes the scene's caption and classes, and what it records.
 CAPTURES = {
-    "plain": lambda clip, text, classes: encode_segmentation_prompt(clip, text, classes)[0],
-    "cat-cross keys": lambda clip, text, classes: encode_cat_cross(clip, text, classes, 1.6, "keys")[0],
-    "cat-cross embedding": lambda clip, text, classes: encode_cat_cross(clip, text, classes, 1.6, "embedding")[0],
+    "plain": (_plain, CapturePlan()),
+    "cat-cross keys": (lambda clip, text, classes: encode_cat_cross(clip, text, classes, 1.6, "keys")[0],
+                       CapturePlan()),
+    "cat-cross embedding": (lambda clip, text, classes: encode_cat_cross(clip, text, classes, 1.6, "embedding")[0],
+                            CapturePlan()),
+    "goca auto heads": (_plain, GOCA_AUTO_HEADS),
+    "goca mean heads": (_plain, GOCA_MEAN_HEADS),
 }
+
+
+def _goca(layers: str = "auto", rescaling: bool = True, order: int = 2):
+    return lambda store: goca(store, layers, rescaling, order=order)
+
 
 METHODS = (
     Method("cross-attention (DiffSegmenter fusion, paper weights)",
@@ -116,6 +134,13 @@ METHODS = (
            capture="cat-cross keys"),
     Method("iSeg 8x8, Ent-Self paper, lambda 0.001, N = 10, Cat-Cross embedding",
            _iseg(10, "paper", 0.001, **DEMO_LEVEL), capture="cat-cross embedding"),
+    Method("GoCA (auto heads, auto layers, rescaling, k = 2)", _goca(), tuple(TOKEN_PARTS), "goca auto heads"),
+    Method("GoCA, head mean", _goca(), capture="goca mean heads"),
+    Method("GoCA, uniform layers", _goca("uniform"), capture="goca auto heads"),
+    Method("GoCA, no rescaling", _goca(rescaling=False), capture="goca auto heads"),
+    Method("GoCA, no propagation (k = 0)", _goca(order=0), capture="goca auto heads"),
+    Method("GoCA, every stage off (mean over heads and layers)", _goca("uniform", False, 0),
+           capture="goca mean heads"),
 )
 
 
@@ -128,9 +153,10 @@ def restrict_tokens(prompt: SegPrompt, part: str) -> SegPrompt:
 
 def capture(model, clip, vae, item: Scene, kind: str = "plain", timesteps=TIMESTEPS) -> AttentionStore:
     """One segmentation pass over the scene, prompted with its caption and its object names."""
-    conditioning = CAPTURES[kind](clip, item.caption, ", ".join(o.name for o in item.objects))
+    encode, plan = CAPTURES[kind]
+    conditioning = encode(clip, item.caption, ", ".join(o.name for o in item.objects))
     image = torch.from_numpy(item.image).float().div(255)[None]
-    return segment_image(model, vae, image, conditioning, list(timesteps), 0, max(item.image.shape[:2]))
+    return segment_image(model, vae, image, conditioning, list(timesteps), 0, max(item.image.shape[:2]), plan)
 
 
 @dataclass
@@ -175,6 +201,7 @@ def score(model, clip, vae, scenes: list[Scene], methods=METHODS,
                 began = time.perf_counter()
                 maps = method.run(dataclasses.replace(store, prompt=restrict_tokens(store.prompt, part)))
                 scores = maps.at_image_size()[0:1].clamp(0, 1)
+                background = None if maps.background is None else resize(maps.background, maps.image_size)
                 if part == "colour + shape":  # what a user runs; the other parts are diagnostics
                     result.method_seconds[method.name] = (result.method_seconds.get(method.name, 0.0)
                                                           + time.perf_counter() - began)
@@ -182,7 +209,8 @@ def score(model, clip, vae, scenes: list[Scene], methods=METHODS,
                     key = (method.name, part, threshold)
                     if key not in result.confusion:
                         result.confusion[key] = Confusion()
-                    result.confusion[key].add(truth, lookup[label_map(scores, threshold)[0]])
+                    labels = label_map(scores, threshold, background_map=background)
+                    result.confusion[key].add(truth, lookup[labels[0]])
         result.images += 1
     return result
 

@@ -1,9 +1,20 @@
 """The embedded demo model: a tiny SD1-layout model trained on shape scenes that
 ships with the pack, so every workflow runs without downloading weights."""
 
+import os
+
+import folder_paths
+
 from ..attnseg import AttnSegError
 from ..hosts.comfyui import demo_model
 from .types import CATEGORY
+
+# models/attnseg/ holds checkpoints written by demo/train.py (retrained or other layouts).
+MODEL_FOLDER = "attnseg"
+SHIPPED = "attnseg-shapes (shipped)"
+if MODEL_FOLDER not in folder_paths.folder_names_and_paths:
+    folder_paths.folder_names_and_paths[MODEL_FOLDER] = (
+        [os.path.join(folder_paths.models_dir, MODEL_FOLDER)], {".safetensors"})
 
 
 class AttnSegDemoModelLoader:
@@ -16,17 +27,27 @@ class AttnSegDemoModelLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {}}
+        return {"required": {}, "optional": {
+            "checkpoint": ([SHIPPED] + folder_paths.get_filename_list(MODEL_FOLDER), {
+                "default": SHIPPED, "tooltip": "The shipped model, or a checkpoint written by demo/train.py "
+                                              "placed in models/attnseg/."}),
+        }}
 
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
-    def load(self):
-        if not demo_model.CHECKPOINT.is_file():
-            raise AttnSegError(f"The demo checkpoint {demo_model.CHECKPOINT} is missing. Reinstall the pack, "
-                               f"or rebuild it with 'python demo/train.py'.")
-        return demo_model.load()
+    def load(self, checkpoint=SHIPPED):
+        if checkpoint == SHIPPED:
+            if not demo_model.CHECKPOINT.is_file():
+                raise AttnSegError(f"checkpoint: the shipped demo checkpoint {demo_model.CHECKPOINT} is missing. "
+                                   f"Reinstall the pack, or rebuild it with 'python demo/train.py'.")
+            return demo_model.load()
+        path = folder_paths.get_full_path(MODEL_FOLDER, checkpoint)
+        if path is None:
+            raise AttnSegError(f"checkpoint: '{checkpoint}' is not in models/{MODEL_FOLDER}/. Refresh the node "
+                               f"list, or choose '{SHIPPED}'.")
+        return demo_model.load(path)
 
 
 NODE_CLASS_MAPPINGS = {"AttnSegDemoModelLoader": AttnSegDemoModelLoader}

@@ -12,6 +12,7 @@ from PIL import Image
 from comfy_server import ComfyServer, WorkflowError
 from comfy_env import REPO
 from random_sd15 import ensure as ensure_checkpoint
+from tiny_models import SDXL_LAYOUT, write_demo_format_checkpoint
 
 sys.path.insert(0, str(REPO / "scripts"))
 from workflow_ui import strip_meta, ui_to_api  # noqa: E402
@@ -20,14 +21,18 @@ from demo.scenes import colour_mask, make_scene  # noqa: E402
 
 WORKFLOWS = REPO / "workflows"
 MASK_IOU_FLOOR = 0.5
+SDXL_LAYOUT_CHECKPOINT = "tiny-sdxl-layout.safetensors"
 PACK_NODES = {"AttnSegDemoModelLoader", "AttnSegTextEncode", "AttnSegCatCrossEncode", "AttnSegISegCrossAttention",
-              "AttnSegEntSelf", "AttnSegSeeds", "AttnSegSCFG", "AttnSegSegmentImage", "AttnSegCaptureSampler", "AttnSegDiffSegmenter",
+              "AttnSegEntSelf", "AttnSegSeeds", "AttnSegSCFG", "AttnSegGoCA", "AttnSegSegmentImage", "AttnSegCaptureSampler", "AttnSegDiffSegmenter",
               "AttnSegMasks", "AttnSegClassMask"}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy")
+    # An SDXL-layout model (random weights) for the demo loader's models/attnseg/ list.
+    (base / "models" / "attnseg").mkdir(parents=True)
+    write_demo_format_checkpoint(base / "models" / "attnseg" / SDXL_LAYOUT_CHECKPOINT, SDXL_LAYOUT)
     with ComfyServer(base, [ensure_checkpoint()]) as running:
         yield running
 
@@ -67,7 +72,7 @@ def test_pack_nodes_are_registered(object_info):
 
 
 @pytest.mark.parametrize("name", ["segment-image", "generate-and-segment", "iseg-segment", "iseg-seeds",
-                                  "scfg-generate"])
+                                  "goca-segment", "scfg-generate"])
 def test_ui_workflows_match_their_api_form(object_info, name):
     ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
     assert ui_to_api(ui, object_info) == strip_meta(api_workflow(name))
@@ -105,6 +110,38 @@ def test_iseg_workflow_finds_the_objects(server, tmp_path):
     # iSeg on the demo model varies by object (see the README's quality table); a
     # capture bug scores ~0.1.
     assert sum(ious) / len(ious) > 0.4, ious
+
+
+def test_goca_workflow_finds_the_objects(server, tmp_path):
+    """Output-weighted heads and every layer captured -> GoCA -> masks, on the demo model."""
+    scene = make_scene(7, width=192, height=128)
+    outputs = run_on_scene(server, tmp_path, "goca-segment", scene)
+    truth = scene.label_map()
+    assert len(outputs["9"]) == len(scene.objects) >= 2
+    ious = [mask_iou(read(path)[..., 0] > 0, truth == index + 1) for index, path in enumerate(outputs["9"])]
+    assert min(ious) > MASK_IOU_FLOOR, ious
+
+
+def test_goca_workflow_with_the_papers_settings_on_an_sdxl_layout(server, object_info, tmp_path):
+    """The same workflow on an SDXL-layout model (no attention at full latent size,
+    depth-2 transformers), with GoCA's own settings: automatic layer weights from the
+    decoder's half-resolution reference layer, rescaling, k = 2, a background class."""
+    assert SDXL_LAYOUT_CHECKPOINT in object_info["AttnSegDemoModelLoader"]["input"]["optional"]["checkpoint"][0]
+    scene = make_scene(7, width=192, height=128)
+    Image.fromarray(scene.image).save(tmp_path / "scene.png")
+    workflow = api_workflow("goca-segment")
+    workflow["1"]["inputs"]["checkpoint"] = SDXL_LAYOUT_CHECKPOINT
+    workflow["2"]["inputs"]["image"] = server.add_input(tmp_path / "scene.png")
+    workflow["3"]["inputs"].update(prompt=scene.caption + " on the ground",
+                                   classes=", ".join(scene.class_names) + ", ground")
+    workflow["5"]["inputs"].update(layer_weights="auto", rescaling=True, blur=5, propagation_order=2,
+                                   background_classes="ground")
+    outputs = server.output_files(server.run(workflow))
+    masks = [read(path) for path in outputs["9"]]
+    assert len(masks) == len(scene.objects)  # the background class gets no mask of its own
+    assert all(mask.shape == (128, 192, 3) for mask in masks)
+    legend_rows = len(scene.objects) + 1
+    assert read(outputs["7"][0]).shape == (128 + 14 * legend_rows, 192, 3)
 
 
 def test_seeds_workflow_segments_the_clicked_and_the_boxed_object(server):

@@ -77,3 +77,21 @@ def tiny_vae(seed: int = 0):
     init_weights(autoencoder, seed)  # ComfyUI's ops leave weights uninitialised (garbage, even NaN)
     state = autoencoder.state_dict()
     return comfy.sd.VAE(sd=state, config={"params": params})
+
+
+def write_demo_format_checkpoint(path, layout: dict, seed: int = 0) -> None:
+    """A random-weight checkpoint in the demo model's format with the UNet ``layout``,
+    which the demo loader node reads from models/attnseg/ (e.g. an SDXL layout)."""
+    from comfy_env import import_pack
+
+    import_pack()
+    from attnseg_pack.hosts.comfyui import demo_model
+
+    config = {**demo_model.CONFIG, "unet": {**demo_model.CONFIG["unet"], **layout}}
+    unet = demo_model.build_unet(config["unet"])
+    clip = demo_model.build_clip(config["clip"], torch.float32)
+    vae = demo_model.build_vae(config["vae"])
+    for offset, module in enumerate((unet.model.diffusion_model, clip.cond_stage_model, vae.first_stage_model)):
+        init_weights(module, seed + offset)
+    demo_model.save(path, unet.model.diffusion_model, clip.cond_stage_model, vae.first_stage_model, config,
+                    {"note": "random weights, written by the tests"})

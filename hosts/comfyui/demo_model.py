@@ -18,6 +18,8 @@ from comfy import sd1_clip
 from comfy.ldm.models.autoencoder import AutoencoderKL
 from comfy.supported_models_base import ClipTarget
 
+from ...attnseg import AttnSegError
+
 CHECKPOINT = Path(__file__).resolve().parents[2] / "demo" / "attnseg-shapes.safetensors"
 
 CONFIG = {
@@ -66,6 +68,9 @@ def load(path: Path = CHECKPOINT, clip_dtype: torch.dtype | None = None):
     """(MODEL, CLIP, VAE) from a checkpoint written by :func:`save`; ``clip_dtype``
     as in :func:`build_clip` (training resumes in fp32)."""
     state, metadata = comfy.utils.load_torch_file(str(path), safe_load=True, return_metadata=True)
+    if not metadata or "attnseg_config" not in metadata:
+        raise AttnSegError(f"checkpoint: {Path(path).name} was not written by demo/train.py (it has no AttnSeg "
+                           f"config). Load other checkpoints with ComfyUI's Load Checkpoint.")
     config = json.loads(metadata["attnseg_config"])
     model = build_unet(config["unet"])
     model.model.diffusion_model.load_state_dict(_part(state, "unet."), strict=True)
