@@ -61,18 +61,24 @@ class AttentionStore:
     prompt: SegPrompt | None = None
     dtype: torch.dtype = torch.float16
     head_reduction: str = "mean"
+    # Batch rows per image batch in the running pass: a pass that stacks k
+    # timesteps (timestep-major) sets k, and add() sums the k copies in place.
+    stacked_timesteps: int = 1
     entries: dict[tuple[LayerKey, str], StoredMaps] = field(default_factory=dict)
     steps: set[int] = field(default_factory=set)
 
     def add(self, key: LayerKey, branch: str, grid: tuple[int, int], maps: torch.Tensor) -> None:
         """Accumulate (B, N, T) maps for one layer and branch (called from hooks:
         no host sync, stays on the maps' device)."""
+        copies = self.stacked_timesteps
+        if copies > 1:
+            maps = maps.unflatten(0, (copies, -1)).sum(0)
         slot = self.entries.get((key, branch))
         if slot is None:
-            self.entries[(key, branch)] = StoredMaps(grid, maps.to(self.dtype, copy=True))
+            self.entries[(key, branch)] = StoredMaps(grid, maps.to(self.dtype, copy=True), copies)
         else:
             slot.total.add_(maps.to(slot.total.dtype))
-            slot.count += 1
+            slot.count += copies
 
     def layers(self, kind: str, branch: str = "cond") -> list[tuple[LayerKey, StoredMaps]]:
         return sorted((k, v) for (k, b), v in self.entries.items() if k.kind == kind and b == branch)

@@ -10,11 +10,12 @@ from tiny_models import SD15_LAYOUT, SDXL_LAYOUT, tiny_clip, tiny_unet, tiny_vae
 
 pack = import_pack()
 from attnseg_pack.hosts.comfyui.capture import CapturePlan, StepRange  # noqa: E402
-from attnseg_pack.hosts.comfyui.passes import capture_sample, segment_image  # noqa: E402
+from attnseg_pack.hosts.comfyui.passes import capture_pass, capture_sample, segment_image  # noqa: E402
 from attnseg_pack.hosts.comfyui.text import encode_segmentation_prompt  # noqa: E402
 from attnseg_pack.hosts.comfyui.unet import describe_unet  # noqa: E402
 
 NODES = pack.NODE_CLASS_MAPPINGS
+GOCA_LIKE = CapturePlan(cross_heads="auto", self_every_layer=True, reference_factor=2)
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +185,26 @@ def test_segment_image_averages_timesteps_and_keeps_aspect(sd15, clip, vae):
     assert store.image_size == (60, 100) and store.latent_size == (8, 16) and store.batch_size == 2
     assert all(v.count == 3 for _, v in store.layers("cross"))
     assert store.prompt.class_names == ["cat", "dog"]
+
+
+def test_stacked_timesteps_equal_one_pass_per_timestep(sd15, clip, vae):
+    """DiffSegmenter's timestep averaging batched (2 images x 3 timesteps in one pass)
+    gives the maps of three separate passes, and each equals the mean of the
+    single-timestep stores."""
+    cond = encode(clip, "a photo of a cat and a dog", "cat, dog")
+    latent = torch.randn(2, 4, 8, 16, generator=torch.Generator().manual_seed(4))
+    timesteps = [50, 100, 150]
+    stacked = capture_pass(sd15, latent, cond, timesteps, 1, (64, 128), GOCA_LIKE, per_pass=3)
+    separate = capture_pass(sd15, latent, cond, timesteps, 1, (64, 128), GOCA_LIKE, per_pass=1)
+    singles = [capture_pass(sd15, latent, cond, [t], 1, (64, 128), GOCA_LIKE) for t in timesteps]
+    assert stacked.entries.keys() == separate.entries.keys() and {k.kind for k, _ in stacked.entries} == {
+        "cross", "self", "query"}
+    for entry, maps in stacked.entries.items():
+        assert maps.count == 3 and maps.total.shape[0] == 2
+        torch.testing.assert_close(maps.mean(), separate.entries[entry].mean(), atol=2e-3, rtol=1e-2)
+        mean_of_singles = torch.stack([single.entries[entry].mean() for single in singles]).mean(0)
+        torch.testing.assert_close(maps.mean(), mean_of_singles, atol=2e-3, rtol=1e-2)
+    assert not torch.allclose(singles[0].entries[entry].mean(), singles[2].entries[entry].mean(), atol=1e-3)
 
 
 def test_the_steps_selected_are_the_ones_captured(sd15, clip):

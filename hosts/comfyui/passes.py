@@ -3,6 +3,7 @@ sampler run that captures while it generates."""
 
 from __future__ import annotations
 
+import comfy.model_management
 import comfy.sample
 import comfy.samplers
 import comfy.utils
@@ -62,28 +63,61 @@ def apply_key_scale(model, info: UNetInfo, positive) -> None:
         install_key_scale(model, info, scale)
 
 
+class OneForwardPass(comfy.samplers.Sampler):
+    """A "sampler" that noises each batch row to its own sigma and runs the
+    model once: several timesteps in one batched pass."""
+
+    def __init__(self, row_sigmas: torch.Tensor):
+        self.row_sigmas = row_sigmas
+
+    @torch.no_grad()  # as ComfyUI's own samplers: no autograd graph through the UNet
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        row_sigmas = self.row_sigmas.to(noise.device)
+        noisy = model_wrap.inner_model.model_sampling.noise_scaling(row_sigmas, noise, latent_image)
+        return model_wrap(noisy, row_sigmas, **extra_args)
+
+
+def timesteps_per_pass(model, latent: torch.Tensor, count: int) -> int:
+    """All timesteps in one batch when the device has the memory for it, else one at a time."""
+    if count == 1:
+        return 1
+    needed = model.model.memory_required([latent.shape[0] * count, *latent.shape[1:]])
+    free = comfy.model_management.get_free_memory(model.load_device)
+    return count if needed + model.model_size() < free else 1
+
+
 def capture_pass(model, latent: torch.Tensor, positive, timesteps: list[int], seed: int,
                  image_size: tuple[int, int], plan: CapturePlan | None = None,
-                 info: UNetInfo | None = None) -> AttentionStore:
-    """Noise ``latent`` to each timestep and run one cond-only UNet pass per
-    timestep, capturing into a new store (maps averaged over the timesteps)."""
+                 info: UNetInfo | None = None, per_pass: int | None = None) -> AttentionStore:
+    """Noise ``latent`` to each timestep (one noise draw for all) and run
+    cond-only UNet passes, ``per_pass`` timesteps stacked in a batch (None: as
+    many as memory allows), capturing into a new store (maps averaged over the
+    timesteps)."""
     info = info or checked_unet(model, positive, "conditioning")
     store = AttentionStore(info.model_id, latent.shape[0], tuple(latent.shape[-2:]), image_size, prompt_of(positive))
     patched = model.clone()
     install_capture(patched, info, store, plan or CapturePlan())
     apply_key_scale(patched, info, positive)
     sampling = patched.get_model_object("model_sampling")
-    euler = comfy.samplers.sampler_object("euler")
+    per_pass = per_pass or timesteps_per_pass(patched, latent, len(timesteps))
+    noise = comfy.sample.prepare_noise(latent, seed)
     progress = comfy.utils.ProgressBar(len(timesteps))
-    for t in timesteps:
-        sigma = sampling.sigma(torch.tensor(float(t)))
-        sigmas = torch.stack([sigma, torch.zeros_like(sigma)])
-        noise = comfy.sample.prepare_noise(latent, seed)
-        # cfg 1: the cond branch alone, as iSeg and GoCA run it; DiffSegmenter's
-        # [uncond, cond] batch gives the same cond maps.
-        comfy.sample.sample_custom(patched, noise, 1.0, euler, sigmas, positive, positive, latent,
-                                   disable_pbar=True, seed=seed)
-        progress.update(1)
+    for start in range(0, len(timesteps), per_pass):
+        group = timesteps[start:start + per_pass]
+        row_sigmas = torch.cat([sampling.sigma(torch.tensor(float(t))).reshape(1).expand(latent.shape[0])
+                                for t in group])
+        sigmas = torch.stack([row_sigmas.max(), torch.zeros(())])
+        store.stacked_timesteps = len(group)
+        try:
+            # cfg 1: the cond branch alone, as iSeg and GoCA run it; DiffSegmenter's
+            # [uncond, cond] batch gives the same cond maps.
+            comfy.sample.sample_custom(patched, noise.repeat(len(group), 1, 1, 1), 1.0, OneForwardPass(row_sigmas),
+                                       sigmas, positive, positive, latent.repeat(len(group), 1, 1, 1),
+                                       disable_pbar=True, seed=seed)
+        finally:
+            store.stacked_timesteps = 1
+        progress.update(len(group))
     return store
 
 
