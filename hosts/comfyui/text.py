@@ -40,22 +40,34 @@ def _readable(clip, stream: str, token) -> str:
     return word.replace("</w>", "")
 
 
-def segmentation_prompt(clip, prompt: str, classes: str, template=template_prompt) -> tuple[str, SegPrompt, dict]:
-    """(text, class metadata, tokens to encode) for a prompt and class list;
-    ``template(names)`` builds the prompt when ``prompt`` is empty."""
-    names = parse_class_list(classes)
-    text = prompt.strip() or template(names)
+def tokenized(clip, text: str) -> tuple[dict, list, list[str]]:
+    """(tokens to encode, the flattened token sequence the UNet sees, readable words)."""
     tokens = clip.tokenize(text)
     stream = _stream(tokens)
     flat = [entry[0] for chunk in tokens[stream] for entry in chunk]
+    return tokens, flat, [_readable(clip, stream, t) for t in flat]
+
+
+def locate_words(clip, text: str, names: list[str], input_name: str = "classes") -> tuple[SegPrompt, dict]:
+    """(class metadata of ``names`` in ``text``, tokens to encode); a name not in the text is an error."""
+    tokens, flat, words = tokenized(clip, text)
+    stream = _stream(tokens)
     # Class words are tokenized without weight parsing, so "(red cat:1.2)" in the
     # prompt and escaped brackets like "pokemon \(creature\)" still match.
     class_tokens = {}
     for name in names:
         own = clip.tokenize(name, return_word_ids=True, disable_weights=True)[stream]
         class_tokens[name] = [entry[0] for chunk in own for entry in chunk if entry[2] != 0]
-    words = [_readable(clip, stream, t) for t in flat]
-    return text, locate_classes(flat, class_tokens, words, text, same=_same), tokens
+    return locate_classes(flat, class_tokens, words, text, same=_same, input_name=input_name), tokens
+
+
+def segmentation_prompt(clip, prompt: str, classes: str, template=template_prompt) -> tuple[str, SegPrompt, dict]:
+    """(text, class metadata, tokens to encode) for a prompt and class list;
+    ``template(names)`` builds the prompt when ``prompt`` is empty."""
+    names = parse_class_list(classes)
+    text = prompt.strip() or template(names)
+    meta, tokens = locate_words(clip, text, names)
+    return text, meta, tokens
 
 
 def encode_segmentation_prompt(clip, prompt: str, classes: str, class_weight: float = 1.0, fuse_ing: bool = False):

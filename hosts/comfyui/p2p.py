@@ -1,0 +1,331 @@
+"""Prompt-to-Prompt editing on a ComfyUI ModelPatcher clone.
+
+The source and the edit are two rows of one latent batch sampled from the
+same noise with the source prompt's conditioning; an attn2 patch gives the
+edit row its own prompt. Replace patches control the edit row's attention in
+the cond half (as P2P does): cross-attention copied from the source through
+the token alignment for the first ``cross_replace`` of the steps,
+self-attention of layers with at most 32x32 tokens shared for the first
+``self_replace``. A post-CFG function blends the edit's prediction with the
+reference (the source row, or the input latent) outside the mask."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import comfy.sample
+import comfy.utils
+import latent_preview
+import torch
+import torch.nn.functional as F
+from comfy.ldm.modules.attention import optimized_attention
+
+from ...attnseg import AttentionStore, AttnSegError
+from ...attnseg.fusion import DIFFSEGMENTER_WEIGHTS, diffsegmenter
+from ...attnseg.p2p import (TokenAlignment, align_tokens, blend_mask, check_fraction, controlled_cross_attention,
+                            local_blend)
+from ...attnseg.tokens import parse_class_list
+from .capture import CapturePlan, install_capture, step_index
+from .text import locate_words, tokenized
+from .unet import UNetInfo, check_conditioning, describe_unet
+
+# P2P shares the self-attention of layers up to 32 x 32 tokens (SD at 512 px: all but the finest).
+SELF_REPLACE_MAX_TOKENS = 32 * 32
+KEEP_OUTSIDE = ("source sample", "input latent")
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    mode: str = "replace"
+    cross_replace: float = 0.8
+    self_replace: float = 0.4
+    blend_words: str = ""
+    blend_start: float = 0.2
+    mask_threshold: float = 0.5
+    dilate: int = 1
+    feather: int = 1
+    reweight_words: str = ""
+    reweight_factor: float = 1.0
+    keep_outside: str = "source sample"
+    segmenter_weights: tuple[float, ...] = DIFFSEGMENTER_WEIGHTS
+
+    def check(self) -> None:
+        for name in ("cross_replace", "self_replace", "blend_start"):
+            check_fraction(getattr(self, name), name)
+        if self.keep_outside not in KEEP_OUTSIDE:
+            raise AttnSegError(f"keep_outside: '{self.keep_outside}' is not one of {', '.join(KEEP_OUTSIDE)}.")
+        if self.dilate < 0 or self.feather < 0:
+            raise AttnSegError("dilate / feather: use 0 (off) or a positive number of latent cells.")
+        if not self.reweight_factor >= 0:
+            raise AttnSegError(f"reweight_factor: {self.reweight_factor} must be >= 0 (1 = off).")
+
+
+@dataclass(frozen=True)
+class PromptPair:
+    """Both prompts as the model sees them."""
+
+    source_tokens: dict
+    edit_tokens: dict
+    alignment: TokenAlignment
+    reweight: torch.Tensor | None  # (T_edit,)
+    source_words: list[str]
+    edit_words: list[str]
+
+
+def _words(text: str, input_name: str) -> list[str]:
+    return parse_class_list(text, input_name) if text.strip() else []
+
+
+def pair_prompts(clip, source: str, edit: str, settings: EditSettings) -> PromptPair:
+    if not source.strip() or not edit.strip():
+        raise AttnSegError("source_prompt / edit_prompt: both prompts are needed (the edit changes the source).")
+    source_tokens, source_flat, source_words = tokenized(clip, source)
+    edit_tokens, edit_flat, edit_words = tokenized(clip, edit)
+    if len(source_flat) != len(edit_flat):
+        raise AttnSegError(f"edit_prompt: the prompts take {len(source_flat) // 77} and {len(edit_flat) // 77} "
+                           f"77-token chunks; keep their lengths in the same chunk (75 tokens each).")
+    alignment = align_tokens(source_flat, edit_flat, settings.mode)
+    reweight = None
+    names = _words(settings.reweight_words, "reweight_words")
+    if names and settings.reweight_factor != 1.0:
+        meta, _ = locate_words(clip, edit, names, "reweight_words")
+        reweight = torch.ones(len(edit_flat))
+        reweight[list(meta.class_positions)] = settings.reweight_factor
+    return PromptPair(source_tokens, edit_tokens, alignment, reweight, source_words, edit_words)
+
+
+class _Steps:
+    """Which step the running UNet call belongs to, set once per call."""
+
+    def __init__(self):
+        self.step, self.total = 0, 1
+
+    def before(self, fraction: float) -> bool:
+        return self.step < round(fraction * self.total)
+
+
+def _tile(alignment: TokenAlignment, reweight, tokens: int):
+    """The alignment for a context the host repeated to ``tokens`` tokens."""
+    size = alignment.copied.shape[0]
+    if tokens == size:
+        return alignment, reweight
+    copies = tokens // size
+    tiled = TokenAlignment(torch.block_diag(*[alignment.mapper] * copies), alignment.copied.repeat(copies))
+    return tiled, reweight.repeat(copies) if reweight is not None else None
+
+
+def install_prompt_to_prompt(model, info: UNetInfo, edit_context: torch.Tensor, pair: PromptPair,
+                             settings: EditSettings, steps: _Steps) -> None:
+    """Patch ``model`` (a clone) for a latent batch [source rows, edit rows]."""
+    tiled = {}
+
+    def cond_rows(extra: dict, batch: int) -> slice | None:
+        chunks = extra.get("cond_or_uncond") or [0]
+        if 0 not in chunks:
+            return None
+        per_chunk = batch // len(chunks)
+        start = chunks.index(0) * per_chunk
+        return slice(start, start + per_chunk)
+
+    def swap_context(n, context, value, extra):
+        rows = cond_rows(extra, context.shape[0])
+        if rows is None:
+            return n, context, value
+        half = (rows.stop - rows.start) // 2
+        own = edit_context.to(context)
+        own = own.repeat(1, context.shape[1] // own.shape[1], 1) if own.shape[1] != context.shape[1] else own
+        context = context.clone()
+        context[rows.start + half:rows.stop] = own
+        return n, context, value if value is None else context
+
+    model.set_model_attn2_patch(swap_context)
+    replaces = model.model_options.setdefault("transformer_options", {}).get("patches_replace", {})
+
+    def fast_path(previous):
+        def fast(q, k, v, extra):
+            if previous is not None:
+                return previous(q, k, v, extra)
+            return optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"),
+                                       transformer_options=extra)
+        return fast
+
+    def cross_patch(previous):
+        fast = fast_path(previous)
+
+        def patch(q, k, v, extra):
+            rows = cond_rows(extra, q.shape[0])
+            control = steps.before(settings.cross_replace) or pair.reweight is not None
+            if rows is None or not control:
+                return fast(q, k, v, extra)
+            key = k.shape[1]
+            if key not in tiled:
+                tiled[key] = _tile(pair.alignment, pair.reweight, key)
+            alignment, reweight = tiled[key]
+            heads = extra["n_heads"]
+            batch, n, inner = q.shape
+            dim = inner // heads
+            split = lambda x: x[rows].view(x[rows].shape[0], -1, heads, dim).transpose(1, 2)  # noqa: E731
+            probs = (torch.matmul(split(q).float(), split(k).float().transpose(-1, -2)) * dim ** -0.5).softmax(-1)
+            half = probs.shape[0] // 2
+            edited = controlled_cross_attention(probs[:half], probs[half:], alignment,
+                                                steps.before(settings.cross_replace), reweight)
+            probs = torch.cat([probs[:half], edited])
+            out = fast(q, k, v, extra)
+            out[rows] = torch.matmul(probs.to(v.dtype), split(v)).transpose(1, 2).reshape(-1, n, inner)
+            return out
+
+        return patch
+
+    def self_patch(previous):
+        fast = fast_path(previous)
+
+        def patch(q, k, v, extra):
+            rows = cond_rows(extra, q.shape[0])
+            if rows is None or not steps.before(settings.self_replace):
+                return fast(q, k, v, extra)
+            half = (rows.stop - rows.start) // 2
+            source, target = slice(rows.start, rows.start + half), slice(rows.start + half, rows.stop)
+            # The edit rows attend with the source rows' queries and keys: the source's
+            # attention probabilities applied to the edit's own values.
+            q, k = q.clone(), k.clone()
+            q[target], k[target] = q[source], k[source]
+            return fast(q, k, v, extra)
+
+        return patch
+
+    for layer in info.layers:
+        previous = replaces.get("attn2", {}).get(layer.patch_key)
+        model.set_model_attn2_replace(cross_patch(previous), *layer.patch_key)
+    def sized_self_patch(previous):
+        shared = self_patch(previous)
+        fast = fast_path(previous)
+
+        def patch(q, k, v, extra):
+            if q.shape[1] > SELF_REPLACE_MAX_TOKENS:
+                return fast(q, k, v, extra)
+            return shared(q, k, v, extra)
+
+        return patch
+
+    for layer in info.layers:
+        previous = replaces.get("attn1", {}).get(layer.patch_key)
+        model.set_model_attn1_replace(sized_self_patch(previous), *layer.patch_key)
+
+    previous_wrapper = model.model_options.get("model_function_wrapper")
+
+    def wrapper(apply_model, args):
+        options = args["c"].get("transformer_options", {})
+        steps.step, steps.total = step_index(options.get("sample_sigmas"), args["timestep"])
+        if previous_wrapper is not None:
+            return previous_wrapper(apply_model, args)
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    model.set_model_unet_function_wrapper(wrapper)
+
+
+def _blend_words(clip, pair_text: tuple[str, str], settings: EditSettings):
+    """The blend words' class metadata in the source and in the edit prompt
+    (each word must be in at least one of them)."""
+    names = _words(settings.blend_words, "blend_words")
+    metas = []
+    found = set()
+    for text in pair_text:
+        present = []
+        for name in names:
+            try:
+                locate_words(clip, text, [name], "blend_words")
+            except AttnSegError:
+                continue
+            present.append(name)
+        found |= set(present)
+        metas.append(locate_words(clip, text, present, "blend_words")[0] if present else None)
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise AttnSegError(f"blend_words: {', '.join(missing)} is in neither prompt. Blend words name the object "
+                           f"that changes, as written in the source or the edit prompt.")
+    return metas
+
+
+def _mask_from_store(store: AttentionStore, metas, settings: EditSettings, latent_size) -> torch.Tensor:
+    """Union of the source row's and the edit row's blend-word masks from the
+    attention captured so far (DiffSegmenter: fusion + completion)."""
+    masks = []
+    for row, meta in enumerate(metas):
+        if meta is None:
+            continue
+        scores = diffsegmenter(dataclasses.replace(store, prompt=meta), settings.segmenter_weights,
+                               what="edit attention")
+        masks.append(scores.maps[row] >= settings.mask_threshold)
+    return blend_mask(torch.cat(masks), latent_size, settings.dilate, settings.feather)
+
+
+def _user_mask(mask: torch.Tensor, latent_size, settings: EditSettings) -> torch.Tensor:
+    height, width = mask.shape[-2:]
+    if abs((width / height) / (latent_size[1] / latent_size[0]) - 1) > 0.02:
+        raise AttnSegError(f"mask: {width}x{height} does not have the latent's aspect ratio "
+                           f"({latent_size[1] * 8}x{latent_size[0] * 8} px). Give a mask of the image being edited.")
+    return blend_mask(mask[:1].float(), latent_size, settings.dilate, settings.feather)
+
+
+def edit_sample(model, clip, source_prompt: str, edit_prompt: str, negative, latent: dict, seed: int, steps: int,
+                cfg: float, sampler_name: str, scheduler: str, denoise: float, settings: EditSettings,
+                mask: torch.Tensor | None = None):
+    """Sample the source and the edit together. Returns (source latent, edited
+    latent, blend mask (1, H, W) at pixel size, alignment report)."""
+    settings.check()
+    samples = latent["samples"]
+    if samples.shape[0] != 1:
+        raise AttnSegError(f"latent_image: {samples.shape[0]} latents; the editor edits one image per run.")
+    latent_image = comfy.sample.fix_empty_latent_channels(model, samples)
+    pair = pair_prompts(clip, source_prompt, edit_prompt, settings)
+    blend = bool(settings.blend_words.strip()) or mask is not None
+    metas = _blend_words(clip, (source_prompt, edit_prompt), settings) if settings.blend_words.strip() else None
+    positive = clip.encode_from_tokens_scheduled(pair.source_tokens)
+    edit_context = clip.encode_from_tokens_scheduled(pair.edit_tokens)[0][0]
+    info = describe_unet(model)
+    check_conditioning(info, positive, "clip")
+    check_conditioning(info, negative, "negative")
+    latent_size = tuple(latent_image.shape[-2:])
+
+    patched = model.clone()
+    step_state = _Steps()
+    install_prompt_to_prompt(patched, info, edit_context, pair, settings, step_state)
+    store = None
+    if blend and mask is None:
+        # Every step's attention goes into a running average that locates the blend
+        # words, as P2P's local blend does (self-attention pooled to 32 x 32 for the
+        # completion). Either prompt's metadata folds repeated context copies: both
+        # have the same token count.
+        folding = next(meta for meta in metas if meta is not None)
+        store = AttentionStore(info.model_id, 2, latent_size, (latent_size[0] * 8, latent_size[1] * 8), folding)
+        install_capture(patched, info, store, CapturePlan(self_max_tokens=SELF_REPLACE_MAX_TOKENS))
+    blend_state = {"mask": None if mask is None else _user_mask(mask, latent_size, settings)}
+    reference = None
+    if settings.keep_outside == "input latent":
+        reference = patched.model.process_latent_in(latent_image)
+
+    def blend_prediction(args):
+        denoised = args["denoised"]
+        if not blend or step_state.step < round(settings.blend_start * step_state.total):
+            return denoised
+        if store is not None:
+            blend_state["mask"] = _mask_from_store(store, metas, settings, latent_size)
+        half = denoised.shape[0] // 2
+        target = denoised[:half] if reference is None else reference.to(denoised)
+        blended = local_blend(denoised[half:], target, blend_state["mask"].to(denoised.device))
+        return torch.cat([denoised[:half], blended])
+
+    patched.set_model_sampler_post_cfg_function(blend_prediction)
+    noise = comfy.sample.prepare_noise(latent_image, seed).repeat(2, 1, 1, 1)
+    callback = latent_preview.prepare_callback(patched, steps)
+    out = comfy.sample.sample(patched, noise, steps, cfg, sampler_name, scheduler, positive, negative,
+                              latent_image.repeat(2, 1, 1, 1), denoise=denoise, callback=callback,
+                              disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    used = blend_state["mask"]
+    if used is None:  # no blend ran: the whole image was free to change
+        used = torch.ones(1, 1, *latent_size)
+    pixel_mask = F.interpolate(used.float().cpu(), size=(latent_size[0] * 8, latent_size[1] * 8), mode="bilinear",
+                               align_corners=False)[:, 0]
+    report = "\n".join(pair.alignment.describe(pair.source_words, pair.edit_words))
+    return out[:1], out[1:], pixel_mask, report

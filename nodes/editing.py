@@ -1,0 +1,83 @@
+"""Prompt-to-Prompt editing: change one thing in an image by editing its
+prompt, with everything outside the changed object kept."""
+
+import comfy.samplers
+
+from ..attnseg.p2p import EDIT_MODES
+from ..hosts.comfyui.p2p import KEEP_OUTSIDE, EditSettings, edit_sample
+from .segmenters import parse_weights
+from .types import CATEGORY
+
+
+class AttnSegPromptToPrompt:
+    """Samples a source prompt and an edited prompt together from the same noise."""
+
+    DESCRIPTION = ("Prompt-to-Prompt editing. The source and the edit are sampled together from the same noise. "
+                   "For the first cross_replace of the steps the edit's cross-attention is the source's, token by "
+                   "token (replace: swapped words take the source word's maps; refine: only unchanged tokens do); "
+                   "for the first self_replace its self-attention (layers up to 32x32) is the source's. After "
+                   "blend_start, outside the mask of the blend words (the union of the source's and the edit's "
+                   "DiffSegmenter masks, or the mask input) the edit's prediction is the source's, so the rest of "
+                   "the image is kept. For an input image, VAE-encode it, set denoise below 1 and keep_outside to "
+                   "'input latent'.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL",),
+            "clip": ("CLIP",),
+            "source_prompt": ("STRING", {"multiline": True, "default": "a cat on a sofa"}),
+            "edit_prompt": ("STRING", {"multiline": True, "default": "a dog on a sofa"}),
+            "negative": ("CONDITIONING",),
+            "latent_image": ("LATENT", {"tooltip": "One latent: an empty latent, or a VAE-encoded image with "
+                                                   "denoise < 1."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
+            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+            "sampler_name": (comfy.samplers.KSampler.SAMPLERS,),
+            "scheduler": (comfy.samplers.KSampler.SCHEDULERS,),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+            "mode": (list(EDIT_MODES), {"default": "replace", "tooltip": "replace: word swaps keep the source "
+                                        "word's layout; refine: changed words attend freely (added details)."}),
+            "cross_replace": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 1.0, "step": 0.05,
+                                        "tooltip": "Fraction of the steps with the source's cross-attention."}),
+            "self_replace": ("FLOAT", {"default": 0.4, "min": 0.0, "max": 1.0, "step": 0.05,
+                                       "tooltip": "Fraction of the steps with the source's self-attention."}),
+            "blend_words": ("STRING", {"default": "", "tooltip": "Comma-separated words of the object that "
+                                       "changes, from either prompt (e.g. 'cat, dog'); empty: no local blend."}),
+            "blend_start": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 1.0, "step": 0.05,
+                                      "tooltip": "Fraction of the steps after which the blend applies."}),
+            "mask_threshold": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
+                                         "tooltip": "Threshold on the blend words' DiffSegmenter maps."}),
+            "dilate": ("INT", {"default": 1, "min": 0, "max": 16, "tooltip": "Grow the mask (latent cells)."}),
+            "feather": ("INT", {"default": 1, "min": 0, "max": 16, "tooltip": "Soften its edge (latent cells)."}),
+            "reweight_words": ("STRING", {"default": "", "tooltip": "Words of the edit prompt whose attention is "
+                                          "scaled by reweight_factor (P2P's attention re-weighting)."}),
+            "reweight_factor": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.1}),
+            "keep_outside": (list(KEEP_OUTSIDE), {"default": KEEP_OUTSIDE[0], "tooltip": "What the image outside "
+                             "the mask keeps: the source sample, or the input latent (editing an input image)."}),
+            "segmenter_weights": ("STRING", {"default": "0.3,0.5,0.1,0.1", "tooltip": "DiffSegmenter's per-"
+                                             "resolution weights for the blend mask, coarsest first."}),
+        }, "optional": {
+            "mask": ("MASK", {"tooltip": "Blend mask to use instead of the segmenter's (1 = edit)."}),
+        }}
+
+    RETURN_TYPES = ("LATENT", "LATENT", "MASK", "STRING")
+    RETURN_NAMES = ("edited", "source", "mask", "alignment")
+    FUNCTION = "edit"
+    CATEGORY = CATEGORY
+
+    def edit(self, model, clip, source_prompt, edit_prompt, negative, latent_image, seed, steps, cfg, sampler_name,
+             scheduler, denoise, mode, cross_replace, self_replace, blend_words, blend_start, mask_threshold, dilate,
+             feather, reweight_words, reweight_factor, keep_outside, segmenter_weights, mask=None):
+        settings = EditSettings(mode, cross_replace, self_replace, blend_words, blend_start, mask_threshold, dilate,
+                                feather, reweight_words, reweight_factor, keep_outside,
+                                tuple(parse_weights(segmenter_weights, "segmenter_weights")))
+        source, edited, used_mask, report = edit_sample(model, clip, source_prompt, edit_prompt, negative,
+                                                        latent_image, seed, steps, cfg, sampler_name, scheduler,
+                                                        denoise, settings, mask)
+        return ({**latent_image, "samples": edited}, {**latent_image, "samples": source}, used_mask, report)
+
+
+NODE_CLASS_MAPPINGS = {"AttnSegPromptToPrompt": AttnSegPromptToPrompt}
+NODE_DISPLAY_NAME_MAPPINGS = {"AttnSegPromptToPrompt": "AttnSeg Prompt-to-Prompt Edit"}
