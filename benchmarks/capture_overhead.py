@@ -8,7 +8,10 @@ Memory: each variant samples once in a fresh process; a thread samples the RSS.
     python benchmarks/capture_overhead.py [--steps 4 --size 512 --repeats 3] [--variants stock,scfg]
 
 Variants: stock KSampler, capture sampler, naive capture, S-CFG (the AttnSeg
-S-CFG patch on the stock KSampler).
+S-CFG patch on the stock KSampler), goca (the capture sampler recording what
+GoCA needs: output-weighted heads, every layer's self-attention at the last
+step, the reference queries; with it the segment pass is also timed with
+GoCA's heads alone and with GoCA's whole capture).
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ import torch  # noqa: E402
 from random_sd15 import ensure  # noqa: E402
 from reference_capture import install_naive_capture  # noqa: E402
 
+from attnseg_pack.hosts.comfyui.capture import CapturePlan  # noqa: E402
 from attnseg_pack.hosts.comfyui.passes import capture_pass, capture_sample  # noqa: E402
 from attnseg_pack.hosts.comfyui.text import encode_segmentation_prompt  # noqa: E402
-from attnseg_pack.nodes.capture import capture_plan  # noqa: E402
+from attnseg_pack.nodes.capture import capture_plan, with_goca  # noqa: E402
 
 PROMPT, CLASSES = "a photograph of a cat sitting on a sofa", "cat, sofa"
 
@@ -71,10 +75,14 @@ def sampler_variants(model, positive, negative, steps: int, size: int):
         patched, = PACK.NODE_CLASS_MAPPINGS["AttnSegSCFG"]().patch(model, 0.8, 3.0, 3, 0.0, 1.0)
         comfy_nodes.common_ksampler(patched, 0, steps, 7.5, "euler", "normal", positive, negative, latent)
 
-    return {"stock": stock, "capture": capture, "naive": naive, "scfg": scfg}
+    def goca():
+        plan = with_goca(capture_plan(steps, 0, -1, "last step"), "auto (GoCA)", "all (GoCA)")
+        capture_sample(model, 0, steps, 7.5, "euler", "normal", positive, negative, latent, 1.0, plan)
+
+    return {"stock": stock, "capture": capture, "naive": naive, "scfg": scfg, "goca": goca}
 
 
-def pass_variants(model, positive, size: int):
+def pass_variants(model, positive, size: int, goca: bool):
     latent = torch.zeros(1, 4, size // 8, size // 8)
     euler = comfy.samplers.sampler_object("euler")
 
@@ -95,7 +103,17 @@ def pass_variants(model, positive, size: int):
         comfy.sample.sample_custom(clone, noise, 1.0, euler, torch.stack([sigma, sigma * 0]), positive, positive,
                                    latent, disable_pbar=True, seed=0)
 
-    return {"plain forward": plain_forward, "segment pass": segment_pass, "naive pass": naive_pass}
+    def goca_heads_pass():
+        capture_pass(model, latent, positive, [100], 0, (size, size), CapturePlan(cross_heads="auto"))
+
+    def goca_pass():
+        capture_pass(model, latent, positive, [100], 0, (size, size), with_goca(CapturePlan(), "auto (GoCA)",
+                                                                                 "all (GoCA)"))
+
+    variants = {"plain forward": plain_forward, "segment pass": segment_pass, "naive pass": naive_pass}
+    if goca:
+        variants.update({"GoCA-heads pass": goca_heads_pass, "GoCA pass": goca_pass})
+    return variants
 
 
 def timed(variants: dict, repeats: int) -> dict[str, float]:
@@ -164,19 +182,29 @@ def main() -> None:
     chosen = args.variants.split(",")
     sampling = timed({k: v for k, v in sampler_variants(model, positive, negative, args.steps, args.size).items()
                       if k in chosen}, args.repeats)
-    passes = timed(pass_variants(model, positive, args.size), args.repeats) if "capture" in chosen else {}
+    passes = {}
+    if "capture" in chosen or "goca" in chosen:
+        passes = timed(pass_variants(model, positive, args.size, "goca" in chosen), args.repeats)
     mem = memory(args.steps, args.size, chosen)
     work = {k: v["peak"] - v["before"] for k, v in mem.items()}
     rows = []
     for variant, label, time_target, memory_target in (
             ("capture", "capture sampler", 1.15, 1.10), ("naive", "naive capture", None, None),
-            ("scfg", "S-CFG sampler", 1.15, None)):
+            ("scfg", "S-CFG sampler", 1.15, None), ("goca", "GoCA capture sampler", None, None)):
         if variant in chosen:
             rows.append((f"{label} / stock KSampler, time", sampling[variant] / sampling["stock"], time_target))
             rows.append((f"{label} / stock, peak RSS", mem[variant]["peak"] / mem["stock"]["peak"], memory_target))
+    if "goca" in chosen and "capture" in chosen:
+        rows.append(("GoCA capture sampler / capture sampler, time", sampling["goca"] / sampling["capture"], None))
+        rows.append(("GoCA capture sampler / capture sampler, working memory", work["goca"] / work["capture"], None))
     if passes:
         rows.append(("segment pass / plain UNet forward, time", passes["segment pass"] / passes["plain forward"], 1.3))
         rows.append(("naive pass / plain UNet forward, time", passes["naive pass"] / passes["plain forward"], None))
+    if "GoCA pass" in passes:
+        rows.append(("GoCA-heads pass / head-mean segment pass, time",
+                     passes["GoCA-heads pass"] / passes["segment pass"], None))
+        rows.append(("GoCA pass (heads + every self layer + queries) / segment pass, time",
+                     passes["GoCA pass"] / passes["segment pass"], None))
     print(f"SD1.5 (random weights), {args.size}x{args.size}, {args.steps} steps euler cfg 7.5, "
           f"{torch.get_num_threads()} threads, medians of {args.repeats}")
     print("| measure | ratio | target |\n| --- | --- | --- |")

@@ -23,7 +23,8 @@ WORKFLOWS = REPO / "workflows"
 MASK_IOU_FLOOR = 0.5
 SDXL_LAYOUT_CHECKPOINT = "tiny-sdxl-layout.safetensors"
 PACK_NODES = {"AttnSegDemoModelLoader", "AttnSegTextEncode", "AttnSegCatCrossEncode", "AttnSegISegCrossAttention",
-              "AttnSegEntSelf", "AttnSegSeeds", "AttnSegSCFG", "AttnSegGoCA", "AttnSegSegmentImage", "AttnSegCaptureSampler", "AttnSegDiffSegmenter",
+              "AttnSegEntSelf", "AttnSegSeeds", "AttnSegSCFG", "AttnSegGoCA", "AttnSegPromptToPrompt",
+              "AttnSegCaptionPrompt", "AttnSegSegmentImage", "AttnSegCaptureSampler", "AttnSegDiffSegmenter",
               "AttnSegMasks", "AttnSegClassMask"}
 
 
@@ -72,7 +73,7 @@ def test_pack_nodes_are_registered(object_info):
 
 
 @pytest.mark.parametrize("name", ["segment-image", "generate-and-segment", "iseg-segment", "iseg-seeds",
-                                  "goca-segment", "scfg-generate"])
+                                  "goca-segment", "scfg-generate", "p2p-edit-generated", "p2p-edit-image"])
 def test_ui_workflows_match_their_api_form(object_info, name):
     ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
     assert ui_to_api(ui, object_info) == strip_meta(api_workflow(name))
@@ -163,6 +164,37 @@ def test_scfg_workflow_generates_the_captions_colours(server):
     image = read(generated)
     assert image.shape == (128, 128, 3)
     assert colour_mask(image, "red").mean() > 0.02 and colour_mask(image, "blue").mean() > 0.02
+
+
+def test_p2p_workflow_edits_a_generated_image(server):
+    """'a red circle ...' -> 'a green circle ...': the circle turns green; the
+    composite takes the source's pixels wherever the blend mask is 0."""
+    outputs = server.output_files(server.run(api_workflow("p2p-edit-generated")))
+    edited, source, mask, composite = (read(outputs[node][0]) for node in ("6", "8", "10", "12"))
+    assert edited.shape == source.shape == composite.shape == (128, 128, 3)
+    outside = mask[..., 0] == 0
+    assert 0.3 < outside.mean() < 0.95
+    # (a mask value below 1/255 saves as 0 yet may still move a pixel by one level)
+    assert np.abs(composite[outside].astype(int) - source[outside]).max() <= 1
+    red = colour_mask(source, "red")
+    assert red.mean() > 0.05 and not (red & outside).any()  # the mask holds the circle
+    assert colour_mask(composite, "green").mean() > 0.05
+    assert colour_mask(composite, "red").mean() < red.mean() / 4
+
+
+def test_p2p_workflow_edits_an_input_image(server):
+    """The demo image's red circle becomes yellow; outside the mask the composite is the input."""
+    workflow = api_workflow("p2p-edit-image")
+    workflow["3"]["inputs"]["image"] = server.add_input(REPO / "demo" / "attnseg-demo.png")
+    outputs = server.output_files(server.run(workflow))
+    composite, mask = read(outputs["11"][0]), read(outputs["9"][0])
+    original = read(REPO / "demo" / "attnseg-demo.png")
+    assert composite.shape == original.shape
+    outside = mask[..., 0] == 0
+    red = colour_mask(original, "red")
+    assert outside.mean() > 0.4 and not (red & outside).any()
+    assert np.abs(composite[outside].astype(int) - original[outside]).max() <= 1
+    assert colour_mask(composite, "yellow")[red].mean() > 0.3
 
 
 def test_generate_and_segment_workflow(server):
