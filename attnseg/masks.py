@@ -56,6 +56,13 @@ def overlay(labels: torch.Tensor, num_classes: int, image: torch.Tensor | None =
     return torch.where((labels > 0)[..., None], tinted, image)
 
 
+def heat_map(scores: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) scores -> (B, H, W, 3): each pixel in its best class's colour,
+    as bright as that class's score."""
+    best, index = scores.max(dim=1)
+    return palette(scores.shape[1]).to(scores.device)[index + 1] * best[..., None]
+
+
 def make_masks(score_maps: ScoreMaps, threshold: float, background: str = "threshold"):
     """Everything the mask node outputs, at the image size: (labels, masks, scores)."""
     scores = score_maps.at_image_size().clamp(0, 1)

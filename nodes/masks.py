@@ -1,15 +1,33 @@
 import dataclasses
+import os
+import uuid
 
+import folder_paths
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..attnseg import AttnSegError
-from ..attnseg.masks import BACKGROUND_RULES, make_masks, overlay, palette
+from ..attnseg.masks import BACKGROUND_RULES, heat_map, make_masks, overlay, palette
 from ..attnseg.scores import ScoreMaps
 from .types import ATTN_SCORES, CATEGORY
 
 LEGEND_ROW = 14
+MAX_SHOWN = 4  # images of a batch previewed on the node
+
+
+def save_previews(pictures) -> list[dict]:
+    """(H, W, 3) images in [0, 1] -> PNGs in ComfyUI's temp folder, as node ``ui`` images."""
+    folder = folder_paths.get_temp_directory()
+    os.makedirs(folder, exist_ok=True)
+    stem = "attnseg_masks_" + uuid.uuid4().hex[:10]
+    shown = []
+    for index, picture in enumerate(pictures):
+        name = f"{stem}_{index:02d}.png"
+        Image.fromarray((picture.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)).save(
+            os.path.join(folder, name), compress_level=1)
+        shown.append({"filename": name, "subfolder": "", "type": "temp"})
+    return shown
 
 
 def fit_to_image(scores: ScoreMaps, image: torch.Tensor | None) -> ScoreMaps:
@@ -48,7 +66,8 @@ class AttnSegMasks:
     """Score maps -> per-class masks, a label map and a colour preview."""
 
     DESCRIPTION = ("Each pixel takes the class with the highest score, or background where the background rule "
-                   "scores higher. Outputs are at the segmented image's size.")
+                   "scores higher. Outputs are at the segmented image's size. The node shows the labels over the "
+                   "image and a heat map of the scores, each with a legend.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -76,10 +95,13 @@ class AttnSegMasks:
         scores = fit_to_image(scores, image)
         labels, masks, soft = make_masks(scores, threshold, background)
         base = image[..., :3].to(soft.device) if image is not None else None
-        coloured = overlay(labels, len(scores.class_names), base)
-        strip = legend(scores.class_names, coloured.shape[2]).to(coloured)
-        preview = torch.cat([coloured, strip.expand(coloured.shape[0], -1, -1, -1)], dim=1)
-        return (masks.cpu(), labels.float().cpu(), preview.cpu(), soft.flatten(0, 1).cpu())
+        strip = legend(scores.class_names, soft.shape[-1]).to(soft)
+        with_legend = lambda pictures: torch.cat([pictures, strip.expand(pictures.shape[0], -1, -1, -1)], dim=1)  # noqa: E731
+        preview = with_legend(overlay(labels, len(scores.class_names), base))
+        heat = with_legend(heat_map(soft))
+        shown = save_previews([*preview[:MAX_SHOWN], *heat[:MAX_SHOWN]])
+        return {"ui": {"images": shown},
+                "result": (masks.cpu(), labels.float().cpu(), preview.cpu(), soft.flatten(0, 1).cpu())}
 
 
 class AttnSegClassMask:

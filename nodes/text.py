@@ -1,4 +1,4 @@
-from ..hosts.comfyui.text import encode_segmentation_prompt
+from ..hosts.comfyui.text import encode_segmentation_prompt, remember_tokenizer
 from .types import CATEGORY
 
 
@@ -22,7 +22,7 @@ class AttnSegTextEncode:
                                                   "(DiffSegmenter's class++: 1.21; 1 = off)."}),
             "fuse_ing_word": ("BOOLEAN", {"default": True, "tooltip": "A word ending in -ing right after a class "
                                           "word joins the class (DiffSegmenter: 'dog running')."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("CONDITIONING", "STRING")
     RETURN_NAMES = ("conditioning", "tokens")
@@ -31,9 +31,10 @@ class AttnSegTextEncode:
     FUNCTION = "encode"
     CATEGORY = CATEGORY
 
-    def encode(self, clip, prompt, classes, class_weight=1.0, fuse_ing_word=True):
+    def encode(self, clip, prompt, classes, class_weight=1.0, fuse_ing_word=True, unique_id=None):
         if clip is None:
             raise RuntimeError("clip: no CLIP model is connected; connect a checkpoint loader's CLIP output.")
+        remember_tokenizer(unique_id, clip)  # the class picker then reads the prompt with this CLIP's tokenizer
         conditioning, meta = encode_segmentation_prompt(clip, prompt, classes, class_weight, fuse_ing_word)
         report = meta.readable + "\n" + "\n".join(f"{c.name}: tokens {list(c.positions)}" for c in meta.classes)
         return (conditioning, report)

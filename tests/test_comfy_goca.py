@@ -137,7 +137,7 @@ def test_goca_node_from_capture_to_masks(layout, clip, vae):
     finest = min(l.factor for l in describe_unet(model).layers)
     assert auto.maps.shape[-2:] == (8 // finest, 16 // finest)  # the finest self-attention grid
     assert not torch.allclose(auto.maps, uniform.maps)
-    masks, labels, preview, soft = NODES["AttnSegMasks"]().make(auto, 0.5, "threshold", image())
+    masks, labels, preview, soft = NODES["AttnSegMasks"]().make(auto, 0.5, "threshold", image())["result"]
     assert masks.shape == (1, 64, 96) and preview.shape == (1, 64 + 28, 96, 3)
 
 

@@ -88,7 +88,7 @@ def test_iseg_nodes_chain_to_masks_at_the_image_size(models):
     cross, = NODES["AttnSegISegCrossAttention"]().segment(store, "4,2", "0.7,0.3")
     refined, = NODES["AttnSegEntSelf"]().refine(cross, store, 0.01, 10, "paper")
     assert refined.class_names == ["cat", "dog"] and refined.maps.shape[:2] == (1, 2)
-    masks, labels, preview, soft = NODES["AttnSegMasks"]().make(refined, 0.5, "(1 - max)^2", image())
+    masks, labels, preview, soft = NODES["AttnSegMasks"]().make(refined, 0.5, "(1 - max)^2", image())["result"]
     assert masks.shape == (2, 64, 96) and labels.shape == (1, 64, 96)
 
 

@@ -1,5 +1,7 @@
 """The pack's nodes in-process on tiny models: prompt handling and every bad input."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -98,12 +100,20 @@ def test_masks_check_the_image_batch_and_aspect(models):
     _, clip, _ = models
     cond, _ = encode(clip, "a cat and a dog", "cat, dog")
     scores = scores_of(segment(models, torch.rand(2, 48, 80, 3), cond))
-    masks, labels, preview, soft = NODES["AttnSegMasks"]().make(scores, 0.5, image=torch.rand(2, 48, 80, 3))
+    masks, labels, preview, soft = NODES["AttnSegMasks"]().make(scores, 0.5, image=torch.rand(2, 48, 80, 3))["result"]
     assert masks.shape == (4, 48, 80) and labels.shape == (2, 48, 80) and soft.shape == (4, 48, 80)
     assert preview.shape == (2, 48 + 14 * 3, 80, 3)
     assert set(labels.unique().tolist()) <= {0.0, 1.0, 2.0}
+    shown = NODES["AttnSegMasks"]().make(scores, 0.5, image=torch.rand(2, 48, 80, 3))["ui"]["images"]
+    assert len(shown) == 4  # labels over each image, then each heat map, all with the legend
+    import folder_paths
+    from PIL import Image
+    for entry in shown:
+        assert entry["type"] == "temp"
+        with Image.open(Path(folder_paths.get_temp_directory()) / entry["filename"]) as picture:
+            assert picture.size == (80, 48 + 14 * 3)
     # Same aspect at another size: the masks follow the image.
-    assert NODES["AttnSegMasks"]().make(scores, 0.5, image=torch.rand(2, 96, 160, 3))[0].shape == (4, 96, 160)
+    assert NODES["AttnSegMasks"]().make(scores, 0.5, image=torch.rand(2, 96, 160, 3))["result"][0].shape == (4, 96, 160)
     with pytest.raises(AttnSegError, match="image: 1 images but the scores are of 2"):
         NODES["AttnSegMasks"]().make(scores, 0.5, image=torch.rand(1, 48, 80, 3))
     with pytest.raises(AttnSegError, match="image: 80x80 does not have the aspect ratio"):
@@ -114,7 +124,7 @@ def test_class_mask_by_name(models):
     _, clip, _ = models
     cond, _ = encode(clip, "a cat and a dog", "cat, dog")
     scores = scores_of(segment(models, torch.rand(1, 64, 64, 3), cond))
-    masks = NODES["AttnSegMasks"]().make(scores, 0.3)[0]
+    masks = NODES["AttnSegMasks"]().make(scores, 0.3)["result"][0]
     dog, = NODES["AttnSegClassMask"]().pick(scores, "Dog", 0.3)
     assert torch.equal(dog, masks[1:2])
     with pytest.raises(AttnSegError, match="class_name: 'zebra' is not one of the segmented classes \\(cat, dog\\)"):
@@ -154,3 +164,14 @@ def test_class_plus_plus_reweights_only_the_class_tokens(models):
     assert torch.equal(weighted[0][0][:, others], plain[0][0][:, others])
     with pytest.raises(AttnSegError, match="class_weight"):
         encode_segmentation_prompt(clip, "a cat", "cat", class_weight=0.0)
+
+
+def test_prompt_words_for_the_class_picker(models):
+    from attnseg_pack.hosts.comfyui.text import prompt_words, sd1_tokenizer
+    _, clip, _ = models
+    for tokenizer in (clip.tokenizer, sd1_tokenizer()):
+        found = prompt_words(tokenizer, "a red circle, a hedgehog", ["red circle", "hedgehog", "star"])
+        assert [w["text"] for w in found["words"]] == ["a", "red", "circle", ",", "a", "hedgehog"]
+        assert found["words"][1]["positions"] == [2] and len(found["words"][5]["positions"]) >= 1
+        assert found["missing"] == ["star"] and found["token_count"] == 77
+    assert prompt_words(sd1_tokenizer(), " ", [])["words"] == []

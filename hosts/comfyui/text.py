@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from ...attnseg.errors import AttnSegError
-from ...attnseg.tokens import (SegPrompt, fuse_ing_words, iseg_template_prompt, locate_classes, parse_class_list,
-                               template_prompt)
+from ...attnseg.tokens import (SegPrompt, find_subsequence, fuse_ing_words, iseg_template_prompt, locate_classes,
+                               parse_class_list, template_prompt)
 from .catcross import KeyScale
 
 # The conditioning dict keys that carry the class metadata and Cat-Cross's
@@ -132,3 +132,54 @@ def key_scale_of(conditioning) -> KeyScale | None:
 
 def prompt_of(conditioning) -> SegPrompt | None:
     return _extra_of(conditioning, PROMPT_KEY)
+
+
+# Tokenizers of the CLIPs the text encoder nodes ran with, by node id, so the
+# UI's class picker can show a prompt exactly as the connected model reads it.
+SEEN_TOKENIZERS: dict[str, object] = {}
+_SD1_TOKENIZER = []
+
+
+def remember_tokenizer(node_id, clip) -> None:
+    if node_id is not None and clip is not None:
+        SEEN_TOKENIZERS[str(node_id)] = clip.tokenizer
+
+
+def sd1_tokenizer():
+    """ComfyUI's SD1 tokenizer (its vocabulary ships with ComfyUI), built once."""
+    if not _SD1_TOKENIZER:
+        from comfy.sd1_clip import SD1Tokenizer
+
+        _SD1_TOKENIZER.append(SD1Tokenizer())
+    return _SD1_TOKENIZER[0]
+
+
+def prompt_words(tokenizer, text: str, classes: list[str]) -> dict:
+    """The prompt's words as the tokenizer reads them, each with its token
+    positions, and the classes that are not in it."""
+    tokens = tokenizer.tokenize_with_weights(text, return_word_ids=True)
+    stream = _stream(tokens)
+    vocab = getattr(getattr(tokenizer, f"clip_{stream}", None), "inv_vocab", None) or {}
+    flat = [(entry[0], entry[2]) for chunk in tokens[stream] for entry in chunk]
+    # CLIP's BPE marks the last piece of each word with "</w>"; BOS, EOS and
+    # padding carry word id 0.
+    words, open_word = [], False
+    for position, (token, word_id) in enumerate(flat):
+        if word_id == 0:
+            open_word = False
+            continue
+        piece = "<embedding></w>" if isinstance(token, torch.Tensor) else vocab.get(token, f"{token}</w>")
+        if open_word:
+            words[-1]["text"] += piece.replace("</w>", "")
+            words[-1]["positions"].append(position)
+        else:
+            words.append({"text": piece.replace("</w>", ""), "positions": [position]})
+        open_word = not piece.endswith("</w>")
+    ids = [token for token, _ in flat]
+    missing = []
+    for name in classes:
+        own = tokenizer.tokenize_with_weights(name, return_word_ids=True, disable_weights=True)[stream]
+        part = [entry[0] for chunk in own for entry in chunk if entry[2] != 0]
+        if not part or find_subsequence(ids, part, _same) < 0:
+            missing.append(name)
+    return {"words": words, "missing": missing, "token_count": len(flat)}

@@ -1,0 +1,256 @@
+"""The pack in the real ComfyUI frontend, in headless Debian Chromium (Selenium
+with Debian's chromedriver, no browser download): every example workflow loads
+without frontend errors, the seed editor and the class picker write their
+widgets, a queued workflow shows its mask preview on the node."""
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+
+from comfy_env import REPO
+from comfy_server import ComfyServer, PACK_FOLDER
+
+WORKFLOWS = sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
+ARTIFACTS = REPO / "tests" / "artifacts"
+# Frontend noise that is not about this pack: a missing favicon, the template
+# index of the frontend's own template packages, and its Comfy Registry lookups
+# of custom nodes (api.comfy.org is out of reach offline).
+IGNORED_CONSOLE = ("favicon.ico", "/templates/index", "workflow_templates/index", "https://api.comfy.org/")
+
+
+def chromium_paths():
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (browser and driver):
+        pytest.fail("Debian's chromium and chromium-driver are needed (scripts/test.sh installs them).")
+    return browser, driver
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with ComfyServer(tmp_path_factory.mktemp("comfy-browser")) as running:
+        running.add_input(REPO / "demo" / "attnseg-demo.png")
+        yield running
+
+
+def skip_first_run_dialog(server) -> None:
+    """A new user gets the template browser on top of the graph; a returning one does not."""
+    import urllib.request
+    request = urllib.request.Request(server.url + "/settings/Comfy.TutorialCompleted", data=b"true", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=30).close()
+
+
+@pytest.fixture(scope="module")
+def browser(server):
+    binary, driver_path = chromium_paths()
+    skip_first_run_dialog(server)
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=1600,1000"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
+    driver.set_script_timeout(60)
+    driver.get(server.url)
+    wait_for(driver, "return !!(window.app && window.app.graph && window.LiteGraph"
+                     " && LiteGraph.registered_node_types['AttnSegSeeds'])", 120)
+    driver.get_log("browser")  # start the error log after the frontend has booted
+    yield driver
+    driver.quit()
+
+
+def wait_for(driver, script: str, timeout: float = 30, *args):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = driver.execute_script(script, *args)
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for: {script}")
+
+
+def severe_errors(driver) -> list[str]:
+    return [entry["message"] for entry in driver.get_log("browser")
+            if entry["level"] == "SEVERE" and not any(noise in entry["message"] for noise in IGNORED_CONSOLE)]
+
+
+def load(driver, name: str) -> None:
+    graph = json.loads((REPO / "workflows" / f"{name}.json").read_text())
+    driver.execute_async_script("const done = arguments[1]; app.loadGraphData(arguments[0]).then(() => done(true));",
+                                graph)
+    time.sleep(0.5)
+
+
+def node_id(driver, node_type: str) -> int:
+    return driver.execute_script("return app.graph._nodes.find(n => n.type === arguments[0]).id", node_type)
+
+
+def widget_value(driver, node: int, name: str):
+    return driver.execute_script(
+        "return app.graph.getNodeById(arguments[0]).widgets.find(w => w.name === arguments[1]).value", node, name)
+
+
+def test_templates_are_listed_with_thumbnails(server):
+    listed = server.get("/workflow_templates")[PACK_FOLDER]
+    assert sorted(listed) == WORKFLOWS
+    for name in WORKFLOWS:
+        assert (REPO / "workflows" / f"{name}.jpg").is_file(), f"{name} has no thumbnail"
+        with Image.open(REPO / "workflows" / f"{name}.jpg") as thumbnail:
+            assert thumbnail.width >= 128
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_every_workflow_loads_without_frontend_errors(browser, name):
+    load(browser, name)
+    types = browser.execute_script("return app.graph._nodes.map(n => n.type)")
+    workflow = json.loads((REPO / "workflows" / f"{name}.json").read_text())
+    assert sorted(types) == sorted(n["type"] for n in workflow["nodes"])
+    missing = browser.execute_script("return app.graph._nodes.filter(n => !LiteGraph.registered_node_types[n.type])"
+                                     ".map(n => n.type)")
+    assert missing == []
+    assert severe_errors(browser) == []
+
+
+def focus(driver, node: int, scale: float = 1.0) -> None:
+    """Scroll and zoom the graph so the node sits near the top left, whole."""
+    driver.execute_script("const n = app.graph.getNodeById(arguments[0]); app.canvas.selectNode(n);"
+                          "app.canvas.ds.scale = arguments[1];"
+                          "app.canvas.ds.offset = [120 / arguments[1] - n.pos[0], 180 / arguments[1] - n.pos[1]];"
+                          "app.graph.setDirtyCanvas(true, true);", node, scale)
+    time.sleep(1.0)
+
+
+def node_screenshot(driver, node: int, path: Path) -> None:
+    """A screenshot of the window cropped to the node (title bar included)."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    left, top, width, height = driver.execute_script(
+        "const n = app.graph.getNodeById(arguments[0]); const ds = app.canvas.ds;"
+        "const box = app.canvas.canvas.getBoundingClientRect(); const title = LiteGraph.NODE_TITLE_HEIGHT;"
+        "return [box.left + (n.pos[0] + ds.offset[0]) * ds.scale, box.top + (n.pos[1] - title + ds.offset[1]) * ds.scale,"
+        " n.size[0] * ds.scale, (n.size[1] + title) * ds.scale].map(v => v * devicePixelRatio)", node)
+    driver.save_screenshot(str(path))
+    with Image.open(path) as window:
+        box = (max(0, int(left) - 6), max(0, int(top) - 6), int(left + width) + 6, int(top + height) + 6)
+        window.crop(box).save(path)
+
+
+def canvas_of(driver, node: int):
+    return wait_for(driver, "const n = app.graph.getNodeById(arguments[0]);"
+                            "const w = n.widgets.find(w => w.name === 'seed_editor');"
+                            "return w && w.element.querySelector('[data-attnseg=seed-canvas]');", 30, node)
+
+
+def test_seed_editor_places_a_point_and_draws_a_box(browser):
+    load(browser, "iseg-seeds")
+    seeds = node_id(browser, "AttnSegSeeds")
+    focus(browser, seeds, 1.3)
+    canvas = canvas_of(browser, seeds)
+    wait_for(browser, "return arguments[0].closest('[data-attnseg=seed-editor]')"
+                      ".querySelector('[data-attnseg=seed-status]').textContent.includes('192x128')", 30, canvas)
+    editor = browser.execute_script("return arguments[0].closest('[data-attnseg=seed-editor]')", canvas)
+    editor.find_element(By.CSS_SELECTOR, "[data-attnseg=seed-clear]").click()
+    assert json.loads(widget_value(browser, seeds, "seeds")) == []
+    size = canvas.size
+    ActionChains(browser).move_to_element_with_offset(canvas, -size["width"] // 6, 0).click().perform()
+    editor.find_element(By.CSS_SELECTOR, "[data-attnseg=seed-mode] option[value=box]").click()
+    (ActionChains(browser).move_to_element_with_offset(canvas, size["width"] // 8, -size["height"] // 6)
+     .click_and_hold().move_by_offset(size["width"] // 8, size["height"] // 4).release().perform())
+    placed = json.loads(widget_value(browser, seeds, "seeds"))
+    assert [list(s) for s in placed] == [["point"], ["box"]]
+    (x, y), box = placed[0]["point"], placed[1]["box"]
+    assert 0 <= x < 96 and 0 < y < 128  # left of the middle of the 192 x 128 image
+    assert 96 <= box[0] < box[2] <= 192 and 0 <= box[1] < box[3] <= 128
+    node_screenshot(browser, seeds, ARTIFACTS / "seed-editor.png")
+    editor.find_element(By.CSS_SELECTOR, "[data-attnseg=seed-undo]").click()
+    assert len(json.loads(widget_value(browser, seeds, "seeds"))) == 1
+    assert severe_errors(browser) == []
+
+
+def test_seed_editor_says_when_no_image_is_connected(browser):
+    browser.execute_script("app.graph.clear();"
+                           "const n = LiteGraph.createNode('AttnSegSeeds'); n.pos = [200, 200]; app.graph.add(n);")
+    status = wait_for(browser, "const n = app.graph._nodes.find(n => n.type === 'AttnSegSeeds');"
+                               "const s = n.widgets.find(w => w.name === 'seed_editor').element"
+                               ".querySelector('[data-attnseg=seed-status]');"
+                               "return s.textContent.includes('Connect') && s.textContent;", 10)
+    assert "Load Image" in status
+
+
+def picker_state(driver, node: int):
+    return driver.execute_script(
+        "const e = app.graph.getNodeById(arguments[0]).widgets.find(w => w.name === 'class_picker').element;"
+        "return {words: [...e.querySelectorAll('[data-attnseg-word]')].map(c => [c.dataset.attnsegWord,"
+        " c.dataset.selected]), status: e.querySelector('[data-attnseg=class-status]').textContent,"
+        " missing: e.querySelector('[data-attnseg=class-status]').dataset.missing}", node)
+
+
+def test_class_picker_toggles_words_and_flags_missing_classes(browser):
+    load(browser, "segment-image")
+    text = node_id(browser, "AttnSegTextEncode")
+    state = wait_for(browser, "const e = app.graph.getNodeById(arguments[0]).widgets"
+                              ".find(w => w.name === 'class_picker').element;"
+                              "return e.querySelectorAll('[data-attnseg-word]').length >= 7;", 30, text)
+    assert state
+    words = dict(picker_state(browser, text)["words"])
+    assert words["red"] == "true" and words["circle"] == "true" and words["and"] == "false"
+    browser.execute_script(
+        "const e = app.graph.getNodeById(arguments[0]).widgets.find(w => w.name === 'class_picker').element;"
+        "e.querySelector('[data-attnseg-word=blue]').dispatchEvent(new PointerEvent('pointerdown', {bubbles: true}))",
+        text)
+    assert widget_value(browser, text, "classes") == "red circle"
+    browser.execute_script(
+        "const e = app.graph.getNodeById(arguments[0]).widgets.find(w => w.name === 'class_picker').element;"
+        "e.querySelector('[data-attnseg-word=square]').dispatchEvent(new PointerEvent('pointerdown', {bubbles: true}))",
+        text)
+    assert widget_value(browser, text, "classes") == "red circle, square"
+    browser.execute_script("const n = app.graph.getNodeById(arguments[0]);"
+                           "n.widgets.find(w => w.name === 'classes').value = 'red circle, green star';", text)
+    wait_for(browser, "const e = app.graph.getNodeById(arguments[0]).widgets.find(w => w.name === 'class_picker')"
+                      ".element; return e.querySelector('[data-attnseg=class-status]').dataset.missing === 'green star'",
+             10, text)
+    assert "Not in the prompt: green star" in picker_state(browser, text)["status"]
+    browser.execute_script("const n = app.graph.getNodeById(arguments[0]);"
+                           "n.widgets.find(w => w.name === 'prompt').value = ' , ; ';", text)
+    wait_for(browser, "const e = app.graph.getNodeById(arguments[0]).widgets.find(w => w.name === 'class_picker')"
+                      ".element; return e.querySelector('[data-attnseg=class-status]').textContent"
+                      ".includes('Not in the prompt: red circle, green star')", 10, text)
+
+
+def test_tokenize_route_explains_a_bad_body(server):
+    import urllib.error
+    import urllib.request
+    for body, reason in ((b"not json", "the body must be JSON"), (b'{"prompt": 3}', "prompt: a string is required"),
+                         (b'{"prompt": "a cat", "classes": [1]}', "classes: a comma-separated string")):
+        request = urllib.request.Request(server.url + "/attnseg/tokenize", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(request, timeout=30)
+        assert error.value.code == 400 and reason in json.loads(error.value.read())["error"]
+    found = server.post("/attnseg/tokenize", {"prompt": "a red circle", "classes": "circle, star"})
+    assert [w["text"] for w in found["words"]] == ["a", "red", "circle"] and found["missing"] == ["star"]
+
+
+def test_queued_workflow_shows_the_mask_preview(browser):
+    load(browser, "segment-image")
+    masks = node_id(browser, "AttnSegMasks")
+    browser.execute_script("app.queuePrompt(0, 1)")
+    count = wait_for(browser, "const n = app.graph.getNodeById(arguments[0]);"
+                              "return n.imgs && n.imgs.length && n.imgs.every(i => i.complete && i.naturalWidth)"
+                              " && n.imgs.length", 180, masks)
+    assert count == 2  # the labels over the image and the heat map, each with its legend
+    sizes = browser.execute_script("return app.graph.getNodeById(arguments[0]).imgs"
+                                   ".map(i => [i.naturalWidth, i.naturalHeight])", masks)
+    assert sizes == [[192, 128 + 14 * 3]] * 2
+    focus(browser, masks, 1.3)
+    node_screenshot(browser, masks, ARTIFACTS / "mask-preview.png")
+    assert severe_errors(browser) == []
