@@ -224,6 +224,13 @@ def test_class_picker_toggles_words_and_flags_missing_classes(browser):
     wait_for(browser, "const e = app.graph.getNodeById(arguments[0]).widgets.find(w => w.name === 'class_picker')"
                       ".element; return e.querySelector('[data-attnseg=class-status]').textContent"
                       ".includes('Not in the prompt: red circle, green star')", 10, text)
+    browser.execute_script("const n = app.graph.getNodeById(arguments[0]);"
+                           "n.widgets.find(w => w.name === 'prompt').value = '   ';"
+                           "n.widgets.find(w => w.name === 'classes').value = '';", text)
+    wait_for(browser, "const e = app.graph.getNodeById(arguments[0]).widgets.find(w => w.name === 'class_picker')"
+                      ".element; return e.querySelector('[data-attnseg=class-status]').textContent"
+                      ".startsWith('Empty prompt')", 10, text)
+    assert picker_state(browser, text)["words"] == []
 
 
 def test_tokenize_route_explains_a_bad_body(server):
