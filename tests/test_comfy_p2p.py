@@ -76,6 +76,17 @@ def test_outside_the_mask_the_edit_is_the_source(demo):
     assert (red & (mask[0].numpy() > 0)).sum() / red.sum() > 0.95
 
 
+def test_reweighting_a_word_changes_the_edit_only_while_attention_is_replaced(demo):
+    model, clip, _ = demo
+    plain, _, _, _ = edit(model, clip, empty(), blend_words="")
+    stronger, _, _, _ = edit(model, clip, empty(), blend_words="", reweight_words="green", reweight_factor=3.0)
+    assert float((stronger["samples"] - plain["samples"]).abs().mean()) > 0.01
+    unused, _, _, _ = edit(model, clip, empty(), blend_words="", reweight_words="green", reweight_factor=3.0,
+                           cross_replace=0.0)
+    no_control, _, _, _ = edit(model, clip, empty(), blend_words="", cross_replace=0.0)
+    torch.testing.assert_close(unused["samples"], no_control["samples"])
+
+
 def test_an_empty_mask_returns_the_source(demo):
     model, clip, _ = demo
     edited, source, mask, _ = edit(model, clip, empty(), mask=torch.zeros(1, 128, 128), blend_words="")

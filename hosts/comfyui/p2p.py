@@ -155,8 +155,8 @@ def install_prompt_to_prompt(model, info: UNetInfo, edit_context: torch.Tensor, 
 
         def patch(q, k, v, extra):
             rows = cond_rows(extra, q.shape[0])
-            control = steps.before(settings.cross_replace) or pair.reweight is not None
-            if rows is None or not control:
+            # As in P2P, both the copy and the re-weighting end with the cross-replace steps.
+            if rows is None or not steps.before(settings.cross_replace):
                 return fast(q, k, v, extra)
             key = k.shape[1]
             if key not in tiled:
@@ -168,8 +168,7 @@ def install_prompt_to_prompt(model, info: UNetInfo, edit_context: torch.Tensor, 
             split = lambda x: x[rows].view(x[rows].shape[0], -1, heads, dim).transpose(1, 2)  # noqa: E731
             probs = (torch.matmul(split(q).float(), split(k).float().transpose(-1, -2)) * dim ** -0.5).softmax(-1)
             half = probs.shape[0] // 2
-            edited = controlled_cross_attention(probs[:half], probs[half:], alignment,
-                                                steps.before(settings.cross_replace), reweight)
+            edited = controlled_cross_attention(probs[:half], probs[half:], alignment, True, reweight)
             probs = torch.cat([probs[:half], edited])
             out = fast(q, k, v, extra)
             out[rows] = torch.matmul(probs.to(v.dtype), split(v)).transpose(1, 2).reshape(-1, n, inner)
