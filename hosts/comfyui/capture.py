@@ -67,6 +67,17 @@ class CapturePlan:
         return self.self_every_layer or layer.factor in factors
 
 
+def fallback_attention(previous):
+    """The attention a patch runs when it has nothing to do: the replace patch that
+    was there before it, else ComfyUI's optimized attention."""
+    def fast(q, k, v, extra):
+        if previous is not None:
+            return previous(q, k, v, extra)
+        return optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"),
+                                   transformer_options=extra)
+    return fast
+
+
 def step_index(sample_sigmas: torch.Tensor | None, sigma: torch.Tensor) -> tuple[int, int]:
     """(step, total steps) of the running UNet call: the last schedule sigma at
     or above the current one (so a second-order sampler's midpoint counts to
@@ -111,11 +122,7 @@ def install_capture(model, info: UNetInfo, store: AttentionStore, plan: CaptureP
         stores_queries = kind == "cross" and layer == reference
         query_key = LayerKey("query", layer.block, layer.block_id, layer.depth, layer.factor)
 
-        def fast(q, k, v, extra):
-            if previous is not None:
-                return previous(q, k, v, extra)
-            return optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"),
-                                       transformer_options=extra)
+        fast = fallback_attention(previous)
 
         def patch(q, k, v, extra):
             rows = wanted_rows(extra, q.shape[0]) if state[kind] else None

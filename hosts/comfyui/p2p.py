@@ -19,14 +19,13 @@ import comfy.utils
 import latent_preview
 import torch
 import torch.nn.functional as F
-from comfy.ldm.modules.attention import optimized_attention
 
 from ...attnseg import AttentionStore, AttnSegError
 from ...attnseg.fusion import DIFFSEGMENTER_WEIGHTS, diffsegmenter
 from ...attnseg.p2p import (TokenAlignment, align_tokens, blend_mask, check_fraction, controlled_cross_attention,
                             local_blend)
 from ...attnseg.tokens import parse_class_list
-from .capture import CapturePlan, install_capture, step_index
+from .capture import CapturePlan, fallback_attention, install_capture, step_index
 from .text import locate_words, tokenized
 from .unet import UNetInfo, check_conditioning, describe_unet
 
@@ -142,16 +141,8 @@ def install_prompt_to_prompt(model, info: UNetInfo, edit_context: torch.Tensor, 
     model.set_model_attn2_patch(swap_context)
     replaces = model.model_options.setdefault("transformer_options", {}).get("patches_replace", {})
 
-    def fast_path(previous):
-        def fast(q, k, v, extra):
-            if previous is not None:
-                return previous(q, k, v, extra)
-            return optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"),
-                                       transformer_options=extra)
-        return fast
-
     def cross_patch(previous):
-        fast = fast_path(previous)
+        fast = fallback_attention(previous)
 
         def patch(q, k, v, extra):
             rows = cond_rows(extra, q.shape[0])
@@ -177,11 +168,11 @@ def install_prompt_to_prompt(model, info: UNetInfo, edit_context: torch.Tensor, 
         return patch
 
     def self_patch(previous):
-        fast = fast_path(previous)
+        fast = fallback_attention(previous)
 
         def patch(q, k, v, extra):
             rows = cond_rows(extra, q.shape[0])
-            if rows is None or not steps.before(settings.self_replace):
+            if rows is None or q.shape[1] > SELF_REPLACE_MAX_TOKENS or not steps.before(settings.self_replace):
                 return fast(q, k, v, extra)
             half = (rows.stop - rows.start) // 2
             source, target = slice(rows.start, rows.start + half), slice(rows.start + half, rows.stop)
@@ -194,22 +185,8 @@ def install_prompt_to_prompt(model, info: UNetInfo, edit_context: torch.Tensor, 
         return patch
 
     for layer in info.layers:
-        previous = replaces.get("attn2", {}).get(layer.patch_key)
-        model.set_model_attn2_replace(cross_patch(previous), *layer.patch_key)
-    def sized_self_patch(previous):
-        shared = self_patch(previous)
-        fast = fast_path(previous)
-
-        def patch(q, k, v, extra):
-            if q.shape[1] > SELF_REPLACE_MAX_TOKENS:
-                return fast(q, k, v, extra)
-            return shared(q, k, v, extra)
-
-        return patch
-
-    for layer in info.layers:
-        previous = replaces.get("attn1", {}).get(layer.patch_key)
-        model.set_model_attn1_replace(sized_self_patch(previous), *layer.patch_key)
+        model.set_model_attn2_replace(cross_patch(replaces.get("attn2", {}).get(layer.patch_key)), *layer.patch_key)
+        model.set_model_attn1_replace(self_patch(replaces.get("attn1", {}).get(layer.patch_key)), *layer.patch_key)
 
     previous_wrapper = model.model_options.get("model_function_wrapper")
 
