@@ -34,15 +34,23 @@ def mean_by_resolution(entries: list[tuple[object, StoredMaps]]) -> dict[int, tu
     return {n: (group[0].grid, torch.stack([s.mean() for s in group]).mean(0)) for n, group in groups.items()}
 
 
+def finest_self_layers(store: AttentionStore, what: str = "store") -> list[StoredMaps]:
+    """The self-attention of the finest latent factor captured. Chosen by factor,
+    not by grid: a pooled fine layer can share its grid with a coarser one."""
+    entries = store.require("self", what=what)
+    finest = min(key.factor for key, _ in entries)
+    return [stored for key, stored in entries if key.factor == finest]
+
+
 def finest_self_grid(store: AttentionStore, what: str = "store") -> tuple[int, int]:
     """The grid of the finest captured self-attention (no maps averaged)."""
-    return max((stored.grid for _, stored in store.require("self", what=what)), key=lambda g: g[0] * g[1])
+    return finest_self_layers(store, what)[0].grid
 
 
 def mean_self_attention(store: AttentionStore, what: str = "store") -> tuple[tuple[int, int], torch.Tensor]:
-    """Mean of the finest-grid self-attention maps: (grid, (B, N, N))."""
-    by_size = mean_by_resolution(store.require("self", what=what))
-    return by_size[max(by_size)]
+    """Mean of the finest self-attention maps: (grid, (B, N, N))."""
+    layers = finest_self_layers(store, what)
+    return layers[0].grid, torch.stack([s.mean() for s in layers]).mean(0)
 
 
 def diffsegmenter(store: AttentionStore, weights=DIFFSEGMENTER_WEIGHTS, self_completion: bool = True,

@@ -96,7 +96,8 @@ def layer_weights(queries: torch.Tensor, ref_grid: tuple[int, int],
     queries = queries.float()
     batch, n_ref, channels = queries.shape
     scores = queries.new_zeros(batch, len(self_layers))
-    step = max(1, CHUNK_ELEMENTS // max(1, batch * n_ref))
+    widest = max([n_ref] + [grid[0] * grid[1] for grid, _, _ in self_layers])
+    step = max(1, CHUNK_ELEMENTS // max(1, batch * widest))
     for start in range(0, n_ref, step):
         rows = torch.arange(start, min(n_ref, start + step), device=queries.device)
         pseudo = torch.matmul(queries[:, rows], queries.transpose(1, 2)).mul_(channels ** -0.5).softmax(-1)

@@ -106,3 +106,14 @@ def test_make_masks_resizes_to_the_image_aspect():
     labels, masks, soft = make_masks(ScoreMaps(maps, ["a", "b", "c"], (48, 64)), 0.5)
     assert labels.shape == (2, 48, 64) and masks.shape == (6, 48, 64) and soft.shape == (2, 3, 48, 64)
     assert float(soft.min()) >= 0 and float(soft.max()) <= 1
+
+
+def test_finest_self_attention_is_chosen_by_factor_even_when_pooled_to_a_coarser_grid():
+    from attnseg import AttentionStore, LayerKey
+    from attnseg.fusion import mean_self_attention
+    store = AttentionStore("test", 1, (8, 8), (64, 64), dtype=torch.float32)
+    fine, coarse = torch.eye(16)[None], torch.full((1, 16, 16), 1 / 16)
+    store.add(LayerKey("self", "input", 1, 0, 1), "cond", (4, 4), fine)  # an 8x8 layer pooled to 4x4
+    store.add(LayerKey("self", "input", 4, 0, 2), "cond", (4, 4), coarse)  # a 4x4 layer
+    grid, maps = mean_self_attention(store)
+    assert grid == (4, 4) and torch.equal(maps, fine)

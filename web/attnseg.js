@@ -86,6 +86,7 @@ function seedEditor(node) {
   const image = new Image();
   let url = null;
   let drag = null;
+  let failed = false;
 
   const seeds = () => parseSeeds(widget(node, "seeds")?.value ?? "[]");
   const write = (list) => { setWidget(node, "seeds", JSON.stringify(list)); draw(); };
@@ -151,8 +152,10 @@ function seedEditor(node) {
     }
     if (next !== url) {
       url = next;
+      failed = false;
       image.src = next;
     }
+    if (failed) return;  // keep the load error in view until the image changes
     status.style.color = "#aaa";
     status.textContent = image.naturalWidth
       ? `${image.naturalWidth}x${image.naturalHeight} px. ${seeds().length} seed(s). Click: point; drag: box or line.`
@@ -160,12 +163,14 @@ function seedEditor(node) {
   }
   image.onload = () => { refresh(); draw(); };
   image.onerror = () => {
+    failed = true;
     status.textContent = "The connected image could not be loaded; run the Load Image node's upload first.";
     status.style.color = "#f88";
   };
 
   canvas.addEventListener("pointerdown", (event) => {
     event.stopPropagation();
+    if (event.button !== 0) return;  // only the primary button places seeds
     if (!url || !image.naturalWidth) { refresh(); return; }
     const start = toImage(event);
     const kind = mode.value;
@@ -193,6 +198,7 @@ function seedEditor(node) {
     if (!tiny) write([...seeds(), seed]);
     refresh();
   });
+  canvas.addEventListener("pointercancel", () => { drag = null; draw(); });
   undo.onclick = () => { write(seeds().slice(0, -1)); refresh(); };
   clear.onclick = () => { write([]); refresh(); };
 
@@ -218,6 +224,7 @@ function classPicker(node) {
   box.append(words, status);
   let asked = null;
   let pending = null;
+  let latest = 0;  // replies to older requests are dropped
 
   function toggle(word) {
     const classes = classList(widget(node, "classes")?.value);
@@ -266,7 +273,7 @@ function classPicker(node) {
     const classes = widget(node, "classes")?.value ?? "";
     const key = JSON.stringify([prompt, classes]);
     if (!force && key === asked) return;
-    asked = key;
+    const ticket = ++latest;
     try {
       const response = await api.fetchApi("/attnseg/tokenize", {
         method: "POST",
@@ -274,9 +281,12 @@ function classPicker(node) {
         body: JSON.stringify({ prompt, classes, node_id: String(node.id) }),
       });
       const result = await response.json();
+      if (ticket !== latest) return;
       if (!response.ok) throw new Error(result.error ?? response.statusText);
+      asked = key;  // only a success stops the next poll from asking again
       show(result);
     } catch (error) {
+      if (ticket !== latest) return;
       status.textContent = `Could not read the prompt: ${error.message}`;
       status.style.color = "#f66";
     }
@@ -287,8 +297,15 @@ function classPicker(node) {
     clearTimeout(pending);
     pending = setTimeout(() => ask(), 150);
   }, 500);
+  // After a run the node's own CLIP tokenizer is known to the server: ask again.
+  const rerun = () => ask(true);
+  api.addEventListener("execution_success", rerun);
   const removed = node.onRemoved;
-  node.onRemoved = function () { clearInterval(timer); return removed?.apply(this, arguments); };
+  node.onRemoved = function () {
+    clearInterval(timer);
+    api.removeEventListener("execution_success", rerun);
+    return removed?.apply(this, arguments);
+  };
   setTimeout(() => ask(true), 0);
   return box;
 }

@@ -148,7 +148,7 @@ def install_capture(model, info: UNetInfo, store: AttentionStore, plan: CaptureP
                 if kind == "cross":
                     branch_maps = fold_repeated_tokens(branch_maps, fold_lengths[branch])
                 store.add(key, branch, grid, branch_maps)
-                if stores_queries:
+                if stores_queries and state["self"]:  # the same steps as the self-attention
                     store.add(query_key, branch, (h, w), q[part])
             return out if previous is None else fast(q, k, v, extra)
 

@@ -117,7 +117,7 @@ def _tile(alignment: TokenAlignment, reweight, tokens: int):
 def install_prompt_to_prompt(model, info: UNetInfo, edit_context: torch.Tensor, pair: PromptPair,
                              settings: EditSettings, steps: _Steps) -> None:
     """Patch ``model`` (a clone) for a latent batch [source rows, edit rows]."""
-    tiled = {}
+    tiled, contexts = {}, {}
 
     def cond_rows(extra: dict, batch: int) -> slice | None:
         chunks = extra.get("cond_or_uncond") or [0]
@@ -132,8 +132,12 @@ def install_prompt_to_prompt(model, info: UNetInfo, edit_context: torch.Tensor, 
         if rows is None:
             return n, context, value
         half = (rows.stop - rows.start) // 2
-        own = edit_context.to(context)
-        own = own.repeat(1, context.shape[1] // own.shape[1], 1) if own.shape[1] != context.shape[1] else own
+        # Kept per device, dtype and length: moved and tiled once, not in every block.
+        key = (context.device, context.dtype, context.shape[1])
+        if key not in contexts:
+            own = edit_context.to(device=context.device, dtype=context.dtype)
+            contexts[key] = own.repeat(1, context.shape[1] // own.shape[1], 1)
+        own = contexts[key]
         context = context.clone()
         context[rows.start + half:rows.stop] = own
         return n, context, value if value is None else context
@@ -149,9 +153,11 @@ def install_prompt_to_prompt(model, info: UNetInfo, edit_context: torch.Tensor, 
             # As in P2P, both the copy and the re-weighting end with the cross-replace steps.
             if rows is None or not steps.before(settings.cross_replace):
                 return fast(q, k, v, extra)
-            key = k.shape[1]
+            key = (k.shape[1], q.device)
             if key not in tiled:
-                tiled[key] = _tile(pair.alignment, pair.reweight, key)
+                alignment, reweight = _tile(pair.alignment, pair.reweight, k.shape[1])
+                tiled[key] = (TokenAlignment(alignment.mapper.to(q.device), alignment.copied.to(q.device)),
+                              reweight.to(q.device) if reweight is not None else None)
             alignment, reweight = tiled[key]
             heads = extra["n_heads"]
             batch, n, inner = q.shape
@@ -237,6 +243,7 @@ def _mask_from_store(store: AttentionStore, metas, settings: EditSettings, laten
 
 
 def _user_mask(mask: torch.Tensor, latent_size, settings: EditSettings) -> torch.Tensor:
+    mask = mask.reshape(-1, *mask.shape[-2:])  # a MASK may come as (H, W)
     height, width = mask.shape[-2:]
     if abs((width / height) / (latent_size[1] / latent_size[0]) - 1) > 0.02:
         raise AttnSegError(f"mask: {width}x{height} does not have the latent's aspect ratio "
@@ -277,7 +284,7 @@ def edit_sample(model, clip, source_prompt: str, edit_prompt: str, negative, lat
         store = AttentionStore(info.model_id, 2, latent_size, (latent_size[0] * 8, latent_size[1] * 8), folding)
         install_capture(patched, info, store, CapturePlan(self_max_tokens=SELF_REPLACE_MAX_TOKENS))
     blend_state = {"mask": None if mask is None else _user_mask(mask, latent_size, settings)}
-    reference = None
+    reference, reference_state = None, {}
     if settings.keep_outside == "input latent":
         reference = patched.model.process_latent_in(latent_image)
 
@@ -288,8 +295,12 @@ def edit_sample(model, clip, source_prompt: str, edit_prompt: str, negative, lat
         if store is not None:
             blend_state["mask"] = _mask_from_store(store, metas, settings, latent_size)
         half = denoised.shape[0] // 2
-        target = denoised[:half] if reference is None else reference.to(denoised)
-        blended = local_blend(denoised[half:], target, blend_state["mask"].to(denoised.device))
+        if blend_state["mask"].device != denoised.device:  # moved once, on the first blended step
+            blend_state["mask"] = blend_state["mask"].to(denoised.device)
+        if reference is not None and reference_state.get("on") != denoised.device:
+            reference_state.update(on=denoised.device, latent=reference.to(denoised))
+        target = denoised[:half] if reference is None else reference_state["latent"]
+        blended = local_blend(denoised[half:], target, blend_state["mask"])
         return torch.cat([denoised[:half], blended])
 
     patched.set_model_sampler_post_cfg_function(blend_prediction)

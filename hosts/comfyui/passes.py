@@ -100,7 +100,10 @@ def capture_pass(model, latent: torch.Tensor, positive, timesteps: list[int], se
     install_capture(patched, info, store, plan or CapturePlan())
     apply_key_scale(patched, info, positive)
     sampling = patched.get_model_object("model_sampling")
-    per_pass = per_pass or timesteps_per_pass(patched, latent, len(timesteps))
+    # Timestep ranges and ControlNets are checked against one sigma per call:
+    # such conditioning gets one pass per timestep.
+    per_timestep = any(k in extras for _, extras in positive for k in ("timestep_start", "timestep_end", "control"))
+    per_pass = per_pass or (1 if per_timestep else timesteps_per_pass(patched, latent, len(timesteps)))
     noise = comfy.sample.prepare_noise(latent, seed)
     progress = comfy.utils.ProgressBar(len(timesteps))
     for start in range(0, len(timesteps), per_pass):
