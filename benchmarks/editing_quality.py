@@ -38,7 +38,7 @@ import torch.nn.functional as F  # noqa: E402
 from attnseg_pack.hosts.comfyui import demo_model  # noqa: E402
 from demo import evaluate  # noqa: E402
 from demo.scenes import COLOURS, colour_mask  # noqa: E402
-from segmentation_quality import write_readme  # noqa: E402
+from segmentation_quality import markdown_table, write_readme  # noqa: E402
 
 START, END = "<!-- editing-quality:start -->", "<!-- editing-quality:end -->"
 STEPS = 20
@@ -106,12 +106,11 @@ def main() -> None:
                f"{changed / len(captions):.3f}", f"{seconds / len(captions):.2f}"]
         rows.append(row)
         print(" | ".join(row), flush=True)
-    text = "\n".join([
+    text = markdown_table(
         f"Demo model, {len(captions)} held-out captions, the first object recoloured, one seed each, {STEPS} euler "
         f"steps, cfg 5, CPU. PSNR (dB, median) of the edit against the source outside the old and the new colour "
-        f"(grown by 8 px); composited: the edit pasted into the source with the blend mask.", "",
-        "| variant | PSNR outside, decoded edit | PSNR outside, composited | recoloured | s / edit |",
-        "| --- | --- | --- | --- | --- |", *("| " + " | ".join(r) + " |" for r in rows)])
+        f"(grown by 8 px); composited: the edit pasted into the source with the blend mask.",
+        ["variant", "PSNR outside, decoded edit", "PSNR outside, composited", "recoloured", "s / edit"], rows)
     print(text)
     if not args.no_readme:
         write_readme(text, START, END)

@@ -24,7 +24,7 @@ PACK = import_pack()
 
 from attnseg_pack.hosts.comfyui import demo_model  # noqa: E402
 from demo import evaluate  # noqa: E402
-from segmentation_quality import write_readme  # noqa: E402
+from segmentation_quality import markdown_table, write_readme  # noqa: E402
 
 SCALES = (3.0, 5.0, 7.5)
 START, END = "<!-- guidance-quality:start -->", "<!-- guidance-quality:end -->"
@@ -49,11 +49,10 @@ def main() -> None:
             row += [f"{share:.3f}", f"{(time.perf_counter() - began) / len(captions):.2f}"]
         rows.append(row)
         print(" | ".join(row), flush=True)
-    text = "\n".join([
+    text = markdown_table(
         f"Demo model, {len(captions)} held-out captions (1-3 objects), one seed each, 20 euler steps, CPU: the "
-        f"share of named objects drawn where the caption says.", "",
-        "| cfg | CFG: objects drawn | CFG: s / image | S-CFG: objects drawn | S-CFG: s / image |",
-        "| --- | --- | --- | --- | --- |", *("| " + " | ".join(r) + " |" for r in rows)])
+        f"share of named objects drawn where the caption says.",
+        ["cfg", "CFG: objects drawn", "CFG: s / image", "S-CFG: objects drawn", "S-CFG: s / image"], rows)
     print(text)
     if not args.no_readme:
         write_readme(text, START, END)

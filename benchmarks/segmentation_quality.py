@@ -55,6 +55,12 @@ def table(rows: list[dict], test_count: int, tune_count: int) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(caption: str, header: list[str], rows: list[list[str]]) -> str:
+    """A caption line, then a Markdown table of string cells."""
+    return "\n".join([caption, "", "| " + " | ".join(header) + " |", "| " + " | ".join(["---"] * len(header)) + " |",
+                      *("| " + " | ".join(row) + " |" for row in rows)])
+
+
 def write_readme(text: str, start: str = START, end: str = END) -> None:
     """Replace the README section between the ``start`` and ``end`` markers."""
     readme = README.read_text()
