@@ -11,7 +11,7 @@ from tiny_models import SD15_LAYOUT, SDXL_LAYOUT, tiny_clip, tiny_unet, tiny_vae
 pack = import_pack()
 from attnseg_pack.attnseg import AttnSegError  # noqa: E402
 from attnseg_pack.attnseg.goca import content_positions  # noqa: E402
-from attnseg_pack.hosts.comfyui.capture import CapturePlan  # noqa: E402
+from attnseg_pack.hosts.comfyui.capture import CapturePlan, projection_weight  # noqa: E402
 from attnseg_pack.hosts.comfyui.passes import segment_image  # noqa: E402
 from attnseg_pack.hosts.comfyui.text import encode_segmentation_prompt  # noqa: E402
 from attnseg_pack.hosts.comfyui.unet import attention_module, describe_unet, reference_layer  # noqa: E402
@@ -83,6 +83,23 @@ def test_auto_heads_weigh_each_head_by_its_share_of_the_layers_output(layout, cl
         assert not torch.allclose(stored.mean(), probs.mean(1), atol=1e-4)  # not the head mean
         checked += 1
     assert checked == len(info.layers)
+
+
+def test_auto_heads_read_the_output_projection_as_its_forward_does():
+    """In low-VRAM mode ComfyUI keeps LoRA patches as weight functions run inside
+    the layer's forward, on a weight cast to the input's dtype: the head weights
+    must see that weight, not the stored one."""
+    import comfy.ops
+
+    linear = comfy.ops.disable_weight_init.Linear(6, 4)
+    torch.nn.init.normal_(linear.weight, generator=torch.Generator().manual_seed(0))
+    torch.nn.init.zeros_(linear.bias)
+    linear.weight_function = [lambda w: w * 2 + 0.5]  # stands for a LoRA delta
+    x = torch.randn(3, 6, dtype=torch.float64)
+    seen = projection_weight(linear, x)
+    assert seen.dtype == torch.float64
+    torch.testing.assert_close(x @ seen.T, linear(x))
+    assert not torch.allclose(seen, linear.weight.double())
 
 
 @pytest.mark.parametrize("layout", [SD15_LAYOUT, SDXL_LAYOUT], ids=["sd15", "sdxl"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import comfy.ops
 import torch
 from comfy.ldm.modules.attention import optimized_attention
 
@@ -22,6 +23,15 @@ BRANCH_NAMES = {0: "cond", 1: "uncond"}
 HEAD_REDUCTIONS = ("mean", "auto")
 # GoCA's reference layer sits at half the latent resolution (SD1.5 at 512 px: 32 x 32).
 GOCA_REFERENCE_FACTOR = 2
+
+
+def projection_weight(projection: torch.nn.Module, like: torch.Tensor) -> torch.Tensor:
+    """The output projection's weight as its own forward would see it: on ``like``'s
+    device, with the weight functions ComfyUI adds in low-VRAM mode (LoRA patches
+    applied on the fly) run. Outside low-VRAM mode this is the resident weight."""
+    if isinstance(projection, comfy.ops.CastWeightBiasOp):
+        return comfy.ops.cast_bias_weight(projection, like)[0]
+    return projection.weight.to(like.device)
 
 
 @dataclass(frozen=True)
@@ -117,7 +127,7 @@ def install_capture(model, info: UNetInfo, store: AttentionStore, plan: CaptureP
         key = LayerKey(kind, layer.block, layer.block_id, layer.depth, layer.factor)
         output_weighted = kind == "cross" and plan.cross_heads == "auto"
         # The projection's weight is read at call time: it may be cast, moved or
-        # LoRA-patched between runs.
+        # LoRA-patched between runs, or (low VRAM) only patched inside its forward.
         projection = attention_module(model, layer, "attn2").to_out[0] if output_weighted else None
         stores_queries = kind == "cross" and layer == reference
         query_key = LayerKey("query", layer.block, layer.block_id, layer.depth, layer.factor)
@@ -139,7 +149,7 @@ def install_capture(model, info: UNetInfo, store: AttentionStore, plan: CaptureP
             keep = rows[0][1] if len(rows) == 1 else slice(None)
             reducer = head_mean
             if projection is not None:
-                reducer = output_weighted_heads(projection.weight.to(device=q.device))
+                reducer = output_weighted_heads(projection_weight(projection, q))
             values = v if previous is None or projection is not None else None
             out, maps = attention_with_maps(q, k, values, extra["n_heads"], reducer, pool, keep)
             grid = pool.grid if pool is not None else (h, w)
