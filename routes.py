@@ -1,14 +1,15 @@
 """The pack's server routes, for its web extension.
 
-POST /attnseg/tokenize {"prompt": str, "classes": str (optional), "node_id": str (optional)}
+POST /attnseg/tokenize {"prompt": str, "classes": str (optional), "node_id": str (optional),
+"client_id": str (optional)}
 -> {"words": [{"text", "positions"}], "missing": [class], "token_count", "tokenizer"}:
 the prompt as the model reads it, with the tokenizer of the CLIP that node last
-ran with, else ComfyUI's SD1 tokenizer. A bad body gets a 400 with the reason."""
+ran with for that client, else ComfyUI's SD1 tokenizer. A bad body gets a 400 with the reason."""
 
 from aiohttp import web
 from server import PromptServer
 
-from .hosts.comfyui.text import SEEN_TOKENIZERS, prompt_words, sd1_tokenizer
+from .hosts.comfyui.text import prompt_words, sd1_tokenizer, seen_tokenizer
 
 MAX_PROMPT_CHARS = 20_000
 
@@ -31,6 +32,6 @@ async def tokenize(request):
     if len(prompt) > MAX_PROMPT_CHARS:
         return bad_request(f"prompt: longer than {MAX_PROMPT_CHARS} characters")
     names = [part.strip() for part in classes.replace("\n", ",").split(",") if part.strip()]
-    connected = SEEN_TOKENIZERS.get(str(body.get("node_id")))
+    connected = seen_tokenizer(body.get("client_id"), body.get("node_id"))
     result = prompt_words(connected or sd1_tokenizer(), prompt, names)
     return web.json_response({**result, "tokenizer": "connected" if connected else "sd1"})

@@ -98,9 +98,9 @@ class ComfyServer:
         except urllib.error.HTTPError as error:
             raise WorkflowError(f"{route} answered {error.code}: {error.read().decode(errors='replace')}")
 
-    def run(self, prompt: dict, timeout: float = 900) -> dict:
+    def run(self, prompt: dict, timeout: float = 900, client_id: str | None = None) -> dict:
         """POST an API-format workflow, wait for it, return its history entry."""
-        prompt_id = self.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})["prompt_id"]
+        prompt_id = self.post("/prompt", {"prompt": prompt, "client_id": client_id or uuid.uuid4().hex})["prompt_id"]
         deadline = time.time() + timeout
         while time.time() < deadline:
             history = self.get(f"/history/{prompt_id}")

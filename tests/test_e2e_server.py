@@ -3,6 +3,7 @@ custom_nodes/, the workflows in workflows/ POSTed to /prompt, outputs read back.
 
 import json
 import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,24 @@ def test_segment_image_workflow_finds_the_objects_of_a_non_square_scene(server, 
         assert iou > MASK_IOU_FLOOR, f"{scene.objects[index].name}: IoU {iou:.2f}"
     legend_rows = len(scene.objects) + 1
     assert read(preview).shape == (128 + 14 * legend_rows, 192, 3)
+
+
+def test_class_picker_reads_with_the_tokenizer_its_node_ran_with_for_that_client_only(server):
+    """Node ids restart at 1 in every workflow: after a run, the tokenize route
+    answers that node with its CLIP's tokenizer for the client that ran it, and
+    with SD1's for any other client."""
+    client = uuid.uuid4().hex
+    workflow = api_workflow("segment-image")
+    workflow["2"]["inputs"]["image"] = server.add_input(REPO / "demo" / "attnseg-demo.png")
+    workflow["3"]["inputs"]["class_weight"] = 1.001  # not a cached result: the text node must run
+    server.run(workflow, client_id=client)
+
+    def tokenizer(client_id):
+        body = {"prompt": "a red circle", "node_id": "3", "client_id": client_id}
+        return server.post("/attnseg/tokenize", body)["tokenizer"]
+
+    assert tokenizer(client) == "connected"
+    assert tokenizer(uuid.uuid4().hex) == "sd1" and tokenizer(None) == "sd1"
 
 
 def mask_iou(found: np.ndarray, wanted: np.ndarray) -> float:

@@ -278,7 +278,7 @@ function classPicker(node) {
       const response = await api.fetchApi("/attnseg/tokenize", {
         method: "POST",
         headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ prompt, classes, node_id: String(node.id) }),
+        body: JSON.stringify({ prompt, classes, node_id: String(node.id), client_id: api.clientId }),
       });
       const result = await response.json();
       if (ticket !== latest) return;

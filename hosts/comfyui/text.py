@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from collections import OrderedDict
+
 import torch
 
 from ...attnseg.errors import AttnSegError
@@ -134,15 +137,36 @@ def prompt_of(conditioning) -> SegPrompt | None:
     return _extra_of(conditioning, PROMPT_KEY)
 
 
-# Tokenizers of the CLIPs the text encoder nodes ran with, by node id, so the
-# UI's class picker can show a prompt exactly as the connected model reads it.
-SEEN_TOKENIZERS: dict[str, object] = {}
+# Tokenizers of the CLIPs the text encoder nodes ran with, by (client id, node
+# id), so the UI's class picker can show a prompt exactly as the connected model
+# reads it. Node ids restart at 1 in every workflow: the client id keeps two
+# users of one server apart. The oldest entries go first past the bound.
+SEEN_TOKENIZERS: OrderedDict[tuple[str | None, str], object] = OrderedDict()
+SEEN_TOKENIZERS_KEPT = 256
 _SD1_TOKENIZER = []
 
 
+def running_client_id() -> str | None:
+    """The client id of the prompt ComfyUI's server is executing; None when no
+    server is running (ComfyUI used as a library, as in-process tests do)."""
+    server = sys.modules.get("server")  # imported by ComfyUI's main, never by us
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    return getattr(instance, "client_id", None)
+
+
 def remember_tokenizer(node_id, clip) -> None:
-    if node_id is not None and clip is not None:
-        SEEN_TOKENIZERS[str(node_id)] = clip.tokenizer
+    if node_id is None or clip is None:
+        return
+    key = (running_client_id(), str(node_id))
+    SEEN_TOKENIZERS[key] = clip.tokenizer
+    SEEN_TOKENIZERS.move_to_end(key)
+    while len(SEEN_TOKENIZERS) > SEEN_TOKENIZERS_KEPT:
+        SEEN_TOKENIZERS.popitem(last=False)
+
+
+def seen_tokenizer(client_id, node_id):
+    """The tokenizer that node last ran with for that client, or None."""
+    return SEEN_TOKENIZERS.get((None if client_id is None else str(client_id), str(node_id)))
 
 
 def sd1_tokenizer():
