@@ -38,21 +38,17 @@ SLICE_METHOD = evaluate.METHODS[3]  # DiffSegmenter on the demo model's 8x8 leve
 
 
 def table(rows: list[dict], test_count: int, tune_count: int) -> str:
-    lines = [f"Demo model, {test_count} held-out scenes (half non-square), thresholds tuned on {tune_count} "
-             f"other scenes, timestep {','.join(map(str, evaluate.TIMESTEPS))}, CPU. mIoU includes background; "
-             f"the token columns segment each \"colour shape\" class with one of its words alone.",
-             "",
-             "| method | mIoU | colour token only | shape token only | threshold | s / image |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for row in rows:
-        parts = row["parts"]
+    def cell(parts: dict, part: str) -> str:
+        return f"{parts[part]['miou']:.3f}" if part in parts else "–"
 
-        def cell(part: str) -> str:
-            return f"{parts[part]['miou']:.3f}" if part in parts else "–"
-
-        lines.append(f"| {row['method']} | **{cell('colour + shape')}** | {cell('colour')} | {cell('shape')} | "
-                     f"{parts['colour + shape']['threshold']:.2f} | {row['seconds_per_image']:.3f} |")
-    return "\n".join(lines)
+    return markdown_table(
+        f"Demo model, {test_count} held-out scenes (half non-square), thresholds tuned on {tune_count} other scenes, "
+        f"timestep {','.join(map(str, evaluate.TIMESTEPS))}, CPU. mIoU includes background; the token columns "
+        f"segment each \"colour shape\" class with one of its words alone.",
+        ["method", "mIoU", "colour token only", "shape token only", "threshold", "s / image"],
+        [[row["method"], f"**{cell(row['parts'], 'colour + shape')}**", cell(row["parts"], "colour"),
+          cell(row["parts"], "shape"), f"{row['parts']['colour + shape']['threshold']:.2f}",
+          f"{row['seconds_per_image']:.3f}"] for row in rows])
 
 
 def markdown_table(caption: str, header: list[str], rows: list[list[str]]) -> str:

@@ -283,10 +283,10 @@ def edit_sample(model, clip, source_prompt: str, edit_prompt: str, negative, lat
         folding = next(meta for meta in metas if meta is not None)
         store = AttentionStore(info.model_id, 2, latent_size, (latent_size[0] * 8, latent_size[1] * 8), folding)
         install_capture(patched, info, store, CapturePlan(self_max_tokens=SELF_REPLACE_MAX_TOKENS))
-    blend_state = {"mask": None if mask is None else _user_mask(mask, latent_size, settings)}
-    reference, reference_state = None, {}
+    # The mask and the kept latent move to the sampling device once, on the first blended step.
+    blend_state = {"mask": None if mask is None else _user_mask(mask, latent_size, settings), "reference": None}
     if settings.keep_outside == "input latent":
-        reference = patched.model.process_latent_in(latent_image)
+        blend_state["reference"] = patched.model.process_latent_in(latent_image)
 
     def blend_prediction(args):
         denoised = args["denoised"]
@@ -295,11 +295,11 @@ def edit_sample(model, clip, source_prompt: str, edit_prompt: str, negative, lat
         if store is not None:
             blend_state["mask"] = _mask_from_store(store, metas, settings, latent_size)
         half = denoised.shape[0] // 2
-        if blend_state["mask"].device != denoised.device:  # moved once, on the first blended step
-            blend_state["mask"] = blend_state["mask"].to(denoised.device)
-        if reference is not None and reference_state.get("on") != denoised.device:
-            reference_state.update(on=denoised.device, latent=reference.to(denoised))
-        target = denoised[:half] if reference is None else reference_state["latent"]
+        for name in ("mask", "reference"):
+            if blend_state[name] is not None and blend_state[name].device != denoised.device:
+                blend_state[name] = blend_state[name].to(denoised)
+        reference = blend_state["reference"]
+        target = denoised[:half] if reference is None else reference
         blended = local_blend(denoised[half:], target, blend_state["mask"])
         return torch.cat([denoised[:half], blended])
 
