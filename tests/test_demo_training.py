@@ -11,6 +11,7 @@ import torch
 from comfy_env import REPO, import_pack
 
 pack = import_pack()
+import comfy.utils  # noqa: E402
 from attnseg_pack.hosts.comfyui import demo_model  # noqa: E402
 
 
@@ -19,9 +20,18 @@ def test_training_script_writes_a_checkpoint_the_stock_nodes_can_sample(tmp_path
 
     out = tmp_path / "shapes.safetensors"
     subprocess.run([sys.executable, str(REPO / "demo" / "train.py"), "--scenes", "32", "--vae-steps", "2",
-                    "--minutes", "0.05", "--batch", "4", "--out", str(out)], check=True, capture_output=True)
+                    "--minutes", "0.05", "--batch", "4", "--validate-every", "0.002", "--validate-scenes", "2",
+                    "--out", str(out)], check=True, capture_output=True)
     summary = json.loads(out.with_suffix(".json").read_text())
-    assert summary["training"]["unet_steps"] >= 1 and summary["training"]["final_loss"] > 0
+    training = summary["training"]
+    assert training["unet_steps"] >= 1 and training["final_loss"] > 0
+    # Validated more than once (periodically and at the end), every cross-attention level scored
+    # with each token part; the kept weights are those of a validated step.
+    assert len(training["validation"]) >= 2
+    assert set(training["validation"][-1]["miou"]) == {"level 0", "level 1"}
+    assert all(0 <= v <= 1 for check in training["validation"] for level in check["miou"].values()
+               for v in level.values())
+    assert training["kept_step"] in [check["step"] for check in training["validation"]]
     assert out.stat().st_size < 15 * 2**20
     model, clip, vae = demo_model.load(out)
     positive = clip.encode_from_tokens_scheduled(clip.tokenize("a red circle"))
@@ -31,9 +41,10 @@ def test_training_script_writes_a_checkpoint_the_stock_nodes_can_sample(tmp_path
     assert image.shape == (1, 128, 160, 3) and bool(torch.isfinite(image).all())
 
 
-def test_training_resumes_from_a_checkpoint(tmp_path):
-    first, second = tmp_path / "first.safetensors", tmp_path / "second.safetensors"
-    common = [sys.executable, str(REPO / "demo" / "train.py"), "--scenes", "16", "--batch", "4"]
+def test_training_resumes_from_a_checkpoint_or_reuses_its_autoencoder(tmp_path):
+    first, second, third = (tmp_path / f"{name}.safetensors" for name in ("first", "second", "third"))
+    common = [sys.executable, str(REPO / "demo" / "train.py"), "--scenes", "16", "--batch", "4",
+              "--validate-every", "0"]
     subprocess.run(common + ["--vae-steps", "2", "--minutes", "0.03", "--out", str(first)], check=True,
                    capture_output=True)
     subprocess.run(common + ["--resume", str(first), "--minutes", "0.03", "--out", str(second)], check=True,
@@ -42,3 +53,26 @@ def test_training_resumes_from_a_checkpoint(tmp_path):
     after = json.loads(second.with_suffix(".json").read_text())["training"]
     assert after["unet_steps"] > before["unet_steps"] and after["stages"][0] == before
     assert demo_model.training_info(second)["training"] == after
+    subprocess.run(common + ["--vae-from", str(first), "--minutes", "0.03", "--out", str(third)], check=True,
+                   capture_output=True)
+    reused = comfy.utils.load_torch_file(str(third))
+    assert all(torch.equal(reused[k], v) for k, v in comfy.utils.load_torch_file(str(first)).items()
+               if k.startswith("vae."))
+    assert demo_model.training_info(third)["training"]["vae_from"] == first.name
+
+
+def test_the_unet_trains_against_a_frozen_text_encoder():
+    from demo import train
+
+    model = demo_model.build_unet(demo_model.CONFIG["unet"])
+    clip = demo_model.build_clip(demo_model.CONFIG["clip"], dtype=torch.float32)
+    train.init_fresh(model.model.diffusion_model)
+    train.init_fresh(clip.cond_stage_model)
+    text_before = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
+    unet_before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    captions = [train.make_scene(train.TRAIN_SEED0 + i, 64, 64) for i in range(4)]
+    steps, loss, _ = train.unet_stage(model, clip, torch.randn(4, 4, 16, 16), captions, 0.002, 2, lambda message: None)
+    assert steps >= 1 and loss > 0
+    text_after, unet_after = clip.cond_stage_model.state_dict(), model.model.diffusion_model.state_dict()
+    assert all(torch.equal(v, text_after[k]) for k, v in text_before.items())
+    assert not all(torch.equal(v, unet_after[k]) for k, v in unet_before.items())
