@@ -84,7 +84,7 @@ def main() -> None:
             inputs = dict(seed=seed, steps=STEPS, cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0,
                           mode="replace", cross_replace=0.8, self_replace=0.4, blend_words=f"{old}, {new}",
                           blend_start=0.2, mask_threshold=0.7, dilate=1, feather=1, reweight_words="",
-                          reweight_factor=1.0, keep_outside="source sample", segmenter_weights="0,1,0")
+                          reweight_factor=1.0, keep_outside="source sample", segmenter_weights="0.3,0.7")
             inputs.update(overrides)
             began = time.perf_counter()
             with torch.inference_mode():

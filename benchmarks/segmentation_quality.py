@@ -34,7 +34,7 @@ RESULTS = REPO / "benchmarks" / "results" / "segmentation_quality.json"
 README = REPO / "README.md"
 START, END = "<!-- segmentation-quality:start -->", "<!-- segmentation-quality:end -->"
 SLICE_SCENES = 20
-SLICE_METHOD = evaluate.METHODS[3]  # DiffSegmenter on the demo model's 8x8 level
+SLICE_METHOD = evaluate.METHODS[3]  # DiffSegmenter with the demo model's level weights
 
 
 def table(rows: list[dict], test_count: int, tune_count: int) -> str:

@@ -27,10 +27,10 @@ def demo():
 
 def edit(model, clip, latent, source=SOURCE, target=EDIT, steps=20, **overrides):
     # The demo model's colour words localise, its shape words hardly: blend on the colours.
-    inputs = dict(seed=3, steps=steps, cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0, mode="replace",
+    inputs = dict(seed=5, steps=steps, cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0, mode="replace",
                   cross_replace=0.8, self_replace=0.4, blend_words="red, green", blend_start=0.2, mask_threshold=0.7,
                   dilate=1, feather=0, reweight_words="", reweight_factor=1.0, keep_outside="source sample",
-                  segmenter_weights="0,1,0")
+                  segmenter_weights="0.3,0.7")
     inputs.update(overrides)
     negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
     with torch.inference_mode():

@@ -23,9 +23,9 @@ from ...attnseg import AttnSegError
 CHECKPOINT = Path(__file__).resolve().parents[2] / "demo" / "attnseg-shapes.safetensors"
 
 CONFIG = {
-    "unet": dict(image_size=16, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=[1, 1, 1],
-                 channel_mult=[1, 2, 2], transformer_depth=[1, 1, 1], transformer_depth_middle=1,
-                 transformer_depth_output=[1, 1, 1, 1, 1, 1], num_head_channels=16, context_dim=64,
+    "unet": dict(image_size=16, in_channels=4, out_channels=4, model_channels=64, num_res_blocks=[1, 1, 1],
+                 channel_mult=[1, 1, 1], transformer_depth=[1, 1, 0], transformer_depth_middle=-1,
+                 transformer_depth_output=[1, 1, 1, 1, 0, 0], num_head_channels=32, context_dim=64,
                  use_spatial_transformer=True, legacy=False, use_linear_in_transformer=True, adm_in_channels=None,
                  use_temporal_attention=False, use_temporal_resblock=False, disable_self_attentions=None),
     "clip": {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 2, "num_hidden_layers": 2,
@@ -78,6 +78,12 @@ def load(path: Path = CHECKPOINT, clip_dtype: torch.dtype | None = None):
     clip.cond_stage_model.load_state_dict(_part(state, "clip."), strict=True)
     vae = build_vae(config["vae"], _part(state, "vae."))
     return model, clip, vae
+
+
+def training_config(path: Path = CHECKPOINT) -> dict:
+    """The configs :func:`save` stored (what :func:`load` rebuilds)."""
+    _, metadata = comfy.utils.load_torch_file(str(path), safe_load=True, return_metadata=True)
+    return json.loads(metadata["attnseg_config"])
 
 
 def training_info(path: Path = CHECKPOINT) -> dict:
