@@ -283,7 +283,7 @@ def main() -> None:
                              "unet_steps": earlier["unet_steps"] + run.get("kept_step", steps),
                              "vae_steps": earlier["vae_steps"], "stages": [earlier, run]}}
     else:
-        info = {"training": {**run, **vae_info}}
+        info = {"training": {**run, "unet_steps": run.get("kept_step", steps), **vae_info}}
     demo_model.save(args.out, model.model.diffusion_model, clip.cond_stage_model, vae.first_stage_model, config, info)
     log(f"saved {args.out} ({args.out.stat().st_size / 2**20:.1f} MiB)")
     summary = args.out.with_suffix(".json")
