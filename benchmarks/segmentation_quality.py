@@ -37,14 +37,16 @@ SLICE_SCENES = 20
 SLICE_METHOD = evaluate.METHODS[3]  # DiffSegmenter with the demo model's level weights
 
 
-def table(rows: list[dict], test_count: int, tune_count: int) -> str:
+def table(rows: list[dict], test_count: int, tune_count: int, references: dict[str, float]) -> str:
     def cell(parts: dict, part: str) -> str:
         return f"{parts[part]['miou']:.3f}" if part in parts else "–"
 
     return markdown_table(
         f"Demo model, {test_count} held-out scenes (half non-square), thresholds tuned on {tune_count} other scenes, "
         f"timestep {','.join(map(str, evaluate.TIMESTEPS))}, CPU. mIoU includes background; the token columns "
-        f"segment each \"colour shape\" class with one of its words alone.",
+        f"segment each \"colour shape\" class with one of its words alone. "
+        f"For scale, labellings that read no attention: "
+        + ", ".join(f"{name} {miou:.3f}" for name, miou in references.items()) + ".",
         ["method", "mIoU", "colour token only", "shape token only", "threshold", "s / image"],
         [[row["method"], f"**{cell(row['parts'], 'colour + shape')}**", cell(row["parts"], "colour"),
           cell(row["parts"], "shape"), f"{row['parts']['colour + shape']['threshold']:.2f}",
@@ -95,13 +97,15 @@ def main() -> None:
                             thresholds=lambda m, p: (slice_threshold,))
     slice_miou = sliced.miou(SLICE_METHOD.name, "colour + shape", slice_threshold)
     print(f"CI slice ({SLICE_SCENES} scenes, {SLICE_METHOD.name}): {slice_miou:.4f}")
-    text = table(rows, len(test), len(tune))
+    references = evaluate.reference_mious(test)
+    text = table(rows, len(test), len(tune), references)
     print(text)
     if args.no_readme:
         return
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps({
         "test_scenes": len(test), "tune_scenes": len(tune), "timesteps": evaluate.TIMESTEPS, "methods": rows,
+        "references": references,
         "ci_slice": {"scenes": SLICE_SCENES, "method": SLICE_METHOD.name, "threshold": slice_threshold,
                      "miou": round(slice_miou, 4)}}, indent=1) + "\n")
     write_readme(text)

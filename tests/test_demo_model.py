@@ -48,3 +48,15 @@ def test_generated_scenes_paint_the_named_colours_where_the_model_puts_the_objec
                for r in evaluate.drawn(*evaluate.generate(*demo, caption, seed), caption)]
     failures = [f"{caption} (seed {seed}): {name} {why}" for caption, seed, name, ok, why in results if not ok]
     assert 1 - len(failures) / len(results) >= 0.8, "\n".join(failures)
+
+
+def test_the_mious_the_table_gives_for_scale():
+    scenes = [evaluate.scene(s) for s in evaluate.TEST_SEEDS[:40]]
+    perfect = evaluate.Confusion()
+    for item in scenes:
+        perfect.add(evaluate.truth_labels(item), evaluate.truth_labels(item))
+    assert perfect.miou() == 1.0
+    references = evaluate.reference_mious(scenes)
+    assert 0 < references["all background"] < references["objects not told apart"] < 1
+    single = [item for item in scenes if len(item.objects) == 1]
+    assert single and evaluate.reference_mious(single)["objects not told apart"] == 1.0
