@@ -123,30 +123,32 @@ class Validation:
     class's colour + shape tokens, at the best threshold."""
 
     def __init__(self, model, clip, vae, minutes: float, scenes: int, log):
+        from attnseg_pack.attnseg.fusion import diffsegmenter, mean_by_resolution
         from demo import evaluate
 
+        if not 0 < scenes <= len(evaluate.TUNE_SEEDS):
+            raise SystemExit(f"--validate-scenes: give 1 to {len(evaluate.TUNE_SEEDS)} (the tuning scenes)")
         self.evaluate, self.model, self.clip, self.vae, self.log = evaluate, model, clip, vae, log
-        self.minutes, self.scenes = minutes, [evaluate.scene(s) for s in list(evaluate.TUNE_SEEDS)[:scenes]]
-        self.best, self.best_state, self.history = -1.0, None, []
+        self.minutes, self.scenes = minutes, [evaluate.scene(s) for s in evaluate.TUNE_SEEDS[:scenes]]
+        self.best, self.best_step, self.best_state, self.history = -math.inf, None, None, []
+        probe = evaluate.capture(model, clip, vae, self.scenes[0])
+        levels = len(mean_by_resolution(probe.require("cross")))
+        self.methods = [evaluate.Method(f"level {i}", lambda store, w=tuple(float(j == i) for j in range(levels)):
+                                        diffsegmenter(store, w), ("colour + shape", "colour", "shape"))
+                        for i in range(levels)]
 
     def __call__(self, step: int, seconds: float) -> None:
-        from attnseg_pack.attnseg.fusion import diffsegmenter, mean_by_resolution
-
-        evaluate, parts = self.evaluate, ("colour + shape", "colour", "shape")
+        evaluate, methods = self.evaluate, self.methods
         self.model.model.diffusion_model.eval()
-        probe = evaluate.capture(self.model, self.clip, self.vae, self.scenes[0])
-        levels = len(mean_by_resolution(probe.require("cross")))
-        methods = [evaluate.Method(f"level {i}", lambda store, w=tuple(float(j == i) for j in range(levels)):
-                                   diffsegmenter(store, w), parts) for i in range(levels)]
         scores = evaluate.score(self.model, self.clip, self.vae, self.scenes, methods)
         by_level = {m.name: {part: round(max(scores.miou(m.name, part, t) for t in evaluate.THRESHOLDS), 3)
-                             for part in parts} for m in methods}
+                             for part in m.token_parts} for m in methods}
         best = max(level["colour + shape"] for level in by_level.values())
         self.history.append({"step": step, "seconds": round(seconds), "miou": by_level})
         self.log(f"validation at step {step}: " + "; ".join(
             f"{name} " + "/".join(str(v) for v in level.values()) for name, level in by_level.items())
             + " (colour+shape/colour/shape)")
-        if best > self.best:
+        if best > self.best or self.best_state is None:
             self.best, self.best_step = best, step
             self.best_state = {k: v.detach().clone() for k, v in self.model.model.diffusion_model.state_dict().items()}
         self.model.model.diffusion_model.train()
@@ -156,7 +158,7 @@ class Validation:
         return self.best_step
 
 
-def unet_stage(model, clip, latents: torch.Tensor, captions: list[list[str]], minutes: float, batch: int, log,
+def unet_stage(model, clip, latents: torch.Tensor, scenes: list, minutes: float, batch: int, log,
                peak_lr: float = 1e-3, warmup: int = 200, validation: Validation | None = None):
     """Trains the UNet against the text encoder as initialised. SD1.5 trains its UNet
     against a frozen text encoder; trained jointly from scratch, a tiny text encoder
@@ -183,7 +185,7 @@ def unet_stage(model, clip, latents: torch.Tensor, captions: list[list[str]], mi
         began = time.time()
         index = torch.randint(len(latents), (batch,))
         z0 = latents[index] * SD_LATENT_FACTOR
-        chosen = [caption_variant(captions[i], rng) for i in index.tolist()]
+        chosen = [caption_variant(scenes[i], rng) for i in index.tolist()]
         context, _ = text.clip_l([tokens(c) for c in chosen])
         t = torch.randint(0, len(sigmas), (batch,))
         sigma = sigmas[t]
@@ -212,7 +214,6 @@ def unet_stage(model, clip, latents: torch.Tensor, captions: list[list[str]], mi
     if validation and (not validation.history or validation.history[-1]["step"] != step):
         validation(step, trained)
     diffusion.eval()
-    text.eval()
     return step, sum(losses[-200:]) / len(losses[-200:]), history
 
 
@@ -221,14 +222,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=demo_model.CHECKPOINT)
     parser.add_argument("--scenes", type=int, default=6000)
     parser.add_argument("--vae-steps", type=int, default=1200)
-    parser.add_argument("--vae-from", type=Path, help="reuse this checkpoint's autoencoder (skips the VAE stage)")
     parser.add_argument("--minutes", type=float, default=45.0, help="UNet training time (validation not counted)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--validate-every", type=float, default=5.0,
                         help="minutes between validations on the tuning scenes (0: none, keep the last weights)")
     parser.add_argument("--validate-scenes", type=int, default=50)
-    parser.add_argument("--resume", type=Path, help="continue training this checkpoint (skips the VAE stage)")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", type=Path, help="continue training this checkpoint (skips the VAE stage)")
+    start.add_argument("--vae-from", type=Path, help="a fresh UNet, reusing this checkpoint's autoencoder "
+                                                     "(skips the VAE stage)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -252,6 +255,7 @@ def main() -> None:
         config = demo_model.CONFIG
         if args.vae_from:
             vae = demo_model.load(args.vae_from, clip_dtype=torch.float32)[2]
+            config = {**config, "vae": demo_model.training_config(args.vae_from)["vae"]}
             earlier = demo_model.training_info(args.vae_from)["training"]
             vae_info = {"vae_from": args.vae_from.name, "vae_steps": earlier["vae_steps"]}
         else:
@@ -270,20 +274,26 @@ def main() -> None:
     log(f"latent {tuple(latents.shape[1:])}, std x factor {latents.std().item() * SD_LATENT_FACTOR:.3f}")
     validation = (Validation(model, clip, vae, args.validate_every, args.validate_scenes, log)
                   if args.validate_every > 0 else None)
+    if validation and args.resume:
+        validation(0, 0.0)  # the weights resumed from: kept (step 0) unless training beats them
     steps, final_loss, history = unet_stage(model, clip, latents, scenes, args.minutes, args.batch, log, peak_lr,
                                             warmup, validation)
-    run = {"seconds": round(time.time() - began), "unet_steps": steps, "final_loss": round(final_loss, 4),
-           "peak_lr": peak_lr, **settings}
+    # unet_steps: the steps in the saved weights; steps_run: the steps trained, some of
+    # them discarded when validation kept earlier weights (final_loss is the last steps').
+    run = {"seconds": round(time.time() - began), "unet_steps": steps, "steps_run": steps,
+           "final_loss": round(final_loss, 4), "peak_lr": peak_lr, **settings}
     if validation:
-        run["kept_step"] = validation.restore_best()
+        run["unet_steps"] = validation.restore_best()
         run["validation"] = validation.history
-        log(f"kept the weights of step {run['kept_step']} (tuning-scene mIoU {validation.best:.3f})")
+        log(f"kept the weights of step {run['unet_steps']} (tuning-scene mIoU {validation.best:.3f})")
     if args.resume:
-        info = {"training": {**run, "seconds": earlier["seconds"] + run["seconds"],
-                             "unet_steps": earlier["unet_steps"] + run.get("kept_step", steps),
-                             "vae_steps": earlier["vae_steps"], "stages": [earlier, run]}}
+        info = {"training": {"seconds": earlier["seconds"] + run["seconds"],
+                             "unet_steps": earlier["unet_steps"] + run["unet_steps"],
+                             "final_loss": run["final_loss"], **settings,
+                             **{k: earlier[k] for k in ("vae_steps", "vae_from") if k in earlier},
+                             "stages": earlier.get("stages", [earlier]) + [run]}}
     else:
-        info = {"training": {**run, "unet_steps": run.get("kept_step", steps), **vae_info}}
+        info = {"training": {**run, **vae_info}}
     demo_model.save(args.out, model.model.diffusion_model, clip.cond_stage_model, vae.first_stage_model, config, info)
     log(f"saved {args.out} ({args.out.stat().st_size / 2**20:.1f} MiB)")
     summary = args.out.with_suffix(".json")

@@ -31,7 +31,10 @@ def test_training_script_writes_a_checkpoint_the_stock_nodes_can_sample(tmp_path
     assert set(training["validation"][-1]["miou"]) == {"level 0", "level 1"}
     assert all(0 <= v <= 1 for check in training["validation"] for level in check["miou"].values()
                for v in level.values())
-    assert training["kept_step"] in [check["step"] for check in training["validation"]]
+    kept = next(check for check in training["validation"] if check["step"] == training["unet_steps"])
+    best = max(level["colour + shape"] for check in training["validation"] for level in check["miou"].values())
+    assert max(level["colour + shape"] for level in kept["miou"].values()) == best
+    assert training["steps_run"] >= training["unet_steps"]
     assert out.stat().st_size < 15 * 2**20
     model, clip, vae = demo_model.load(out)
     positive = clip.encode_from_tokens_scheduled(clip.tokenize("a red circle"))
@@ -56,9 +59,17 @@ def test_training_resumes_from_a_checkpoint_or_reuses_its_autoencoder(tmp_path):
     subprocess.run(common + ["--vae-from", str(first), "--minutes", "0.03", "--out", str(third)], check=True,
                    capture_output=True)
     reused = comfy.utils.load_torch_file(str(third))
-    assert all(torch.equal(reused[k], v) for k, v in comfy.utils.load_torch_file(str(first)).items()
-               if k.startswith("vae."))
+    autoencoder = {k: v for k, v in comfy.utils.load_torch_file(str(first)).items() if k.startswith("vae.")}
+    assert autoencoder and all(torch.equal(reused[k], v) for k, v in autoencoder.items())
     assert demo_model.training_info(third)["training"]["vae_from"] == first.name
+    # A validated resume scores the weights it starts from (step 0) and may keep them.
+    fourth = tmp_path / "fourth.safetensors"
+    subprocess.run(common + ["--resume", str(first), "--minutes", "0.03", "--validate-every", "0.01",
+                             "--validate-scenes", "2", "--out", str(fourth)], check=True, capture_output=True)
+    resumed = json.loads(fourth.with_suffix(".json").read_text())["training"]
+    stage = resumed["stages"][-1]
+    assert stage["validation"][0]["step"] == 0 and stage["unet_steps"] <= stage["steps_run"]
+    assert resumed["unet_steps"] == before["unet_steps"] + stage["unet_steps"]
 
 
 def test_the_unet_trains_against_a_frozen_text_encoder():
