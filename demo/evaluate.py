@@ -139,8 +139,8 @@ METHODS = (
              tuple(TOKEN_PARTS) if n == 10 else ("colour + shape",)) for n in (1, 2, 5, 10, 12)),
     Method("iSeg 16x16, Ent-Self paper, lambda 0.01, N = 10", _iseg(10, "paper", 0.01, **DEMO_LEVEL)),
     Method("iSeg 16x16, Ent-Self code, lambda 0.01, N = 10", _iseg(10, "code", 0.01, **DEMO_LEVEL)),
-    Method("iSeg 16x16, Ent-Self paper, lambda 0.001, N = 10, Cat-Cross keys", _iseg(10, "paper", 0.001, **DEMO_LEVEL),
-           capture="cat-cross keys"),
+    Method("iSeg 16x16, Ent-Self paper, lambda 0.001, N = 10, Cat-Cross keys",
+           _iseg(10, "paper", 0.001, **DEMO_LEVEL), capture="cat-cross keys"),
     Method("iSeg 16x16, Ent-Self paper, lambda 0.001, N = 10, Cat-Cross embedding",
            _iseg(10, "paper", 0.001, **DEMO_LEVEL), capture="cat-cross embedding"),
     Method("GoCA (auto heads, auto layers, rescaling, k = 2)", _goca(), tuple(TOKEN_PARTS), "goca auto heads"),
@@ -234,6 +234,7 @@ def reference_mious(scenes: list[Scene]) -> dict[str, float]:
         background.add(truth, torch.zeros_like(truth))
         merged.add(truth, torch.where(truth > 0, LABELS.index(item.objects[0].name), 0))
     return {"all background": round(background.miou(), 4), "objects not told apart": round(merged.miou(), 4)}
+
 
 def object_names(caption: str) -> list[str]:
     return [part.removeprefix("a ").strip() for part in caption.split(" and ")]
