@@ -81,8 +81,8 @@ def test_the_unet_trains_against_a_frozen_text_encoder():
     train.init_fresh(clip.cond_stage_model)
     text_before = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
     unet_before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
-    captions = [train.make_scene(train.TRAIN_SEED0 + i, 64, 64) for i in range(4)]
-    steps, loss, _ = train.unet_stage(model, clip, torch.randn(4, 4, 16, 16), captions, 0.002, 2, lambda message: None)
+    scenes = [train.make_scene(train.TRAIN_SEED0 + i, 64, 64) for i in range(4)]
+    steps, loss, _ = train.unet_stage(model, clip, torch.randn(4, 4, 16, 16), scenes, 0.002, 2, lambda message: None)
     assert steps >= 1 and loss > 0
     text_after, unet_after = clip.cond_stage_model.state_dict(), model.model.diffusion_model.state_dict()
     assert all(torch.equal(v, text_after[k]) for k, v in text_before.items())
