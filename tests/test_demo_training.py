@@ -87,3 +87,28 @@ def test_the_unet_trains_against_a_frozen_text_encoder():
     text_after, unet_after = clip.cond_stage_model.state_dict(), model.model.diffusion_model.state_dict()
     assert all(torch.equal(v, text_after[k]) for k, v in text_before.items())
     assert not all(torch.equal(v, unet_after[k]) for k, v in unet_before.items())
+
+
+def test_the_weight_average_follows_early_weights_then_smooths_and_lends_them_for_a_block():
+    from demo import train
+
+    layer = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(0.0)
+    average = train.WeightAverage(layer, decay=0.9)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    average.update()  # first update: decay 1/11, so the average moves most of the way
+    assert torch.allclose(average.average[0], torch.full((1, 2), 10 / 11))
+    for _ in range(200):
+        average.update()
+    assert torch.allclose(average.average[0], torch.ones(1, 2), atol=1e-6)
+    with torch.no_grad():
+        layer.weight.fill_(5.0)
+    average.update()  # capped at the configured decay: 10% of the way to 5
+    assert torch.allclose(average.average[0], torch.full((1, 2), 1.4))
+    with average.applied():
+        assert torch.allclose(layer.weight, torch.full((1, 2), 1.4))
+    assert torch.equal(layer.weight, torch.full((1, 2), 5.0))
+    average.load()
+    assert torch.allclose(layer.weight, torch.full((1, 2), 1.4))
