@@ -5,7 +5,7 @@ import torch
 
 from comfy_env import import_pack
 from reference_capture import install_naive_capture
-from tiny_models import SD15_LAYOUT, SDXL_LAYOUT, tiny_clip, tiny_unet, tiny_vae
+from tiny_models import SD15_LAYOUT, SDXL_LAYOUT, tiny_unet
 
 
 pack = import_pack()
@@ -21,16 +21,6 @@ GOCA_LIKE = CapturePlan(cross_heads="auto", self_every_layer=True, reference_fac
 @pytest.fixture(scope="module")
 def sd15():
     return tiny_unet(SD15_LAYOUT, seed=1)
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return tiny_clip(seed=2)
-
-
-@pytest.fixture(scope="module")
-def vae():
-    return tiny_vae(seed=3)
 
 
 def encode(clip, prompt, classes="cat"):

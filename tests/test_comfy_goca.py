@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from comfy_env import import_pack
-from tiny_models import SD15_LAYOUT, SDXL_LAYOUT, tiny_clip, tiny_unet, tiny_vae
+from tiny_models import SD15_LAYOUT, SDXL_LAYOUT, tiny_unet
 
 pack = import_pack()
 from attnseg_pack.attnseg import AttnSegError  # noqa: E402
@@ -18,16 +18,6 @@ from attnseg_pack.hosts.comfyui.unet import attention_module, describe_unet, ref
 
 NODES = pack.NODE_CLASS_MAPPINGS
 GOCA_CAPTURE = CapturePlan(cross_heads="auto", self_every_layer=True, reference_factor=2)
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return tiny_clip(seed=2)
-
-
-@pytest.fixture(scope="module")
-def vae():
-    return tiny_vae(seed=3)
 
 
 def image(h=64, w=96):
