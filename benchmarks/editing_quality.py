@@ -42,7 +42,7 @@ from segmentation_quality import markdown_table, write_readme  # noqa: E402
 
 START, END = "<!-- editing-quality:start -->", "<!-- editing-quality:end -->"
 STEPS = 20
-# (name, node overrides); blend on the colour words, which the demo model localises.
+# (name, node overrides); the blend reads the recoloured object's whole name ("red circle").
 VARIANTS = (
     ("edit prompt alone, same seed", dict(cross_replace=0.0, self_replace=0.0, blend_words="")),
     ("P2P attention control, no blend", dict(blend_words="")),
@@ -81,10 +81,13 @@ def main() -> None:
         kept, composited, changed, seconds = [], [], 0, 0.0
         for seed, caption in enumerate(captions):
             target, old, new = recoloured(caption, seed)
+            recoloured_name = evaluate.object_names(caption)[0]
             inputs = dict(seed=seed, steps=STEPS, cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0,
-                          mode="replace", cross_replace=0.8, self_replace=0.4, blend_words=f"{old}, {new}",
+                          mode="replace", cross_replace=0.8, self_replace=0.4,
+                          blend_words=f"{recoloured_name}, {recoloured_name.replace(old, new, 1)}",
                           blend_start=0.2, mask_threshold=0.7, dilate=1, feather=1, reweight_words="",
-                          reweight_factor=1.0, keep_outside="source sample", segmenter_weights="0.3,0.7")
+                          reweight_factor=1.0, keep_outside="source sample",
+                          segmenter_weights=",".join(map(str, evaluate.DEMO_WEIGHTS)))
             inputs.update(overrides)
             began = time.perf_counter()
             with torch.inference_mode():

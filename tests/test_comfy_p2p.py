@@ -26,11 +26,12 @@ def demo():
 
 
 def edit(model, clip, latent, source=SOURCE, target=EDIT, steps=20, **overrides):
-    # The demo model's colour words localise, its shape words hardly: blend on the colours.
+    # Blend on the colour words, which the demo model localises best (seed 5 redraws the circle
+    # green: 11 of seeds 0-15 do).
     inputs = dict(seed=5, steps=steps, cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0, mode="replace",
                   cross_replace=0.8, self_replace=0.4, blend_words="red, green", blend_start=0.2, mask_threshold=0.7,
                   dilate=1, feather=0, reweight_words="", reweight_factor=1.0, keep_outside="source sample",
-                  segmenter_weights="0.3,0.7")
+                  segmenter_weights="0.7,0.3")
     inputs.update(overrides)
     negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
     with torch.inference_mode():
@@ -101,7 +102,7 @@ def test_editing_an_input_image_keeps_it_outside_the_mask(demo):
     with torch.inference_mode():
         latent = {"samples": vae.encode(image[None])}
     edited, _, mask, _ = edit(model, clip, latent, target="a yellow circle and a blue square", denoise=0.8,
-                              keep_outside="input latent", blend_words="red, yellow")
+                              keep_outside="input latent", blend_words="red circle, yellow circle")
     keep = outside(mask)[:, None].expand_as(latent["samples"])
     assert float(keep.float().mean()) > 0.4
     torch.testing.assert_close(edited["samples"][keep], latent["samples"][keep], atol=1e-4, rtol=0)
