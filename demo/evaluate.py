@@ -96,7 +96,9 @@ def _iseg(iterations: int, variant: str = "paper", lam: float = 0.01, factors=(2
 # chosen on the tuning scenes and iSeg on the coarse level alone.
 DEMO_LEVEL = dict(factors=(2,), weights=(1.0,))
 DEMO_WEIGHTS = (0.7, 0.3)  # DiffSegmenter weights, coarsest first
-DEMO_THRESHOLD = 0.6  # the quality benchmark's tuned threshold for DiffSegmenter with DEMO_WEIGHTS
+# The quality benchmark's tuned threshold for DiffSegmenter with DEMO_WEIGHTS (at twice
+# the scene's size); generate() applies it to its samples' masks too.
+DEMO_THRESHOLD = 0.6
 
 
 def _plain(clip, text, classes):
@@ -236,8 +238,8 @@ def reference_mious(scenes: list[Scene]) -> dict[str, float]:
     """The mIoU of three labellings that read no attention, for scale: every pixel
     background; the true objects all labelled as the scene's first one (objects
     found, not told apart); and each true object labelled as the scene's first
-    object of its shape, the most a shape word alone can score, since a scene may
-    hold two objects of one shape but never two of one colour."""
+    object of its shape (what shape alone tells: a scene may hold two objects of
+    one shape but never two of one colour)."""
     background, merged, same_shape = Confusion(), Confusion(), Confusion()
     for item in scenes:
         truth = truth_labels(item)
@@ -249,7 +251,7 @@ def reference_mious(scenes: list[Scene]) -> dict[str, float]:
         lookup = torch.tensor([0] + [LABELS.index(first_of_shape[obj.shape]) for obj in item.objects])
         same_shape.add(truth, lookup[torch.from_numpy(item.label_map())])
     return {"all background": round(background.miou(), 4), "objects not told apart": round(merged.miou(), 4),
-            "same-shape objects not told apart (a shape word's best)": round(same_shape.miou(), 4)}
+            "same-shape objects not told apart": round(same_shape.miou(), 4)}
 
 
 def object_names(caption: str) -> list[str]:

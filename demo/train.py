@@ -7,7 +7,8 @@ its latent is then rescaled so SD1.5's latent factor (0.18215) gives unit
 variance, which lets every stock SD1.5 node handle the model. Stage 2 trains
 the UNet on the frozen latents against the CLIP text model as initialised (kept
 frozen, see unet_stage) with SD1.5's noise schedule (eps prediction), dropping
-10% of captions for CFG, and keeps the weights that localise best on the tuning
+10% of captions for CFG; it validates and saves a moving average of the UNet's
+weights (WeightAverage), keeping the one that localises best on the tuning
 scenes (see Validation). The attention hooks are not involved: training uses
 ComfyUI's fast attention."""
 
@@ -120,7 +121,8 @@ class WeightAverage:
     """An exponential moving average of the UNet's weights, the weights diffusion
     models are usually sampled from: it smooths out the last steps' noise, which a
     few thousand steps at a high learning rate leave plenty of. The decay ramps up
-    from 0 so early averages follow the fast-moving weights."""
+    as n / (n + 10) after n updates, capped at ``decay``, so early averages follow
+    the fast-moving weights (after 5533 updates it is 0.998)."""
 
     def __init__(self, module: torch.nn.Module, decay: float):
         self.params = [p for p in module.parameters()]
@@ -131,7 +133,8 @@ class WeightAverage:
     def update(self) -> None:
         self.updates += 1
         decay = min(self.decay, self.updates / (self.updates + 10))
-        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1 - decay)
+        for a, p in zip(self.average, self.params):
+            a.lerp_(p.detach(), 1 - decay)
 
     @torch.no_grad()
     def load(self) -> None:
@@ -204,7 +207,7 @@ def unet_stage(model, clip, latents: torch.Tensor, scenes: list, minutes: float,
     """Trains the UNet against the text encoder as initialised. SD1.5 trains its UNet
     against a frozen text encoder; trained jointly from scratch, a tiny text encoder
     is free to move what a word means into other token positions, which hurt the
-    per-word localisation the segmenters read (the previous demo model: 0.650 mIoU).
+    per-word localisation the segmenters read (an earlier demo model: 0.650 mIoU).
     Validation scores, and the model ends with, the weight average (WeightAverage)."""
     diffusion = model.model.diffusion_model.train()
     text = clip.cond_stage_model.eval().requires_grad_(False)

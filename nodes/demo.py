@@ -22,7 +22,8 @@ class AttnSegDemoModelLoader:
 
     DESCRIPTION = ("A tiny SD1-layout model (ComfyUI's UNet, SD1 CLIP with the real tokenizer, a small "
                    "VAE) trained on coloured shapes: circle, square, triangle, star in red, green, blue, yellow, "
-                   "purple, orange. It works at 128 px; prompt it like 'a red circle and a blue square'. "
+                   "purple, orange. It generates at 128 px and segments best at twice an image's size; prompt it "
+                   "like 'a red circle and a blue square'. "
                    "Use it to try the segmenters and guidance without downloading a model.")
 
     @classmethod

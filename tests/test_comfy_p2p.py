@@ -26,10 +26,10 @@ def demo():
 
 
 def edit(model, clip, latent, source=SOURCE, target=EDIT, steps=20, **overrides):
-    # Blend on the colour words, which the demo model localises best (seed 5 redraws the circle
-    # green: 11 of seeds 0-15 do).
+    # Blend on the object's whole name, which the demo model localises better than either word
+    # (seed 5 redraws the circle green: 11 of seeds 0-15 do).
     inputs = dict(seed=5, steps=steps, cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0, mode="replace",
-                  cross_replace=0.8, self_replace=0.4, blend_words="red, green", blend_start=0.2, mask_threshold=0.7,
+                  cross_replace=0.8, self_replace=0.4, blend_words="red circle, green circle", blend_start=0.2, mask_threshold=0.7,
                   dilate=1, feather=0, reweight_words="", reweight_factor=1.0, keep_outside="source sample",
                   segmenter_weights="0.7,0.3")
     inputs.update(overrides)
