@@ -122,10 +122,10 @@ class WeightAverage:
     models are usually sampled from: it smooths out the last steps' noise, which a
     few thousand steps at a high learning rate leave plenty of. The decay ramps up
     as n / (n + 10) after n updates, capped at ``decay``, so early averages follow
-    the fast-moving weights (after 5533 updates it is 0.998)."""
+    the fast-moving weights."""
 
     def __init__(self, module: torch.nn.Module, decay: float):
-        self.params = [p for p in module.parameters()]
+        self.params = list(module.parameters())
         self.average = [p.detach().clone() for p in self.params]
         self.decay, self.updates = decay, 0
 
