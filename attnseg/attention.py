@@ -23,6 +23,17 @@ def head_mean(probs: torch.Tensor, head_out: torch.Tensor | None = None) -> torc
     return probs.mean(dim=1)
 
 
+def chosen_heads_mean(heads: tuple[int, ...]) -> HeadReducer:
+    """The mean of some heads only (iSeg's hand-picked heads), selected inside the
+    hook so the other heads' maps are never kept."""
+    index = list(heads)
+
+    def reduce(probs: torch.Tensor, head_out: torch.Tensor | None = None) -> torch.Tensor:
+        return probs[:, index].mean(dim=1)
+
+    return reduce
+
+
 class GridPool:
     """Average-pools an (h, w) token grid to at most ``max_tokens`` cells.
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 
 import torch
 
 from .errors import AttnSegError
+from .layers import resolve
 from .scores import ScoreMaps, min_max, resize
 from .store import AttentionStore, StoredMaps
 from .tokens import SegPrompt
@@ -27,11 +29,13 @@ def class_token_maps(maps: torch.Tensor, grid: tuple[int, int], prompt: SegPromp
 
 
 def mean_by_resolution(entries: list[tuple[object, StoredMaps]]) -> dict[int, tuple[tuple[int, int], torch.Tensor]]:
-    """Average the layers of each grid size: {tokens: (grid, (B, N, T) mean)}."""
+    """Average the layers of each grid size, each weighted by the heads its maps
+    average (equal weights unless heads were picked): {tokens: (grid, (B, N, T) mean)}."""
     groups: dict[int, list[StoredMaps]] = defaultdict(list)
     for _, stored in entries:
         groups[stored.grid[0] * stored.grid[1]].append(stored)
-    return {n: (group[0].grid, torch.stack([s.mean() for s in group]).mean(0)) for n, group in groups.items()}
+    return {n: (group[0].grid, sum(s.mean() * s.heads for s in group) / sum(s.heads for s in group))
+            for n, group in groups.items()}
 
 
 def finest_self_layers(store: AttentionStore, what: str = "store") -> list[StoredMaps]:
@@ -53,10 +57,34 @@ def mean_self_attention(store: AttentionStore, what: str = "store") -> tuple[tup
     return layers[0].grid, torch.stack([s.mean() for s in layers]).mean(0)
 
 
+TIMESTEP_AVERAGES = ("final maps", "attention")
+
+
+def picked_self_attention(store: AttentionStore, picks, preset: str, what: str = "store"):
+    """The mean self-attention of the layers ``picks`` name among the store's
+    self-attention layers: (grid, (B, N, N)). The layers must share a grid."""
+    entries = dict(store.require("self", what=what))
+    chosen = resolve(list(entries), picks, preset, what)
+    grids = {entries[key].grid for key in chosen}
+    if len(grids) > 1:
+        raise AttnSegError(f"{what}: '{preset}' averages self-attention of different grids "
+                           f"({', '.join(f'{h}x{w}' for h, w in sorted(grids))}); pick layers of one resolution.")
+    return grids.pop(), torch.stack([entries[key].mean() for key in chosen]).mean(0)
+
+
 def diffsegmenter(store: AttentionStore, weights=DIFFSEGMENTER_WEIGHTS, self_completion: bool = True,
-                  what: str = "store") -> ScoreMaps:
+                  what: str = "store", timestep_average: str = "final maps") -> ScoreMaps:
     """Weighted fusion of per-resolution cross-attention (coarsest first), then
-    one step of self-attention completion ``S . A``, then min-max per class."""
+    one step of self-attention completion ``S . A``, then min-max per class.
+
+    With several timesteps kept apart in the store, "final maps" averages each
+    timestep's completed maps ``S_t . A_t`` (the authors' code); "attention"
+    (or a store without per-timestep parts) segments the averaged attention."""
+    if timestep_average not in TIMESTEP_AVERAGES:
+        raise AttnSegError(f"timestep_average: '{timestep_average}' is not one of {', '.join(TIMESTEP_AVERAGES)}.")
+    if timestep_average == "final maps" and store.per_timestep:
+        parts = [diffsegmenter(child, weights, self_completion, what, "attention") for child in store.per_timestep]
+        return dataclasses.replace(parts[0], maps=min_max(torch.stack([p.maps for p in parts]).mean(0)))
     if store.prompt is None:
         raise AttnSegError(f"{what}: the store has no class list. Encode the prompt with the "
                            f"AttnSeg text encoder and use that conditioning for the capture.")

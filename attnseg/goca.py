@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .attention import CHUNK_ELEMENTS, HeadReducer
 from .errors import AttnSegError
-from .fusion import mean_self_attention
+from .fusion import mean_self_attention, picked_self_attention
 from .scores import ScoreMaps, gaussian_blur, min_max, resize
 from .store import AttentionStore
 from .tokens import SegPrompt
@@ -156,7 +156,8 @@ def _auto_layer_weights(store: AttentionStore, pairs, what: str) -> torch.Tensor
         raise AttnSegError(
             f"{what}: automatic layer weights need the self-attention of every captured cross-attention layer "
             f"and the reference layer's queries (missing: {', '.join(missing[:4]) or 'reference queries'}). "
-            f"Capture with self_layers set to 'all (GoCA)', or set layer_weights to uniform.")
+            f"On the capture node set preset to 'GoCA SD1.5 (released code)' or 'GoCA SDXL (released code)' "
+            f"(custom: self_layers 'all (GoCA)'), or set layer_weights to uniform.")
     _, reference = references[0]
     self_layers = []
     for _, _, (self_key, stored) in pairs:
@@ -181,10 +182,21 @@ def _split_classes(prompt: SegPrompt, background_classes: list[str], what: str):
 
 
 def goca(store: AttentionStore, layer_weighting: str = "auto", rescaling: bool = True, blur: int = GOCA_BLUR,
-         order: int = GOCA_ORDER, background_classes: list[str] = (), what: str = "attention") -> ScoreMaps:
+         order: int = GOCA_ORDER, background_classes: list[str] = (), what: str = "attention",
+         propagation_layers=None, aggregate_factor: int = 1, preset: str = "custom") -> ScoreMaps:
     """GoCA's class maps from a store. Heads were reduced at capture time (the
     store's ``head_reduction``); ``background_classes`` (some of the prompt's
-    classes) give the background map instead of classes of their own."""
+    classes) give the background map instead of classes of their own.
+    ``propagation_layers``: layer picks whose mean self-attention propagates
+    (None: every finest layer); ``aggregate_factor``: the maps are aggregated at
+    the latent size divided by it (GoCA on SDXL: 2, i.e. 64x64 at 1024 px)."""
+    if aggregate_factor < 1:
+        raise AttnSegError(f"aggregate_factor: {aggregate_factor} must be 1 or more.")
+    if preset != "custom" and store.head_reduction != "auto":
+        raise AttnSegError(
+            f"{what}: '{preset}' weighs each head by its share of the attention output, but this store holds the "
+            f"head mean. On the capture node set preset to '{preset}' (custom: heads 'auto (GoCA)'); for the "
+            f"head-mean ablation set this node's preset to custom.")
     if store.prompt is None:
         raise AttnSegError(f"{what}: the store has no class list. Encode the prompt with an AttnSeg text encoder.")
     if layer_weighting not in LAYER_WEIGHTINGS:
@@ -196,7 +208,8 @@ def goca(store: AttentionStore, layer_weighting: str = "auto", rescaling: bool =
     else:
         weights = torch.full((store.batch_size, len(pairs)), 1 / len(pairs))
     cross = [(stored.grid, stored.mean()) for _, stored, _ in pairs]
-    tokens = aggregate(cross, weights.to(cross[0][1].device), store.latent_size)
+    size = tuple(max(1, math.ceil(side / aggregate_factor)) for side in store.latent_size)
+    tokens = aggregate(cross, weights.to(cross[0][1].device), size)
     if tokens.shape[1] < store.prompt.token_count:
         raise AttnSegError(f"{what}: the captured cross-attention has {tokens.shape[1]} text tokens but the prompt "
                            f"has {store.prompt.token_count}; capture with the same segmentation conditioning.")
@@ -207,7 +220,10 @@ def goca(store: AttentionStore, layer_weighting: str = "auto", rescaling: bool =
     if backgrounds:  # one background map, the strongest background word per pixel
         maps = torch.cat([maps[:, :len(objects)], maps[:, len(objects):].amax(1, keepdim=True)], dim=1)
     if order > 0:
-        grid, self_attention = mean_self_attention(store, what)
+        if propagation_layers is None:
+            grid, self_attention = mean_self_attention(store, what)
+        else:
+            grid, self_attention = picked_self_attention(store, propagation_layers, preset, what)
         maps = propagate(maps, self_attention, grid, order)
     else:
         maps = min_max(maps)

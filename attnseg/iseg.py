@@ -16,6 +16,7 @@ from .errors import AttnSegError
 from .scores import ScoreMaps, min_max, resize
 from .store import AttentionStore
 from .fusion import finest_self_grid, mean_by_resolution, mean_self_attention
+from .smoothing import KL_CLUSTERS, smooth_token_maps
 
 ENT_SELF_VARIANTS = ("paper", "code", "naive")
 # iSeg's cross-attention fusion: SD at 512 px uses the 16x16 and 32x32 layers,
@@ -23,37 +24,37 @@ ENT_SELF_VARIANTS = ("paper", "code", "naive")
 ISEG_CROSS_FACTORS = (4, 2)
 ISEG_CROSS_WEIGHTS = (0.7, 0.3)
 _TINY = 1e-12
-LOG_FLOOR = 1e-8
 
 
-def ent_self(self_attention: torch.Tensor, lam: float, variant: str = "paper") -> torch.Tensor:
+def ent_self(self_attention: torch.Tensor, lam: float, variant: str = "code", clamp_max: float | None = None,
+             ) -> torch.Tensor:
     """The refined operator, row-stochastic, fp32.
 
-    "paper": ``S + lam (1 + ln S)``, one gradient step lowering each row's entropy.
-    "code": column-max normalise ``S^ = S / max_q S``, then ``S^ + lam log10(e S^)``
-    on the positive entries (the released code).
-    Both are then clamped >= 0 and their rows renormalised, as the code does: used
-    raw, the paper's negative entries (``lam ln S`` of far-away pixels) turn the
-    product into a distance transform that spreads every map across borders.
-    A row the clamp would empty keeps its original attention.
+    Both entropy variants first normalise each key column by its maximum over the
+    queries, ``S^ = S / max_q S`` (the released code; on the raw S a 64x64 map
+    loses every entry below ~0.026 to the clamp), then take one gradient step
+    that lowers the entropy, on the positive entries:
+    "code": ``S^ + lam log10(e S^)`` (the released code's ``ent``);
+    "paper": ``S^ + lam (1 + ln S^)`` (the paper's formula; the same step as
+    "code" with lam scaled by ln 10).
+    The result is clamped >= 0 (and <= ``clamp_max`` when given: the authors'
+    interactive mode uses 1) and its rows renormalised. A row the clamp would
+    empty keeps its original attention.
     "naive": ``S`` itself (lambda ignored), the baseline the paper compares against."""
-    if lam < 0:
-        raise AttnSegError(f"lambda: {lam} is negative; use 0 for plain self-attention or a small positive "
-                           f"value (paper: 0.01).")
+    if not lam >= 0:
+        raise AttnSegError(f"lambda: {lam} is not a non-negative number; use 0 for plain self-attention or a small "
+                           f"positive value (released code: 0.015).")
     s = self_attention.float()
-    if variant == "paper":
-        # fp16 stores flush the smallest probabilities to 0; ln is taken at a floor.
-        refined = s + lam * (1 + torch.log(s.clamp_min(LOG_FLOOR)))
-    elif variant == "code":
+    if variant in ("paper", "code"):
         s_hat = s / s.amax(dim=-2, keepdim=True).clamp_min(_TINY)
-        refined = torch.where(s_hat > 0, s_hat + lam * torch.log10(math.e * s_hat.clamp_min(_TINY)), s_hat)
+        log = torch.log(s_hat.clamp_min(_TINY))
+        step = 1 + log if variant == "paper" else (1 + log) * math.log10(math.e)  # log10(e x) = (1 + ln x) log10 e
+        refined = torch.where(s_hat > 0, s_hat + lam * step, s_hat)
     elif variant == "naive":
         refined = s
     else:
         raise AttnSegError(f"variant: '{variant}' is not one of {', '.join(ENT_SELF_VARIANTS)}.")
-    refined = refined.clamp_min(0)
-    # A row with no entry above ~exp(-1 - S / lam) would be clamped away entirely (flat
-    # rows over many pixels, e.g. lam 0.01 on a 64x64 grid): it keeps its attention.
+    refined = refined.clamp(0, clamp_max)
     refined = torch.where(refined.sum(-1, keepdim=True) > 0, refined, s)
     return refined / refined.sum(-1, keepdim=True).clamp_min(_TINY)
 
@@ -75,10 +76,13 @@ def iterate(maps: torch.Tensor, operator: torch.Tensor, iterations: int) -> torc
 
 
 def iseg_cross_maps(store: AttentionStore, factors=ISEG_CROSS_FACTORS, weights=ISEG_CROSS_WEIGHTS,
-                    target_grid: tuple[int, int] | None = None, what: str = "store") -> torch.Tensor:
+                    target_grid: tuple[int, int] | None = None, what: str = "store",
+                    smoothing_iterations: int = 0, clusters: int = KL_CLUSTERS) -> torch.Tensor:
     """iSeg's class maps from cross-attention: per chosen resolution, each token's
     map L1-normalised over space and upsampled to ``target_grid``; weighted sum;
-    each class the mean of its tokens. Returns (B, C, h, w)."""
+    optionally the KL k-means smoothing of the fused token maps (every token,
+    as the released code runs it); each class the mean of its tokens. Returns
+    (B, C, h, w)."""
     if store.prompt is None:
         raise AttnSegError(f"{what}: the store has no class list. Encode the prompt with an AttnSeg text encoder.")
     entries = store.require("cross", what=what)
@@ -96,12 +100,17 @@ def iseg_cross_maps(store: AttentionStore, factors=ISEG_CROSS_FACTORS, weights=I
         tokens = maps.transpose(1, 2).unflatten(-1, grid)  # (B, T, h, w)
         level = resize(tokens, target_grid or grid) * weight
         fused = level if fused is None else fused + level
+    fused = smooth_token_maps(fused, clusters, smoothing_iterations)
     classes = [fused[:, list(c.positions)].mean(1) for c in store.prompt.classes]
     return torch.stack(classes, dim=1)
 
 
-def ent_self_refine(scores: ScoreMaps, store: AttentionStore, lam: float = 0.01, iterations: int = 10,
-                    variant: str = "paper", what: str = "attention") -> ScoreMaps:
+ISEG_LAMBDA = 0.015  # the released VOC scripts' ``ent``
+ISEG_ITERATIONS = 10
+
+
+def ent_self_refine(scores: ScoreMaps, store: AttentionStore, lam: float = ISEG_LAMBDA,
+                    iterations: int = ISEG_ITERATIONS, variant: str = "code", what: str = "attention") -> ScoreMaps:
     """Any class maps refined by ``iterations`` Ent-Self steps on the store's
     finest self-attention grid, min-max per class."""
     grid, self_attention = mean_self_attention(store, what)
@@ -116,15 +125,18 @@ def ent_self_refine(scores: ScoreMaps, store: AttentionStore, lam: float = 0.01,
 
 
 def iseg_cross(store: AttentionStore, factors=ISEG_CROSS_FACTORS, weights=ISEG_CROSS_WEIGHTS,
-               what: str = "attention") -> ScoreMaps:
+               what: str = "attention", smoothing_iterations: int = 0, clusters: int = KL_CLUSTERS) -> ScoreMaps:
     """iSeg's cross-attention class maps on the self-attention grid, min-max per class."""
     grid = finest_self_grid(store, what)
-    maps = iseg_cross_maps(store, factors, weights, grid, what)
+    maps = iseg_cross_maps(store, factors, weights, grid, what, smoothing_iterations, clusters)
     # Min-max here; the refiner's min-subtract + L1 gives the same maps either way.
     return ScoreMaps(min_max(maps), store.prompt.class_names, store.image_size, "iseg-cross")
 
 
-def iseg(store: AttentionStore, lam: float = 0.01, iterations: int = 10, variant: str = "paper",
-         factors=ISEG_CROSS_FACTORS, weights=ISEG_CROSS_WEIGHTS, what: str = "attention") -> ScoreMaps:
-    """The whole method: iSeg's cross-attention maps refined by Ent-Self."""
-    return ent_self_refine(iseg_cross(store, factors, weights, what), store, lam, iterations, variant, what)
+def iseg(store: AttentionStore, lam: float = ISEG_LAMBDA, iterations: int = ISEG_ITERATIONS, variant: str = "code",
+         factors=ISEG_CROSS_FACTORS, weights=ISEG_CROSS_WEIGHTS, what: str = "attention",
+         smoothing_iterations: int = 0, clusters: int = KL_CLUSTERS) -> ScoreMaps:
+    """The whole method: iSeg's cross-attention maps (optionally KL-smoothed)
+    refined by Ent-Self."""
+    cross = iseg_cross(store, factors, weights, what, smoothing_iterations, clusters)
+    return ent_self_refine(cross, store, lam, iterations, variant, what)

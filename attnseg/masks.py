@@ -20,8 +20,12 @@ def label_map(scores: torch.Tensor, threshold: float, background: str = "thresho
     ``threshold`` ("threshold": iSeg's COCO rule, DiffSegmenter's sweep; plus
     ``background_map`` (B, 1, H, W) when given, GoCA's rule) or of
     ``(1 - max_c)^2`` ("(1 - max)^2": iSeg's VOC rule; ``threshold`` unused)."""
-    if not 0.0 <= threshold <= 1.0:
-        raise AttnSegError(f"threshold: {threshold} is outside [0, 1]; scores are min-max normalised.")
+    if not -1.0 <= threshold <= 1.0:
+        raise AttnSegError(f"threshold: {threshold} is outside [-1, 1]; scores are min-max normalised.")
+    if threshold < 0 and background_map is None:
+        raise AttnSegError(f"threshold: {threshold} is negative, which only means something as an offset on a "
+                           f"segmenter's background map (GoCA with background_classes sweeps -0.4..0.4); here it "
+                           f"would label every pixel a class. Use 0 to 1.")
     best, index = scores.max(dim=1)
     if background == "threshold":
         background_score = torch.full_like(best, threshold)

@@ -14,7 +14,7 @@ import torch
 
 from .errors import AttnSegError
 from .iseg import ent_self, iterate
-from .scores import ScoreMaps, min_max
+from .scores import ScoreMaps
 
 SEED_KINDS = ("point", "line", "box")
 
@@ -87,20 +87,34 @@ def parse_seeds(text: str, image_size: tuple[int, int], grid: tuple[int, int]) -
                 raise AttnSegError(f"seeds: {what} must be [x0, y0, x1, y1] in image pixels.")
             x0, y0 = _number_pair(value[:2], what)
             x1, y1 = _number_pair(value[2:], what)
-            first, last = _cell(min(x0, x1), min(y0, y1), image_size, grid, what), \
-                _cell(max(x0, x1), max(y0, y1), image_size, grid, what)
-            rows = range(first // grid[1], last // grid[1] + 1)
-            cols = range(first % grid[1], last % grid[1] + 1)
+            first = _cell(min(x0, x1), min(y0, y1), image_size, grid, what)
+            _cell(max(x0, x1), max(y0, y1), image_size, grid, what)  # inside the image
+            # The far edge is exclusive, as in image coordinates (and the authors' UI):
+            # the cells from the first corner's up to, not including, the far corner's.
+            row_end = int(max(y0, y1) / image_size[0] * grid[0])
+            col_end = int(max(x0, x1) / image_size[1] * grid[1])
+            rows = range(first // grid[1], max(row_end, first // grid[1] + 1))
+            cols = range(first % grid[1], max(col_end, first % grid[1] + 1))
             cells = tuple(r * grid[1] + c for r in rows for c in cols)
         seeds.append(Seed(kind, label, cells))
     return seeds
 
 
+# The authors' interactive mode (ui/run.py): the code variant with lambda 0.1,
+# 50 iterations, the refined operator clamped to [0, 1].
+SEED_LAMBDA = 0.1
+SEED_ITERATIONS = 50
+SEED_VARIANT = "code"
+SEED_CLAMP_MAX = 1.0
+
+
 def seeded_maps(self_attention: torch.Tensor, grid: tuple[int, int], seeds: list[Seed], image_size,
-                lam: float = 0.01, iterations: int = 10, variant: str = "paper") -> ScoreMaps:
+                lam: float = SEED_LAMBDA, iterations: int = SEED_ITERATIONS, variant: str = SEED_VARIANT,
+                clamp_max: float | None = SEED_CLAMP_MAX) -> ScoreMaps:
     """Each seed propagated by the Ent-Self iteration: a point or a box is one
     initial map; a line's cells are propagated one by one, each max-normalised,
-    then averaged (so a long line is not dominated by where its cells cluster)."""
+    then averaged (so a long line is not dominated by where its cells cluster);
+    each seed's map is then divided by its maximum, as the authors' UI does."""
     batch, n = self_attention.shape[:2]
     columns, owner = [], []
     for index, seed in enumerate(seeds):
@@ -111,8 +125,9 @@ def seeded_maps(self_attention: torch.Tensor, grid: tuple[int, int], seeds: list
             columns.append(column)
             owner.append(index)
     initial = torch.stack(columns, dim=-1).expand(batch, n, len(columns))
-    propagated = iterate(initial, ent_self(self_attention, lam, variant), iterations)
+    propagated = iterate(initial, ent_self(self_attention, lam, variant, clamp_max), iterations)
     propagated = propagated / propagated.amax(dim=1, keepdim=True).clamp_min(1e-12)
     owner_index = torch.tensor(owner, device=propagated.device)
     maps = torch.stack([propagated[..., owner_index == i].mean(-1) for i in range(len(seeds))], dim=1)
-    return ScoreMaps(min_max(maps.unflatten(-1, grid)), [s.label for s in seeds], image_size, "iseg-seeds")
+    maps = maps / maps.amax(dim=-1, keepdim=True).clamp_min(1e-12)
+    return ScoreMaps(maps.unflatten(-1, grid), [s.label for s in seeds], image_size, "iseg-seeds")

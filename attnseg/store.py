@@ -29,11 +29,15 @@ class LayerKey:
 
 @dataclass
 class StoredMaps:
-    """A running sum of (B, N, T) maps on an (h, w) grid with N = h * w."""
+    """A running sum of (B, N, T) maps on an (h, w) grid with N = h * w.
+    ``heads``: how many heads each map averages (layers of one resolution are
+    averaged weighted by it, so a mean over hand-picked heads of several layers
+    weighs every picked head alike, as the authors' code does)."""
 
     grid: tuple[int, int]
     total: torch.Tensor
     count: int = 1
+    heads: int = 1
 
     def mean(self) -> torch.Tensor:
         return self.total.float() / self.count
@@ -66,19 +70,31 @@ class AttentionStore:
     stacked_timesteps: int = 1
     entries: dict[tuple[LayerKey, str], StoredMaps] = field(default_factory=dict)
     steps: set[int] = field(default_factory=set)
+    # One store per timestep besides the running sum, for methods that average
+    # their final maps over timesteps (DiffSegmenter) rather than the attention.
+    # A pass fills ``per_timestep[first:first + stacked_timesteps]``.
+    per_timestep: list["AttentionStore"] = field(default_factory=list)
+    first_timestep: int = 0
 
-    def add(self, key: LayerKey, branch: str, grid: tuple[int, int], maps: torch.Tensor) -> None:
+    def add(self, key: LayerKey, branch: str, grid: tuple[int, int], maps: torch.Tensor, heads: int = 1) -> None:
         """Accumulate (B, N, T) maps for one layer and branch (called from hooks:
         no host sync, stays on the maps' device)."""
         copies = self.stacked_timesteps
+        if self.per_timestep:
+            for index, part in enumerate(maps.unflatten(0, (copies, -1))):
+                self.per_timestep[self.first_timestep + index]._accumulate(key, branch, grid, part, 1, heads)
         if copies > 1:
             maps = maps.unflatten(0, (copies, -1)).sum(0)
+        self._accumulate(key, branch, grid, maps, copies, heads)
+
+    def _accumulate(self, key: LayerKey, branch: str, grid: tuple[int, int], maps: torch.Tensor, count: int,
+                    heads: int) -> None:
         slot = self.entries.get((key, branch))
         if slot is None:
-            self.entries[(key, branch)] = StoredMaps(grid, maps.to(self.dtype, copy=True), copies)
+            self.entries[(key, branch)] = StoredMaps(grid, maps.to(self.dtype, copy=True), count, heads)
         else:
             slot.total.add_(maps.to(slot.total.dtype))
-            slot.count += copies
+            slot.count += count
 
     def layers(self, kind: str, branch: str = "cond") -> list[tuple[LayerKey, StoredMaps]]:
         return sorted((k, v) for (k, b), v in self.entries.items() if k.kind == kind and b == branch)

@@ -66,10 +66,19 @@ def template_prompt(names: Sequence[str]) -> str:
 
 
 def iseg_template_prompt(names: Sequence[str], background_words: Sequence[str] = ()) -> str:
-    """iSeg's prompt: the classes, then 'other objects and background', then
-    optional background words that give the stuff in the image a token to go to."""
-    text = "a photograph of " + " and ".join(names) + " and other objects and background"
+    """iSeg's prompt (its released code): the classes, then 'other object and
+    background', then background words that give the stuff in the image a token
+    to go to."""
+    text = "a photograph of " + " and ".join(names) + " and other object and background"
     return text + (", " + ", ".join(background_words) if background_words else "")
+
+
+GOCA_BACKGROUND = "background"
+
+
+def goca_template_prompt(names: Sequence[str]) -> str:
+    """GoCA's VOC prompt: the classes, then ', background', whose map is the background's."""
+    return template_prompt(names) + ", " + GOCA_BACKGROUND
 
 
 def find_subsequence(sequence: Sequence, part: Sequence, same=lambda a, b: a == b) -> int:

@@ -44,7 +44,7 @@ from reference_capture import install_naive_capture  # noqa: E402
 from attnseg_pack.hosts.comfyui.capture import CapturePlan  # noqa: E402
 from attnseg_pack.hosts.comfyui.passes import capture_pass, capture_sample  # noqa: E402
 from attnseg_pack.hosts.comfyui.text import encode_segmentation_prompt  # noqa: E402
-from attnseg_pack.nodes.capture import capture_plan, with_goca  # noqa: E402
+from attnseg_pack.nodes.capture import step_plan, with_goca  # noqa: E402
 
 PROMPT, CLASSES = "a photograph of a cat sitting on a sofa", "cat, sofa"
 
@@ -63,7 +63,7 @@ def sampler_variants(model, positive, negative, steps: int, size: int):
         comfy_nodes.common_ksampler(model, 0, steps, 7.5, "euler", "normal", positive, negative, latent)
 
     def capture():
-        plan = capture_plan(steps, 0, -1, "last step")  # all cross layers every step, finest self at the last
+        plan = step_plan(steps, 0, -1, "last step")  # all cross layers every step, finest self at the last
         capture_sample(model, 0, steps, 7.5, "euler", "normal", positive, negative, latent, 1.0, plan)
 
     def naive():
@@ -76,7 +76,7 @@ def sampler_variants(model, positive, negative, steps: int, size: int):
         comfy_nodes.common_ksampler(patched, 0, steps, 7.5, "euler", "normal", positive, negative, latent)
 
     def goca():
-        plan = with_goca(capture_plan(steps, 0, -1, "last step"), "auto (GoCA)", "all (GoCA)")
+        plan = with_goca(step_plan(steps, 0, -1, "last step"), "auto (GoCA)", "all (GoCA)")
         capture_sample(model, 0, steps, 7.5, "euler", "normal", positive, negative, latent, 1.0, plan)
 
     return {"stock": stock, "capture": capture, "naive": naive, "scfg": scfg, "goca": goca}

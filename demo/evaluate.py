@@ -20,10 +20,13 @@ from attnseg_pack.attnseg import AttentionStore, SegPrompt
 from attnseg_pack.attnseg.fusion import diffsegmenter
 from attnseg_pack.attnseg.goca import goca
 from attnseg_pack.attnseg.iseg import iseg
+from attnseg_pack.attnseg.layers import LayerPick
 from attnseg_pack.attnseg.masks import label_map, make_masks
+from attnseg_pack.attnseg.presets import PRESETS, Preset
 from attnseg_pack.attnseg.scores import ScoreMaps, resize
 from attnseg_pack.hosts.comfyui.capture import GOCA_REFERENCE_FACTOR, CapturePlan
 from attnseg_pack.hosts.comfyui.passes import capture_sample, segment_image
+from attnseg_pack.hosts.comfyui.presets import segment_with_preset
 from attnseg_pack.hosts.comfyui.text import encode_cat_cross, encode_segmentation_prompt
 from demo.scenes import COLOURS, SHAPES, Scene, colour_mask, make_scene
 
@@ -33,6 +36,8 @@ TUNE_SEEDS = range(50_000, 50_050)
 SIZES = ((128, 128), (128, 192), (128, 128), (192, 128))
 LABELS = ["background"] + [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
 THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(2, 19))
+# GoCA's presets label against a background map plus an offset, which its authors sweep over -0.4..0.4.
+OFFSETS = tuple(round(0.1 * i, 1) for i in range(-4, 5))
 TIMESTEPS = [100]
 # The segmentation pass runs at twice the scene's size, as DiffSegmenter and iSeg
 # upscale images to 512 px for SD1.5: the attention maps get twice as fine. Chosen
@@ -79,9 +84,10 @@ class Confusion:
 @dataclass(frozen=True)
 class Method:
     name: str
-    run: Callable[[AttentionStore], ScoreMaps]
+    run: Callable[[AttentionStore], ScoreMaps] | None
     token_parts: tuple[str, ...] = ("colour + shape",)
     capture: str = "plain"  # a key of CAPTURES
+    preset: Preset | None = None  # run end to end as AttnSeg Segment runs it (its own prompt and passes)
 
 
 # iSeg's paper preset weighs SD1.5's 16x16 and 32x32 cross-attention 0.7 / 0.3 (4x
@@ -125,6 +131,34 @@ CAPTURES = {
 
 def _goca(layers: str = "auto", rescaling: bool = True, order: int = 2):
     return lambda store: goca(store, layers, rescaling, order=order)
+
+
+def adapted(name: str, change: str, settings: dict = {}, capture: dict = {}) -> Method:  # noqa: B006 (read only)
+    """A released-code preset moved onto the demo model, whose UNet is a smaller
+    copy of SD1.5's: two attention levels (the latent's size and half of it) where
+    SD has four, two heads per layer, one encoder layer per level. ``change`` says
+    what had to move."""
+    chosen = PRESETS[name]
+    moved = dataclasses.replace(chosen, settings=dataclasses.replace(chosen.settings, **settings),
+                                capture=dataclasses.replace(chosen.capture, **capture))
+    return Method(f"{name}, on the demo model: {change}", None, preset=moved)
+
+
+# SD's 16x16 and 32x32 levels (4x and 2x below its latent) are the demo's coarse and fine levels.
+_ISEG_DEMO = dict(settings=dict(factors=(2, 1)), capture=dict(cross_layers=None, cross_head_lists=(), self_heads=None))
+_ISEG_CHANGE = "its two levels for SD's 16x16 and 32x32, every head"
+PRESET_METHODS = (
+    Method("DiffSegmenter (demo model, tuned) preset", None, preset=PRESETS["DiffSegmenter (demo model, tuned)"]),
+    Method("DiffSegmenter (released code) preset", None, preset=PRESETS["DiffSegmenter (released code)"]),
+    Method("DiffSegmenter (paper, 4 timesteps) preset", None, preset=PRESETS["DiffSegmenter (paper, 4 timesteps)"]),
+    adapted("iSeg VOC (released code)", _ISEG_CHANGE + " (the demo has 2 per layer, the VOC lists pick SD2.1's 20)",
+            **_ISEG_DEMO),
+    adapted("iSeg COCO (released code)", _ISEG_CHANGE, **_ISEG_DEMO),
+    adapted("iSeg (paper text)", _ISEG_CHANGE, **_ISEG_DEMO),
+    adapted("GoCA SD1.5 (released code)", "propagation over the demo's one encoder layer at the finest level "
+            "in place of SD1.5's second", dict(propagation_layers=(LayerPick("output", 0, 0), LayerPick("output", 0, 1),
+                                                                   LayerPick("input", 0, 0)))),
+)
 
 
 METHODS = (
@@ -200,25 +234,35 @@ class Scores:
         return (capture + self.method_seconds[method]) / max(self.images, 1)
 
 
+def candidate_thresholds(method: str, part: str) -> tuple[float, ...]:
+    """The thresholds tuned over: background offsets for GoCA's presets, else 0.1..0.9."""
+    found = next((m for m in METHODS + PRESET_METHODS if m.name == method), None)
+    return OFFSETS if found is not None and found.preset is not None and found.preset.method == "goca" else THRESHOLDS
+
+
 def score(model, clip, vae, scenes: list[Scene], methods=METHODS,
-          thresholds: Callable[[str, str], tuple[float, ...]] = lambda method, part: THRESHOLDS,
+          thresholds: Callable[[str, str], tuple[float, ...]] = candidate_thresholds,
           timesteps=TIMESTEPS) -> Scores:
     """Segment every scene with every method and token part, at each threshold."""
     result = Scores()
     for item in scenes:
         stores = {}
-        for kind in dict.fromkeys(m.capture for m in methods):
+        for kind in dict.fromkeys(m.capture for m in methods if m.preset is None):
             began = time.perf_counter()
             stores[kind] = capture(model, clip, vae, item, kind, timesteps)
             result.capture_seconds[kind] = result.capture_seconds.get(kind, 0.0) + time.perf_counter() - began
         truth = truth_labels(item)
         lookup = torch.tensor([0] + [LABELS.index(o.name) for o in item.objects])
         for method in methods:
-            store = stores[method.capture]
-            result.capture_of[method.name] = method.capture
+            store = stores.get(method.capture)
+            result.capture_of[method.name] = method.capture if method.preset is None else method.name
             for part in method.token_parts:
                 began = time.perf_counter()
-                maps = method.run(dataclasses.replace(store, prompt=restrict_tokens(store.prompt, part)))
+                if method.preset is not None:  # its own passes, timed as the method's
+                    maps = run_preset(model, clip, vae, item, method.preset)
+                    result.capture_seconds.setdefault(method.name, 0.0)
+                else:
+                    maps = method.run(dataclasses.replace(store, prompt=restrict_tokens(store.prompt, part)))
                 scores = maps.at_image_size()[0:1].clamp(0, 1)
                 background = None if maps.background is None else resize(maps.background, maps.image_size)
                 if part == "colour + shape":  # what a user runs; the other parts are diagnostics
@@ -228,10 +272,18 @@ def score(model, clip, vae, scenes: list[Scene], methods=METHODS,
                     key = (method.name, part, threshold)
                     if key not in result.confusion:
                         result.confusion[key] = Confusion()
-                    labels = label_map(scores, threshold, background_map=background)
+                    rule = method.preset.background if method.preset is not None else "threshold"
+                    labels = label_map(scores, threshold, rule, background_map=background)
                     result.confusion[key].add(truth, lookup[labels[0]])
         result.images += 1
     return result
+
+
+def run_preset(model, clip, vae, item: Scene, chosen: Preset) -> ScoreMaps:
+    """The preset as AttnSeg Segment runs it (its own prompt template), at SEGMENT_SCALE x the scene's size."""
+    image = torch.from_numpy(item.image).float().div(255)[None]
+    return segment_with_preset(model, clip, vae, image, ", ".join(o.name for o in item.objects), chosen,
+                               resolution=SEGMENT_SCALE * max(item.image.shape[:2]))
 
 
 def reference_mious(scenes: list[Scene]) -> dict[str, float]:

@@ -3,17 +3,22 @@ import dataclasses
 import comfy.samplers
 
 from ..attnseg import AttnSegError
+from ..attnseg.presets import CUSTOM, find_preset
 from ..hosts.comfyui.capture import GOCA_REFERENCE_FACTOR, CapturePlan, StepRange
 from ..hosts.comfyui.passes import capture_sample, parse_timesteps, segment_image
+from ..hosts.comfyui.presets import capture_plan
+from .presets import preset_input
 from .types import ATTN_STORE, CATEGORY
+
+DEFAULT_PRESET = "DiffSegmenter (released code)"
 
 SELF_ATTENTION_MODES = ("last step", "captured steps", "off")
 HEADS = {"mean": "mean", "auto (GoCA)": "auto"}
 SELF_LAYERS = ("finest", "all (GoCA)")
 
 
-def goca_inputs():
-    """Optional capture inputs for GoCA (optional so older workflows still validate)."""
+def goca_inputs(what: str):
+    """Optional capture inputs: GoCA's and the preset (optional so older workflows still validate)."""
     return {
         "heads": (list(HEADS), {"default": "mean", "tooltip": "How cross-attention heads are reduced as they are "
                                 "captured: their mean, or GoCA's per-pixel weights from each head's share of "
@@ -21,6 +26,7 @@ def goca_inputs():
         "self_layers": (SELF_LAYERS, {"default": "finest", "tooltip": "Self-attention of the finest layers "
                                       "(enough for DiffSegmenter, iSeg and GoCA's propagation), or of every layer "
                                       "plus a reference layer's queries, which GoCA's automatic layer weights need."}),
+        **preset_input(None, DEFAULT_PRESET, what),
     }
 
 
@@ -54,7 +60,7 @@ class AttnSegSegmentImage:
             "resolution": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 64,
                                    "tooltip": "Longer side of the image the model sees (aspect kept); "
                                               "512 for SD1.x/2.x, 1024 for SDXL."}),
-        }, "optional": goca_inputs()}
+        }, "optional": goca_inputs("what the pass records (layers, heads, timesteps, resolution, seed)")}
 
     RETURN_TYPES = (ATTN_STORE,)
     RETURN_NAMES = ("attention",)
@@ -62,9 +68,15 @@ class AttnSegSegmentImage:
     CATEGORY = CATEGORY
 
     def segment(self, model, vae, image, conditioning, timesteps, seed, resolution, heads="mean",
-                self_layers="finest"):
-        plan = with_goca(CapturePlan(), heads, self_layers)
-        store = segment_image(model, vae, image, conditioning, parse_timesteps(timesteps), seed, resolution, plan)
+                self_layers="finest", preset=CUSTOM):
+        chosen = find_preset(preset)
+        if chosen is None:
+            plan, steps, keep = with_goca(CapturePlan(), heads, self_layers), parse_timesteps(timesteps), False
+        else:
+            setup = chosen.capture
+            plan, steps, keep = capture_plan(setup, chosen.name), list(setup.timesteps), setup.keep_timesteps
+            seed, resolution = setup.seed, setup.resolution
+        store = segment_image(model, vae, image, conditioning, steps, seed, resolution, plan, keep)
         return (store,)
 
 
@@ -93,7 +105,7 @@ class AttnSegCaptureSampler:
                                          "tooltip": "Inclusive; negative counts back from the last step (-1)."}),
             "self_attention": (SELF_ATTENTION_MODES, {"tooltip": "Self-attention is large: by default it is "
                                                                   "taken at the last captured step only."}),
-        }, "optional": goca_inputs()}
+        }, "optional": goca_inputs("which layers and heads are recorded (the step inputs still apply)")}
 
     RETURN_TYPES = ("LATENT", ATTN_STORE)
     RETURN_NAMES = ("latent", "attention")
@@ -102,17 +114,22 @@ class AttnSegCaptureSampler:
 
     def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                denoise, capture, capture_start_step, capture_end_step, self_attention, heads="mean",
-               self_layers="finest"):
+               self_layers="finest", preset=CUSTOM):
         plan = None
+        chosen = find_preset(preset)
         if capture:
-            plan = with_goca(capture_plan(steps, capture_start_step, capture_end_step, self_attention), heads,
-                             self_layers)
+            plan = step_plan(steps, capture_start_step, capture_end_step, self_attention)
+            if chosen is None:
+                plan = with_goca(plan, heads, self_layers)
+            else:
+                layers = capture_plan(chosen.capture, chosen.name)
+                plan = dataclasses.replace(layers, cross_steps=plan.cross_steps, self_steps=plan.self_steps)
         latent, store = capture_sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                        latent_image, denoise, plan)
         return (latent, store)
 
 
-def capture_plan(steps: int, start: int, end: int, self_attention: str) -> CapturePlan:
+def step_plan(steps: int, start: int, end: int, self_attention: str) -> CapturePlan:
     """The sampler's step inputs as a plan, checked against the step count."""
     last = end if end >= 0 else steps + end
     if not 0 <= start <= last < steps:

@@ -2,7 +2,9 @@
 propagation of the captured cross-attention."""
 
 from ..attnseg.goca import GOCA_BLUR, GOCA_ORDER, LAYER_WEIGHTINGS, goca
+from ..attnseg.presets import CUSTOM, find_preset
 from ..attnseg.tokens import parse_class_list
+from .presets import preset_input
 from .segmenters import require_store
 from .types import ATTN_SCORES, ATTN_STORE, CATEGORY
 
@@ -32,17 +34,26 @@ class AttnSegGoCA:
             "background_classes": ("STRING", {"default": "", "tooltip": "Comma-separated classes of the text "
                                               "encoder that are background (e.g. 'sky, grass'): their strongest "
                                               "map is added to the mask node's background threshold."}),
-        }}
+        }, "optional": preset_input("goca", "GoCA SD1.5 (released code)", (
+            "GoCA's stages (the store must be captured with the same preset: output-weighted heads, every layer's "
+            "self-attention, the reference queries), its propagation layers and, on SDXL, 64x64 aggregation; "
+            "background_classes still apply"))}
 
     RETURN_TYPES = (ATTN_SCORES,)
     RETURN_NAMES = ("scores",)
     FUNCTION = "segment"
     CATEGORY = CATEGORY
 
-    def segment(self, attention, layer_weights, rescaling, blur, propagation_order, background_classes):
+    def segment(self, attention, layer_weights, rescaling, blur, propagation_order, background_classes,
+                preset=CUSTOM):
         store = require_store(attention)
         backgrounds = parse_class_list(background_classes, "background_classes") if background_classes.strip() else []
-        return (goca(store, layer_weights, rescaling, blur, propagation_order, backgrounds),)
+        chosen = find_preset(preset, "goca")
+        if chosen is None:
+            return (goca(store, layer_weights, rescaling, blur, propagation_order, backgrounds),)
+        settings = chosen.settings
+        return (goca(store, settings.layer_weights, settings.rescaling, settings.blur, settings.order, backgrounds,
+                     "attention", settings.propagation_layers, settings.aggregate_factor, chosen.name),)
 
 
 NODE_CLASS_MAPPINGS = {"AttnSegGoCA": AttnSegGoCA}

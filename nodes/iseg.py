@@ -4,21 +4,28 @@ refiner and seeded (point / line / box) segmentation."""
 from ..attnseg import AttnSegError
 from ..attnseg.iseg import ENT_SELF_VARIANTS, ISEG_CROSS_FACTORS, ISEG_CROSS_WEIGHTS, ent_self_refine, iseg_cross
 from ..attnseg.fusion import mean_self_attention
+from ..attnseg.presets import CUSTOM, ISEG_BACKGROUND_WORDS, SEED_PRESET, SEED_SETTINGS, find_preset
 from ..attnseg.seeds import parse_seeds, seeded_maps
+from ..attnseg.smoothing import KL_ITERATIONS
 from ..hosts.comfyui.text import CAT_CROSS_MODES, encode_cat_cross
+from .presets import preset_input
 from .segmenters import parse_weights, require_store
 from .types import ATTN_SCORES, ATTN_STORE, CATEGORY
 
-VARIANT_TOOLTIP = ("paper: S + lambda(1 + ln S); code: column-max normalised S^ + lambda log10(e S^) (the released "
-                   "code); both clamped >= 0 with rows renormalised. naive: plain S, the baseline.")
+ISEG_PRESET = "iSeg VOC (released code)"
+VARIANT_TOOLTIP = ("On the column-max normalised S^ = S / max_q S: code: S^ + lambda log10(e S^) (the released code); "
+                   "paper: S^ + lambda (1 + ln S^) (the paper's formula, the same step with lambda x ln 10); both "
+                   "clamped >= 0 with rows renormalised. naive: plain S, the baseline.")
 
 
-def ent_self_inputs():
+def ent_self_inputs(lam: float = 0.015, iterations: int = 10):
     return {
-        "lam": ("FLOAT", {"default": 0.01, "min": 0.0, "max": 1.0, "step": 0.001,
-                          "tooltip": "Entropy-reduction strength lambda (paper 0.01, VOC code 0.015)."}),
-        "iterations": ("INT", {"default": 10, "min": 0, "max": 100, "tooltip": "Ent-Self iterations N (paper 10)."}),
-        "variant": (list(ENT_SELF_VARIANTS), {"default": "paper", "tooltip": VARIANT_TOOLTIP}),
+        "lam": ("FLOAT", {"default": lam, "min": 0.0, "max": 1.0, "step": 0.001,
+                          "tooltip": "Entropy-reduction strength lambda (released code: VOC 0.015, COCO 0.1, "
+                                     "interactive 0.1)."}),
+        "iterations": ("INT", {"default": iterations, "min": 0, "max": 100,
+                               "tooltip": "Ent-Self iterations N (VOC 10, interactive 50)."}),
+        "variant": (list(ENT_SELF_VARIANTS), {"default": "code", "tooltip": VARIANT_TOOLTIP}),
     }
 
 
@@ -39,18 +46,22 @@ class AttnSegCatCrossEncode:
             "classes": ("STRING", {"default": "", "tooltip": "Comma-separated class words, as in the prompt."}),
             "gamma": ("FLOAT", {"default": 1.6, "min": 0.01, "max": 10.0, "step": 0.05,
                                 "tooltip": "Class-token weight (iSeg 1.6; 1 = off)."}),
-            "mode": (list(CAT_CROSS_MODES), {"default": "keys", "tooltip": "keys: the paper's W.K; "
+            "mode": (list(CAT_CROSS_MODES), {"default": "embedding", "tooltip": "keys: the paper's W.K; "
                                              "embedding: the code's scaled text embedding."}),
-            "background_words": ("STRING", {"default": "", "tooltip": "Comma-separated words appended to the "
-                                                                      "template, e.g. 'ground, sky, wall'."}),
-        }}
+            "background_words": ("STRING", {"default": ", ".join(ISEG_BACKGROUND_WORDS), "tooltip": (
+                "Comma-separated words appended to the template (the released VOC list by default).")}),
+        }, "optional": preset_input("iseg", ISEG_PRESET, "iSeg's text side (gamma, mode, background words)")}
 
     RETURN_TYPES = ("CONDITIONING", "STRING")
     RETURN_NAMES = ("conditioning", "tokens")
     FUNCTION = "encode"
     CATEGORY = CATEGORY
 
-    def encode(self, clip, prompt, classes, gamma, mode, background_words):
+    def encode(self, clip, prompt, classes, gamma, mode, background_words, preset=CUSTOM):
+        chosen = find_preset(preset, "iseg")
+        if chosen is not None:
+            text = chosen.text
+            gamma, mode, background_words = text.cat_cross_gamma, text.cat_cross_mode, ", ".join(text.background_words)
         conditioning, meta = encode_cat_cross(clip, prompt, classes, gamma, mode, background_words)
         report = meta.readable + "\n" + "\n".join(f"{c.name}: tokens {list(c.positions)}" for c in meta.classes)
         return (conditioning, report)
@@ -71,6 +82,12 @@ class AttnSegISegCrossAttention:
                                    "tooltip": "Latent downscale factors of the layers to fuse."}),
             "weights": ("STRING", {"default": ",".join(map(str, ISEG_CROSS_WEIGHTS)),
                                    "tooltip": "One weight per factor (iSeg 0.7, 0.3)."}),
+        }, "optional": {
+            "smoothing_iterations": ("INT", {"default": KL_ITERATIONS, "min": 0, "max": 100, "tooltip": (
+                "KL k-means smoothing of the fused token maps (anchors every floor(side / sqrt 32) cells: 6x6 on "
+                "64x64; symmetric KL; each pixel takes its cluster's mean), this many iterations (released code "
+                "20; 0 = off).")}),
+            **preset_input("iseg", ISEG_PRESET, "iSeg's cross-attention fusion"),
         }}
 
     RETURN_TYPES = (ATTN_SCORES,)
@@ -78,14 +95,19 @@ class AttnSegISegCrossAttention:
     FUNCTION = "segment"
     CATEGORY = CATEGORY
 
-    def segment(self, attention, factors, weights):
+    def segment(self, attention, factors, weights, smoothing_iterations=0, preset=CUSTOM):
         store = require_store(attention)
+        chosen = find_preset(preset, "iseg")
+        if chosen is not None:
+            settings = chosen.settings
+            return (iseg_cross(store, settings.factors, settings.weights, "attention", settings.smoothing_iterations,
+                               settings.clusters),)
         factor_list = [int(f) for f in parse_weights(factors, "factors")]
         weight_list = parse_weights(weights)
         if len(factor_list) != len(weight_list):
             raise AttnSegError(f"weights: {len(weight_list)} weights for {len(factor_list)} factors; "
                                f"give one weight per factor.")
-        return (iseg_cross(store, factor_list, weight_list),)
+        return (iseg_cross(store, factor_list, weight_list, "attention", smoothing_iterations),)
 
 
 class AttnSegEntSelf:
@@ -96,14 +118,18 @@ class AttnSegEntSelf:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"scores": (ATTN_SCORES,), "attention": (ATTN_STORE,), **ent_self_inputs()}}
+        return {"required": {"scores": (ATTN_SCORES,), "attention": (ATTN_STORE,), **ent_self_inputs()},
+                "optional": preset_input("iseg", ISEG_PRESET, "Ent-Self (lambda, N, variant)")}
 
     RETURN_TYPES = (ATTN_SCORES,)
     RETURN_NAMES = ("scores",)
     FUNCTION = "refine"
     CATEGORY = CATEGORY
 
-    def refine(self, scores, attention, lam, iterations, variant):
+    def refine(self, scores, attention, lam, iterations, variant, preset=CUSTOM):
+        chosen = find_preset(preset, "iseg")
+        if chosen is not None:
+            lam, iterations, variant = chosen.settings.lam, chosen.settings.iterations, chosen.settings.variant
         return (ent_self_refine(scores, require_store(attention), lam, iterations, variant),)
 
 
@@ -119,7 +145,12 @@ class AttnSegSeeds:
         return {"required": {
             "attention": (ATTN_STORE,),
             "seeds": ("STRING", {"multiline": True, "default": '[{"point": [64, 64]}]'}),
-            **ent_self_inputs(),
+            **ent_self_inputs(SEED_SETTINGS.lam, SEED_SETTINGS.iterations),
+        }, "optional": {
+            "clamp_max": ("FLOAT", {"default": SEED_SETTINGS.clamp_max, "min": 0.0, "max": 10.0, "step": 0.1,
+                                    "tooltip": "Upper clamp of the refined S^ before its rows are renormalised "
+                                               "(the authors' interactive mode: 1; 0 = no upper clamp)."}),
+            **preset_input("seeds", SEED_PRESET, "iSeg's interactive mode"),
         }}
 
     RETURN_TYPES = (ATTN_SCORES,)
@@ -127,11 +158,16 @@ class AttnSegSeeds:
     FUNCTION = "segment"
     CATEGORY = CATEGORY
 
-    def segment(self, attention, seeds, lam, iterations, variant):
+    def segment(self, attention, seeds, lam, iterations, variant, clamp_max=0.0, preset=CUSTOM):
         store = require_store(attention)
+        chosen = find_preset(preset, "seeds")
+        if chosen is not None:
+            settings = chosen.settings
+            lam, iterations, variant, clamp_max = settings.lam, settings.iterations, settings.variant, settings.clamp_max
         grid, self_attention = mean_self_attention(store, "attention")
         parsed = parse_seeds(seeds, store.image_size, grid)
-        return (seeded_maps(self_attention, grid, parsed, store.image_size, lam, iterations, variant),)
+        return (seeded_maps(self_attention, grid, parsed, store.image_size, lam, iterations, variant,
+                            clamp_max or None),)
 
 
 NODE_CLASS_MAPPINGS = {"AttnSegCatCrossEncode": AttnSegCatCrossEncode,

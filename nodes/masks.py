@@ -73,8 +73,10 @@ class AttnSegMasks:
     def INPUT_TYPES(cls):
         return {"required": {
             "scores": (ATTN_SCORES,),
-            "threshold": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
-                                    "tooltip": "Background below this score (DiffSegmenter sweeps 0.3-0.74)."}),
+            "threshold": ("FLOAT", {"default": 0.5, "min": -1.0, "max": 1.0, "step": 0.01,
+                                    "tooltip": "Background below this score (DiffSegmenter sweeps 0.3-0.74). With a "
+                                               "background map (GoCA's background_classes) it is an offset added "
+                                               "to that map and may be negative (GoCA sweeps -0.4..0.4)."}),
             "background": (list(BACKGROUND_RULES), {"default": "threshold", "tooltip": (
                 "threshold: background where no class reaches the threshold (iSeg COCO: 0.45). "
                 "(1 - max)^2: background scores (1 - best class score)^2, threshold unused (iSeg VOC).")}),
@@ -92,16 +94,21 @@ class AttnSegMasks:
     CATEGORY = CATEGORY
 
     def make(self, scores, threshold, background="threshold", image=None):
-        scores = fit_to_image(scores, image)
-        labels, masks, soft = make_masks(scores, threshold, background)
-        base = image[..., :3].to(soft.device) if image is not None else None
-        strip = legend(scores.class_names, soft.shape[-1]).to(soft)
-        with_legend = lambda pictures: torch.cat([pictures, strip.expand(pictures.shape[0], -1, -1, -1)], dim=1)  # noqa: E731
-        preview = with_legend(overlay(labels, len(scores.class_names), base))
-        heat = with_legend(heat_map(soft))
-        shown = save_previews([*preview[:MAX_SHOWN], *heat[:MAX_SHOWN]])
-        return {"ui": {"images": shown},
-                "result": (masks.cpu(), labels.float().cpu(), preview.cpu(), soft.flatten(0, 1).cpu())}
+        return mask_outputs(scores, threshold, background, image)
+
+
+def mask_outputs(scores: ScoreMaps, threshold: float, background: str, image, extra: tuple = ()) -> dict:
+    """The Masks node's result and previews: (masks, label_map, preview, soft masks) + ``extra``."""
+    scores = fit_to_image(scores, image)
+    labels, masks, soft = make_masks(scores, threshold, background)
+    base = image[..., :3].to(soft.device) if image is not None else None
+    strip = legend(scores.class_names, soft.shape[-1]).to(soft)
+    with_legend = lambda pictures: torch.cat([pictures, strip.expand(pictures.shape[0], -1, -1, -1)], dim=1)  # noqa: E731
+    preview = with_legend(overlay(labels, len(scores.class_names), base))
+    heat = with_legend(heat_map(soft))
+    shown = save_previews([*preview[:MAX_SHOWN], *heat[:MAX_SHOWN]])
+    return {"ui": {"images": shown},
+            "result": (masks.cpu(), labels.float().cpu(), preview.cpu(), soft.flatten(0, 1).cpu(), *extra)}
 
 
 class AttnSegClassMask:

@@ -1,5 +1,9 @@
+import math
+
 from ..attnseg import AttnSegError
-from ..attnseg.fusion import DIFFSEGMENTER_WEIGHTS, diffsegmenter
+from ..attnseg.fusion import DIFFSEGMENTER_WEIGHTS, TIMESTEP_AVERAGES, diffsegmenter
+from ..attnseg.presets import CUSTOM, find_preset
+from .presets import preset_input
 from .types import ATTN_SCORES, ATTN_STORE, CATEGORY
 
 
@@ -15,7 +19,7 @@ def parse_weights(text: str, input_name: str = "weights") -> list[float]:
         weights = [float(w) for w in text.split(",") if w.strip()]
     except ValueError:
         raise AttnSegError(f"{input_name}: '{text}' is not a comma-separated list of numbers.")
-    if not weights or any(w < 0 for w in weights) or sum(weights) <= 0:
+    if not weights or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
         raise AttnSegError(f"{input_name}: '{text}' needs non-negative numbers with a positive sum.")
     return weights
 
@@ -37,6 +41,11 @@ class AttnSegDiffSegmenter:
                                               "(SD1.5 at 512 px: 8, 16, 32, 64). Paper: 0.3,0.5,0.1,0.1."}),
             "self_completion": ("BOOLEAN", {"default": True, "tooltip": "Multiply by the finest "
                                                                         "self-attention once (the paper)."}),
+        }, "optional": {
+            "timestep_average": (list(TIMESTEP_AVERAGES), {"default": "final maps", "tooltip": (
+                "With several timesteps (a store captured with a preset that keeps them apart): average each "
+                "timestep's completed maps (the authors' code), or segment the averaged attention.")}),
+            **preset_input("diffsegmenter", "DiffSegmenter (released code)", "DiffSegmenter's fusion"),
         }}
 
     RETURN_TYPES = (ATTN_SCORES,)
@@ -44,9 +53,14 @@ class AttnSegDiffSegmenter:
     FUNCTION = "segment"
     CATEGORY = CATEGORY
 
-    def segment(self, attention, weights, self_completion):
+    def segment(self, attention, weights, self_completion, timestep_average="attention", preset=CUSTOM):
         store = require_store(attention)
-        return (diffsegmenter(store, parse_weights(weights), self_completion, what="attention"),)
+        chosen = find_preset(preset, "diffsegmenter")
+        if chosen is not None:
+            settings = chosen.settings
+            return (diffsegmenter(store, settings.weights, settings.self_completion, "attention",
+                                  settings.timestep_average),)
+        return (diffsegmenter(store, parse_weights(weights), self_completion, "attention", timestep_average),)
 
 
 NODE_CLASS_MAPPINGS = {"AttnSegDiffSegmenter": AttnSegDiffSegmenter}

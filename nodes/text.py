@@ -1,5 +1,9 @@
+from ..attnseg.presets import CUSTOM, find_preset
 from ..hosts.comfyui.text import encode_segmentation_prompt, remember_tokenizer
+from .presets import preset_input
 from .types import CATEGORY
+
+TEXT_PRESET = "DiffSegmenter (released code)"
 
 
 class AttnSegTextEncode:
@@ -17,12 +21,14 @@ class AttnSegTextEncode:
                                              "'a photograph of {class1} and {class2} ...'."}),
             "classes": ("STRING", {"default": "", "tooltip": "Comma-separated class words, each "
                                                              "written as it appears in the prompt."}),
-            "class_weight": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 5.0, "step": 0.01,
+            "class_weight": ("FLOAT", {"default": 1.21, "min": 0.01, "max": 5.0, "step": 0.01,
                                        "tooltip": "Re-weight the class tokens, z_empty + w (z - z_empty) "
                                                   "(DiffSegmenter's class++: 1.21; 1 = off)."}),
             "fuse_ing_word": ("BOOLEAN", {"default": True, "tooltip": "A word ending in -ing right after a class "
                                           "word joins the class (DiffSegmenter: 'dog running')."}),
-        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+        }, "optional": preset_input("diffsegmenter", TEXT_PRESET, "DiffSegmenter's prompt design (class++ 1.21, "
+                                    "-ing fusion); for generation or other methods choose custom"),
+            "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("CONDITIONING", "STRING")
     RETURN_NAMES = ("conditioning", "tokens")
@@ -31,7 +37,10 @@ class AttnSegTextEncode:
     FUNCTION = "encode"
     CATEGORY = CATEGORY
 
-    def encode(self, clip, prompt, classes, class_weight=1.0, fuse_ing_word=True, unique_id=None):
+    def encode(self, clip, prompt, classes, class_weight=1.0, fuse_ing_word=True, preset=CUSTOM, unique_id=None):
+        chosen = find_preset(preset, "diffsegmenter")
+        if chosen is not None:
+            class_weight, fuse_ing_word = chosen.text.class_weight, chosen.text.fuse_ing
         if clip is None:
             raise RuntimeError("clip: no CLIP model is connected; connect a checkpoint loader's CLIP output.")
         remember_tokenizer(unique_id, clip)  # the class picker then reads the prompt with this CLIP's tokenizer

@@ -153,7 +153,7 @@ def test_goca_node_bad_input(clip, vae):
     conditioning, _ = NODES["AttnSegTextEncode"]().encode(clip, "a cat on a mat", "cat", 1.0, True)
     store, = NODES["AttnSegSegmentImage"]().segment(model, vae, image(), conditioning, "100", 0, 96)
     goca_node = NODES["AttnSegGoCA"]()
-    with pytest.raises(AttnSegError, match="self_layers set to 'all"):
+    with pytest.raises(AttnSegError, match="set preset to 'GoCA SD1.5 \\(released code\\)'"):
         goca_node.segment(store, "auto", True, 5, 2, "")
     with pytest.raises(AttnSegError, match="background_classes: mat is not among"):
         goca_node.segment(store, "uniform", True, 5, 2, "mat")

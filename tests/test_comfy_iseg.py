@@ -67,7 +67,7 @@ def test_cat_cross_keys_reaches_the_store_and_leaves_the_users_model_alone(model
 
     assert share(store) > share(plain_store) * 1.2  # the class tokens draw more attention
     assert "patches_replace" not in model.model_options.get("transformer_options", {})
-    assert meta.text == "a photograph of cat and other objects and background"
+    assert meta.text == "a photograph of cat and other object and background"
 
 
 def test_cat_cross_embedding_scales_the_class_positions_of_the_text_embedding(models):

@@ -132,10 +132,10 @@ def test_class_mask_by_name(models):
 
 
 def test_sampler_step_range_and_store_errors(models):
-    from attnseg_pack.nodes.capture import capture_plan
+    from attnseg_pack.nodes.capture import step_plan
 
     with pytest.raises(AttnSegError, match="capture_start_step / capture_end_step: steps 5..-1"):
-        capture_plan(4, 5, -1, "last step")
+        step_plan(4, 5, -1, "last step")
     with pytest.raises(AttnSegError, match="attention: no attention was captured"):
         NODES["AttnSegDiffSegmenter"]().segment(None, "0.3,0.5,0.1,0.1", True)
     with pytest.raises(AttnSegError, match="weights:"):

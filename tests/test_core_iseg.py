@@ -10,14 +10,18 @@ from attnseg.iseg import ent_self, iseg, iseg_cross_maps, iterate, normalise_l1
 from attnseg.tokens import ClassTokens, SegPrompt
 
 
-def test_paper_variant_matches_the_formula_by_hand():
+def test_paper_variant_is_the_gradient_step_on_the_column_max_normalised_map():
     s = torch.tensor([[[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.5, 0.5, 0.0]]])
     lam = 0.05
+    column_max = [0.7, 0.5, 0.8]
     by_hand = []
     for row in s[0].tolist():
-        refined = [max(0.0, v + lam * (1 + math.log(max(v, 1e-8)))) for v in row]
+        hat = [v / m for v, m in zip(row, column_max)]
+        refined = [max(0.0, h + lam * (1 + math.log(h))) if h > 0 else 0.0 for h in hat]
         by_hand.append([v / sum(refined) for v in refined])
     assert torch.allclose(ent_self(s, lam, "paper")[0], torch.tensor(by_hand), atol=1e-6)
+    # The same step as the code's log10 form with lambda scaled by ln 10.
+    assert torch.allclose(ent_self(s, lam, "paper"), ent_self(s, lam * math.log(10), "code"), atol=1e-6)
 
 
 def test_code_variant_normalises_columns_then_adds_the_log10_term():
@@ -30,6 +34,32 @@ def test_code_variant_normalises_columns_then_adds_the_log10_term():
         refined = [max(0.0, h + lam * math.log10(math.e * h)) for h in hat]
         by_hand.append([v / sum(refined) for v in refined])
     assert torch.allclose(ent_self(s, lam, "code")[0], torch.tensor(by_hand), atol=1e-6)
+
+
+def test_clamp_max_caps_the_refined_entries_before_the_rows_are_renormalised():
+    """The authors' interactive mode clamps the refined S^ to [0, 1]: a column's
+    maximum (S^ = 1) would otherwise grow to 1 + lambda log10(e)."""
+    s = torch.tensor([[[0.9, 0.1], [0.3, 0.7]]])
+    lam = 0.5
+    hat = [[1.0, 0.1 / 0.7], [0.3 / 0.9, 1.0]]
+    refined = [[min(1.0, max(0.0, h + lam * math.log10(math.e * h))) for h in row] for row in hat]
+    by_hand = [[v / sum(row) for v in row] for row in refined]
+    assert torch.allclose(ent_self(s, lam, "code", clamp_max=1.0)[0], torch.tensor(by_hand), atol=1e-6)
+    assert not torch.allclose(ent_self(s, lam, "code")[0], torch.tensor(by_hand), atol=1e-3)
+
+
+def test_the_raw_paper_step_would_empty_rows_that_the_column_max_form_keeps():
+    """Why the formula is applied to S^: on a flat 64 x 64 row (every entry ~1/4096)
+    S + 0.01 (1 + ln S) is negative everywhere, so the clamp leaves nothing; on S^
+    the largest entry of each column is 1 and survives."""
+    torch.manual_seed(0)
+    s = torch.softmax(torch.randn(1, 4096, 4096) * 0.5, dim=-1)
+    raw = (s + 0.01 * (1 + torch.log(s))).clamp_min(0)
+    assert float((raw.sum(-1) == 0).float().mean()) > 0.9
+    hat = s / s.amax(dim=-2, keepdim=True)
+    refined = torch.where(hat > 0, hat + 0.015 * torch.log10(math.e * hat), hat).clamp_min(0)
+    assert bool((refined.sum(-1) > 0).all())
+    assert torch.allclose(ent_self(s, 0.015, "code"), refined / refined.sum(-1, keepdim=True), atol=1e-6)
 
 
 @pytest.mark.parametrize("variant", ["paper", "code", "naive"])
@@ -69,19 +99,25 @@ def leak(maps: torch.Tensor, inside: torch.Tensor) -> float:
     return float(m[~inside].mean())
 
 
-def test_ent_self_keeps_a_map_on_its_object_where_the_naive_iteration_drifts():
+def test_ent_self_leaks_less_than_the_naive_iteration_at_every_step():
     """The paper's Fig. 1 trend on a synthetic self-attention (three objects on a
     line, attention leaking across borders): iterating the raw S spreads the
-    first object's map further with every step; Ent-Self holds it."""
+    first object's map further with every step; Ent-Self spreads it less, the
+    more so the larger lambda."""
     labels = [0] * 10 + [1] * 10 + [2] * 20
     s, inside = chain(labels), torch.tensor(labels) == 0
     seed = inside.float()[None, :, None]
-    naive = [leak(iterate(seed, ent_self(s, 0.0, "naive"), n), inside) for n in (1, 5, 10, 20)]
-    paper = [leak(iterate(seed, ent_self(s, 0.01, "paper"), n), inside) for n in (1, 5, 10, 20)]
-    code = [leak(iterate(seed, ent_self(s, 0.05, "code"), n), inside) for n in (1, 5, 10, 20)]
+
+    def leaks(operator):
+        return [leak(iterate(seed, operator, n), inside) for n in (1, 5, 10, 20)]
+
+    naive = leaks(ent_self(s, 0.0, "naive"))
     assert naive == sorted(naive) and naive[-1] > 0.2
-    assert max(paper) < 0.05
-    assert all(c < n for c, n in zip(code[1:], naive[1:]))
+    for variant, lam in (("paper", 0.01), ("code", 0.015), ("code", 0.1)):
+        refined = leaks(ent_self(s, lam, variant))
+        assert all(r < n for r, n in zip(refined, naive)), (variant, lam)
+    assert all(strong < weak for strong, weak in zip(leaks(ent_self(s, 0.1, "code")),
+                                                       leaks(ent_self(s, 0.015, "code"))))
 
 
 def test_a_block_diagonal_self_attention_holds_a_seed_on_its_block():
@@ -97,11 +133,14 @@ def test_a_block_diagonal_self_attention_holds_a_seed_on_its_block():
         assert float(maps[0, :12, 0].min()) > 0
 
 
-def test_rows_the_paper_step_would_empty_keep_their_attention():
-    flat = torch.full((1, 100, 100), 0.01)  # 0.01 + 0.1 (1 + ln 0.01) < 0: every entry clamped
-    peaked = torch.tensor([[[0.97, 0.01, 0.01, 0.01]] * 4])
-    assert torch.allclose(ent_self(flat, 0.1, "paper"), flat)
-    assert torch.allclose(ent_self(peaked, 0.1, "paper")[0, 0], torch.tensor([1.0, 0.0, 0.0, 0.0]))
+def test_rows_the_clamp_would_empty_keep_their_attention():
+    # Four peaked rows own every column's maximum; a flat fifth row then has S^ ~ 0.26
+    # everywhere, which lambda 5 pushes below 0: that row keeps its attention.
+    peaked = 0.96 * torch.eye(4) + 0.01
+    s = torch.cat([peaked, torch.full((1, 4), 0.25)])[None]
+    refined = ent_self(s, 5.0, "code")
+    assert torch.allclose(refined[0, 4], torch.full((4,), 0.25))
+    assert torch.allclose(refined[0, :4], torch.eye(4))
 
 
 def test_iterate_normalises_and_refuses_negative_counts():

@@ -15,8 +15,9 @@ import torch
 from comfy.ldm.modules.attention import optimized_attention
 
 from ...attnseg import AttentionStore, AttnSegError, LayerKey
-from ...attnseg.attention import GridPool, attention_with_maps, fold_repeated_tokens, head_mean
+from ...attnseg.attention import GridPool, attention_with_maps, chosen_heads_mean, fold_repeated_tokens, head_mean
 from ...attnseg.goca import output_weighted_heads
+from ...attnseg.layers import LayerPick, check_heads, resolve
 from .unet import AttentionLayer, UNetInfo, attention_module, reference_layer
 
 BRANCH_NAMES = {0: "cond", 1: "uncond"}
@@ -56,7 +57,14 @@ class CapturePlan:
     every layer. Self-attention grids larger than ``self_max_tokens`` are
     average-pooled (64 x 64 by default). ``cross_heads``: "mean", or "auto" for
     GoCA's output-weighted heads. ``reference_factor``: also store the queries of
-    GoCA's reference layer at that latent factor (None: no queries)."""
+    GoCA's reference layer at that latent factor (None: no queries).
+
+    A preset can name layers and heads instead: ``self_layers`` (layer picks
+    that replace the factor rules), ``self_heads`` (the heads whose mean is kept
+    for those layers), ``cross_layers`` (picks that replace ``cross_factors``)
+    and ``cross_head_lists`` ((pick, heads) pairs: those layers keep the mean of
+    those heads only). Heads are chosen inside the hook. ``source`` names the
+    preset in error messages."""
 
     cross_steps: StepRange | None = StepRange()
     self_steps: StepRange | None = StepRange()
@@ -67,14 +75,55 @@ class CapturePlan:
     self_every_layer: bool = False
     cross_heads: str = "mean"
     reference_factor: int | None = None
+    self_layers: tuple[LayerPick, ...] | None = None
+    self_heads: tuple[int, ...] | None = None
+    cross_layers: tuple[LayerPick, ...] | None = None
+    cross_head_lists: tuple[tuple[LayerPick, tuple[int, ...]], ...] = ()
+    reference: LayerPick | None = None  # GoCA's reference layer by place (wins over reference_factor)
+    source: str = "custom"
 
-    def selects(self, info: UNetInfo, layer: AttentionLayer, kind: str) -> bool:
+    def reference_layer(self, info: UNetInfo) -> AttentionLayer | None:
+        if self.reference is not None:
+            return resolve(info.layers, (self.reference,), self.source)[0]
+        return reference_layer(info, self.reference_factor) if self.reference_factor else None
+
+    def layers(self, info: UNetInfo, kind: str) -> list[AttentionLayer]:
+        """The layers whose ``kind`` attention this plan records."""
         if kind == "cross":
-            return self.cross_steps is not None and (self.cross_factors is None or layer.factor in self.cross_factors)
+            if self.cross_steps is None:
+                return []
+            if self.cross_layers is not None:
+                return resolve(info.layers, self.cross_layers, self.source)
+            return [la for la in info.layers if self.cross_factors is None or la.factor in self.cross_factors]
         if self.self_steps is None:
-            return False
+            return []
+        if self.self_layers is not None:
+            return resolve(info.layers, self.self_layers, self.source)
         factors = self.self_factors if self.self_factors is not None else {info.finest_factor}
-        return self.self_every_layer or layer.factor in factors
+        return [la for la in info.layers if self.self_every_layer or la.factor in factors]
+
+    def check(self, info: UNetInfo, model) -> None:
+        """Refuse layers or heads the model lacks (before any work is spent)."""
+        self.layers(info, "cross")
+        self.layers(info, "self")
+        self.reference_layer(info)
+        self.heads(info, model)
+
+    def heads(self, info: UNetInfo, model) -> dict[tuple[AttentionLayer, str], tuple[int, ...]]:
+        """{(layer, kind): heads} for the layers that keep some heads only, checked
+        against each layer's head count."""
+        chosen = {}
+        if self.self_heads is not None:
+            for layer in self.layers(info, "self"):
+                chosen[(layer, "self")] = self.self_heads
+        for pick, heads in self.cross_head_lists:
+            for layer in resolve(info.layers, (pick,), self.source):
+                chosen[(layer, "cross")] = heads
+        for (layer, kind), heads in chosen.items():
+            module = attention_module(model, layer, "attn2" if kind == "cross" else "attn1")
+            check_heads(heads, module.heads, f"the {kind}-attention of {layer.block} block {layer.block_id} "
+                        f"(depth {layer.depth})", self.source)
+        return chosen
 
 
 def fallback_attention(previous):
@@ -104,7 +153,7 @@ def install_capture(model, info: UNetInfo, store: AttentionStore, plan: CaptureP
     if plan.cross_heads not in HEAD_REDUCTIONS:
         raise AttnSegError(f"heads: '{plan.cross_heads}' is not one of {', '.join(HEAD_REDUCTIONS)}.")
     store.head_reduction = plan.cross_heads
-    reference = reference_layer(info, plan.reference_factor) if plan.reference_factor else None
+    reference = plan.reference_layer(info)
     state = {"cross": False, "self": False}
     replaces = model.model_options.setdefault("transformer_options", {}).get("patches_replace", {})
     # The host repeats a shorter context to a common length: fold the copies of
@@ -125,7 +174,8 @@ def install_capture(model, info: UNetInfo, store: AttentionStore, plan: CaptureP
 
     def make_patch(layer: AttentionLayer, kind: str, previous):
         key = LayerKey(kind, layer.block, layer.block_id, layer.depth, layer.factor)
-        output_weighted = kind == "cross" and plan.cross_heads == "auto"
+        some_heads = picked_heads.get((layer, kind))
+        output_weighted = kind == "cross" and plan.cross_heads == "auto" and some_heads is None
         # The projection's weight is read at call time: it may be cast, moved or
         # LoRA-patched between runs, or (low VRAM) only patched inside its forward.
         projection = attention_module(model, layer, "attn2").to_out[0] if output_weighted else None
@@ -147,7 +197,7 @@ def install_capture(model, info: UNetInfo, store: AttentionStore, plan: CaptureP
                     pool = pools[pool_key] = GridPool(h, w, plan.self_max_tokens, q.device)
             # One captured branch: only its rows get maps. Several: all rows, split after.
             keep = rows[0][1] if len(rows) == 1 else slice(None)
-            reducer = head_mean
+            reducer = head_mean if some_heads is None else chosen_heads_mean(some_heads)
             if projection is not None:
                 reducer = output_weighted_heads(projection_weight(projection, q))
             values = v if previous is None or projection is not None else None
@@ -157,16 +207,18 @@ def install_capture(model, info: UNetInfo, store: AttentionStore, plan: CaptureP
                 branch_maps = maps if len(rows) == 1 else maps[part]
                 if kind == "cross":
                     branch_maps = fold_repeated_tokens(branch_maps, fold_lengths[branch])
-                store.add(key, branch, grid, branch_maps)
+                store.add(key, branch, grid, branch_maps, len(some_heads) if some_heads else extra["n_heads"])
                 if stores_queries and state["self"]:  # the same steps as the self-attention
                     store.add(query_key, branch, (h, w), q[part])
             return out if previous is None else fast(q, k, v, extra)
 
         return patch
 
+    picked_heads = plan.heads(info, model)
+    selected = {kind: plan.layers(info, kind) for kind in ("cross", "self")}
     for layer in info.layers:
         for kind, slot in (("cross", "attn2"), ("self", "attn1")):
-            if plan.selects(info, layer, kind):
+            if layer in selected[kind]:
                 previous = replaces.get(slot, {}).get(layer.patch_key)
                 setter = model.set_model_attn2_replace if slot == "attn2" else model.set_model_attn1_replace
                 setter(make_patch(layer, kind, previous), *layer.patch_key)

@@ -89,13 +89,19 @@ def timesteps_per_pass(model, latent: torch.Tensor, count: int) -> int:
 
 def capture_pass(model, latent: torch.Tensor, positive, timesteps: list[int], seed: int,
                  image_size: tuple[int, int], plan: CapturePlan | None = None,
-                 info: UNetInfo | None = None, per_pass: int | None = None) -> AttentionStore:
+                 info: UNetInfo | None = None, per_pass: int | None = None,
+                 keep_timesteps: bool = False) -> AttentionStore:
     """Noise ``latent`` to each timestep (one noise draw for all) and run
     cond-only UNet passes, ``per_pass`` timesteps stacked in a batch (None: as
     many as memory allows), capturing into a new store (maps averaged over the
-    timesteps)."""
+    timesteps; with ``keep_timesteps`` and several timesteps, also one store per
+    timestep in ``store.per_timestep``)."""
     info = info or checked_unet(model, positive, "conditioning")
-    store = AttentionStore(info.model_id, latent.shape[0], tuple(latent.shape[-2:]), image_size, prompt_of(positive))
+    new_store = lambda: AttentionStore(info.model_id, latent.shape[0], tuple(latent.shape[-2:]),  # noqa: E731
+                                       image_size, prompt_of(positive))
+    store = new_store()
+    if keep_timesteps and len(timesteps) > 1:
+        store.per_timestep = [new_store() for _ in timesteps]
     patched = model.clone()
     install_capture(patched, info, store, plan or CapturePlan())
     apply_key_scale(patched, info, positive)
@@ -111,7 +117,7 @@ def capture_pass(model, latent: torch.Tensor, positive, timesteps: list[int], se
         row_sigmas = torch.cat([sampling.sigma(torch.tensor(float(t))).reshape(1).expand(latent.shape[0])
                                 for t in group])
         sigmas = torch.stack([row_sigmas.max(), torch.zeros(())])
-        store.stacked_timesteps = len(group)
+        store.stacked_timesteps, store.first_timestep = len(group), start
         try:
             # cfg 1: the cond branch alone, as iSeg and GoCA run it; DiffSegmenter's
             # [uncond, cond] batch gives the same cond maps.
@@ -125,11 +131,14 @@ def capture_pass(model, latent: torch.Tensor, positive, timesteps: list[int], se
 
 
 def segment_image(model, vae, image: torch.Tensor, positive, timesteps: list[int], seed: int,
-                  resolution: int, plan: CapturePlan | None = None) -> AttentionStore:
+                  resolution: int, plan: CapturePlan | None = None, keep_timesteps: bool = False) -> AttentionStore:
     """The segmentation front end: encode ``image``, then :func:`capture_pass`."""
     info = checked_unet(model, positive, "conditioning")  # refuse bad input before spending a VAE encode
+    plan = plan or CapturePlan()
+    plan.check(info, model)  # a preset's layers and heads are refused before the encode too
     latent = encode_image(vae, image, resolution)
-    return capture_pass(model, latent, positive, timesteps, seed, tuple(image.shape[1:3]), plan, info)
+    return capture_pass(model, latent, positive, timesteps, seed, tuple(image.shape[1:3]), plan, info,
+                        keep_timesteps=keep_timesteps)
 
 
 def capture_sample(model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, positive,

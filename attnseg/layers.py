@@ -1,0 +1,80 @@
+"""Layers named by their place in a UNet, so one preset reads the same layers
+on every model of a family: SD1.5 and SD2.1 share a layout, the demo model is a
+smaller copy of it, SDXL drops the finest level."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+from .errors import AttnSegError
+
+BLOCKS = ("input", "middle", "output")
+
+
+class Located(Protocol):
+    block: str
+    block_id: int
+    depth: int
+    factor: int
+
+
+@dataclass(frozen=True)
+class LayerPick:
+    """Transformer layers of one level of one part of the UNet.
+
+    ``block``: "input" (encoder), "middle" or "output" (decoder). ``level``: 0 is
+    the finest resolution that has attention, 1 the next coarser one, and so on.
+    ``index``: the layer's position among that part's layers at that level, in
+    execution order (``None``: all of them). SD2.1's ``up_blocks[3]
+    .attentions[1]`` is ``LayerPick("output", 0, 1)``."""
+
+    block: str
+    level: int
+    index: int | None = None
+
+    def __str__(self) -> str:
+        which = "every layer" if self.index is None else f"layer {self.index + 1}"
+        return f"{self.block} level {self.level} (0 = finest), {which}"
+
+
+def levels_of(layers: Sequence[Located]) -> list[int]:
+    """The model's attention factors, finest first."""
+    return sorted({layer.factor for layer in layers})
+
+
+def resolve(layers: Sequence[Located], picks: Sequence[LayerPick], preset: str, input_name: str = "preset"):
+    """The layers ``picks`` name, in execution order; a pick the model lacks is an
+    error that names the preset and the missing level or layer."""
+    factors = levels_of(layers)
+    chosen = []
+    for pick in picks:
+        if pick.block not in BLOCKS:
+            raise AttnSegError(f"{input_name}: '{preset}' names a '{pick.block}' block; blocks are {', '.join(BLOCKS)}.")
+        if pick.level >= len(factors):
+            raise AttnSegError(
+                f"{input_name}: '{preset}' reads attention level {pick.level} (0 = finest) but this model has "
+                f"{len(factors)} attention levels. Choose a preset made for this model, or 'custom'.")
+        at_level = [layer for layer in layers if layer.block == pick.block and layer.factor == factors[pick.level]]
+        if pick.index is None:
+            found = at_level
+        elif pick.index < len(at_level):
+            found = [at_level[pick.index]]
+        else:
+            found = []
+        if not found:
+            have = f"{len(at_level)} {pick.block} layers there" if at_level else f"no {pick.block} layer there"
+            raise AttnSegError(
+                f"{input_name}: '{preset}' reads the {pick} at 1/{factors[pick.level]} of the latent size, but this "
+                f"model has {have}. Choose a preset made for this model (SDXL has no attention at the full "
+                f"latent size), or 'custom'.")
+        chosen += [layer for layer in found if layer not in chosen]
+    return sorted(chosen, key=list(layers).index)
+
+
+def check_heads(heads: Sequence[int], count: int, layer_name: str, preset: str, input_name: str = "preset") -> None:
+    bad = [h for h in heads if not 0 <= h < count]
+    if bad:
+        raise AttnSegError(
+            f"{input_name}: '{preset}' reads heads {', '.join(map(str, bad))} of {layer_name}, which has {count} "
+            f"heads (0 to {count - 1}). Choose a preset made for this model, or 'custom'.")

@@ -1,0 +1,89 @@
+"""A preset run end to end on ComfyUI objects: text encoding, the capture pass
+and the method, as the one-node segmenter runs them."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import comfy.model_management
+import torch
+
+from ...attnseg import AttnSegError
+from ...attnseg.fusion import diffsegmenter
+from ...attnseg.goca import goca
+from ...attnseg.iseg import iseg
+from ...attnseg.layers import resolve
+from ...attnseg.presets import CaptureSetup, Preset, TextSetup
+from ...attnseg.scores import ScoreMaps
+from ...attnseg.tokens import GOCA_BACKGROUND, goca_template_prompt, parse_class_list, template_prompt
+from .capture import CapturePlan
+from .passes import capture_pass, checked_unet, encode_image
+from .text import encode_cat_cross, encode_segmentation_prompt
+
+
+def capture_plan(setup: CaptureSetup, source: str) -> CapturePlan:
+    """What a preset's pass records, as the capture's plan."""
+    return CapturePlan(cross_heads=setup.heads, self_every_layer=setup.self_every_layer,
+                       self_layers=setup.self_layers, self_heads=setup.self_heads, cross_layers=setup.cross_layers,
+                       cross_head_lists=setup.cross_head_lists, reference=setup.reference, source=source)
+
+
+def encode(clip, text: TextSetup, prompt: str, classes: list[str]):
+    """The preset's conditioning for ``classes``: a list of (conditioning, classes
+    it segments), one entry per class when the preset prompts each class alone."""
+    if text.per_class and not prompt.strip():
+        return [(encode_segmentation_prompt(clip, template_prompt([name]), name, text.class_weight,
+                                            text.fuse_ing)[0], [name]) for name in classes]
+    joined = ", ".join(classes)
+    if text.template == "iseg":
+        conditioning, _ = encode_cat_cross(clip, prompt, joined, text.cat_cross_gamma, text.cat_cross_mode,
+                                           ", ".join(text.background_words))
+    elif text.template == "goca":
+        conditioning, _ = encode_segmentation_prompt(clip, prompt.strip() or goca_template_prompt(classes),
+                                                     ", ".join(classes + [GOCA_BACKGROUND]), text.class_weight,
+                                                     text.fuse_ing)
+    else:
+        conditioning, _ = encode_segmentation_prompt(clip, prompt, joined, text.class_weight, text.fuse_ing)
+    return [(conditioning, classes)]
+
+
+def run_method(store, chosen: Preset) -> ScoreMaps:
+    """The preset's method on a captured store."""
+    settings = chosen.settings
+    if chosen.method == "diffsegmenter":
+        return diffsegmenter(store, settings.weights, settings.self_completion, "attention",
+                             settings.timestep_average)
+    if chosen.method == "iseg":
+        return iseg(store, settings.lam, settings.iterations, settings.variant, settings.factors, settings.weights,
+                    "attention", settings.smoothing_iterations, settings.clusters)
+    if chosen.method == "goca":
+        backgrounds = [GOCA_BACKGROUND] if chosen.text.template == "goca" else []
+        return goca(store, settings.layer_weights, settings.rescaling, settings.blur, settings.order, backgrounds,
+                    "attention", settings.propagation_layers, settings.aggregate_factor, chosen.name)
+    raise AttnSegError(f"preset: '{chosen.name}' is a {chosen.method} preset, which this node does not run.")
+
+
+def segment_with_preset(model, clip, vae, image: torch.Tensor, classes: str, chosen: Preset, prompt: str = "",
+                        resolution: int | None = None, seed: int | None = None) -> ScoreMaps:
+    """Segment ``image`` into ``classes`` the way ``chosen`` does. ``resolution`` and
+    ``seed`` override the preset's (None: the preset's)."""
+    names = parse_class_list(classes)
+    setup = chosen.capture
+    plan = capture_plan(setup, chosen.name)
+    prompts = encode(clip, chosen.text, prompt, names)
+    info = checked_unet(model, prompts[0][0], "clip")
+    plan.check(info, model)  # a preset's layers and heads are refused before any work is spent
+    propagation = getattr(chosen.settings, "propagation_layers", None)
+    if propagation:
+        resolve(info.layers, propagation, chosen.name)
+    latent = encode_image(vae, image, resolution or setup.resolution)
+    parts = []
+    for conditioning, _ in prompts:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        store = capture_pass(model, latent, conditioning, list(setup.timesteps), setup.seed if seed is None else seed,
+                             tuple(image.shape[1:3]), plan, info, keep_timesteps=setup.keep_timesteps)
+        parts.append(run_method(store, chosen))
+    if len(parts) == 1:
+        return parts[0]
+    # One pass per class: each pass's map is its class's.
+    return dataclasses.replace(parts[0], maps=torch.cat([p.maps for p in parts], dim=1), class_names=names)

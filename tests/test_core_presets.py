@@ -1,0 +1,63 @@
+"""Presets: every one names its source, and layer picks resolve or fail by name."""
+
+import pytest
+
+from attnseg import AttnSegError
+from attnseg.layers import LayerPick, check_heads, resolve
+from attnseg.presets import CUSTOM, ISEG_VOC_HEADS_16, ISEG_VOC_HEADS_32, PRESETS, find_preset, names
+from attnseg.store import LayerKey
+
+
+def sd_layers(finest_factor: int = 1, depth: int = 1):
+    """The transformer layers of SD1.5/2.1 (finest_factor 1) or SDXL (2, depth 2), as keys."""
+    layers = []
+    factors = [1, 2, 4] if finest_factor == 1 else [2, 4]
+    ids = {1: (1, 2), 2: (4, 5), 4: (7, 8)} if finest_factor == 1 else {2: (4, 5), 4: (7, 8)}
+    for f in factors:
+        layers += [LayerKey("self", "input", i, d, f) for i in ids[f] for d in range(depth)]
+    out = {4: (3, 4, 5), 2: (6, 7, 8), 1: (9, 10, 11)} if finest_factor == 1 else {4: (0, 1, 2), 2: (3, 4, 5)}
+    for f in reversed(factors):
+        layers += [LayerKey("self", "output", i, d, f) for i in out[f] for d in range(depth)]
+    return layers
+
+
+def test_picks_name_the_authors_layers_on_the_sd_layout():
+    layers = sd_layers()
+    (iseg_self,) = resolve(layers, PRESETS["iSeg VOC (released code)"].capture.self_layers, "iSeg")
+    assert (iseg_self.block, iseg_self.block_id) == ("output", 10)  # up_blocks[3].attentions[1]
+    goca = resolve(layers, PRESETS["GoCA SD1.5 (released code)"].settings.propagation_layers, "GoCA")
+    assert [(k.block, k.block_id) for k in goca] == [("input", 2), ("output", 9), ("output", 10)]
+    heads = [resolve(layers, (pick,), "iSeg")[0] for pick, _ in ISEG_VOC_HEADS_16 + ISEG_VOC_HEADS_32]
+    assert [(k.block, k.block_id) for k in heads] == [("input", 7), ("input", 8), ("output", 3), ("output", 4),
+                                                     ("output", 5), ("input", 5), ("output", 6), ("output", 7)]
+    assert sum(len(h) for _, h in ISEG_VOC_HEADS_16) == 41 and sum(len(h) for _, h in ISEG_VOC_HEADS_32) == 9
+
+
+def test_sdxl_picks_follow_its_depth_two_layout():
+    layers = sd_layers(finest_factor=2, depth=2)
+    reference, = resolve(layers, (PRESETS["GoCA SDXL (released code)"].capture.reference,), "GoCA SDXL")
+    assert (reference.block, reference.block_id, reference.depth) == ("output", 3, 0)
+    picked = resolve(layers, PRESETS["GoCA SDXL (released code)"].settings.propagation_layers, "GoCA SDXL")
+    assert [(k.block, k.block_id, k.depth) for k in picked] == [
+        ("input", 4, 0), ("input", 4, 1), ("output", 3, 0), ("output", 3, 1), ("output", 4, 0), ("output", 4, 1),
+        ("output", 5, 0)]
+
+
+def test_a_preset_the_model_cannot_run_names_the_preset_and_what_is_missing():
+    sdxl = sd_layers(finest_factor=2, depth=2)
+    with pytest.raises(AttnSegError, match=r"'iSeg VOC \(released code\)' reads attention level 2 .* 2 attention levels"):
+        resolve(sdxl, PRESETS["iSeg VOC (released code)"].capture.cross_layers, "iSeg VOC (released code)")
+    with pytest.raises(AttnSegError, match=r"reads heads 19 of the cross-attention of layer X, which has 8 heads"):
+        check_heads((1, 19), 8, "the cross-attention of layer X", "iSeg VOC (released code)")
+    with pytest.raises(AttnSegError, match="output level 0 .* layer 4"):
+        resolve(sd_layers(), (LayerPick("output", 0, 3),), "p")
+
+
+def test_every_preset_names_its_source_and_custom_is_no_preset():
+    for name, preset in PRESETS.items():
+        assert preset.source.repository and preset.source.script and preset.source.reported, name
+        assert find_preset(name) is preset
+    assert find_preset(CUSTOM) is None
+    assert names("goca") == ["GoCA SD1.5 (released code)", "GoCA SDXL (released code)", CUSTOM]
+    with pytest.raises(AttnSegError, match="preset: 'GoCA SD1.5 \\(released code\\)' is not one of"):
+        find_preset("GoCA SD1.5 (released code)", "iseg")
