@@ -1,8 +1,10 @@
 """S-CFG against plain CFG on the demo model: the fraction of named objects a
 sample draws where its caption says (the named colour present, stronger than
 any unnamed colour, and mostly inside the object's own attention mask; see
-demo/evaluate.py), over held-out captions, at several CFG scales. Writes the
-table into README.md between the guidance-quality markers.
+demo/evaluate.py), over held-out captions, at several CFG scales, S-CFG with
+its released-code preset; also the share of latent pixels S-CFG's foreground
+holds, over all its steps. Writes the table into README.md between the
+guidance-quality markers (not with --no-readme).
 
     python benchmarks/guidance_quality.py [--captions 40] [--no-readme]
 """
@@ -23,6 +25,7 @@ from comfy_env import import_pack  # noqa: E402
 PACK = import_pack()
 
 from attnseg_pack.hosts.comfyui import demo_model  # noqa: E402
+from attnseg_pack.hosts.comfyui import scfg as scfg_host  # noqa: E402
 from demo import evaluate  # noqa: E402
 from segmentation_quality import markdown_table, write_readme  # noqa: E402
 
@@ -33,26 +36,39 @@ START, END = "<!-- guidance-quality:start -->", "<!-- guidance-quality:end -->"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--captions", type=int, default=40)
-    parser.add_argument("--no-readme", action="store_true")
+    parser.add_argument("--no-readme", action="store_true", help="print the table only; leave README.md alone")
     args = parser.parse_args()
     model, clip, vae = demo_model.load()
-    scfg, = PACK.NODE_CLASS_MAPPINGS["AttnSegSCFG"]().patch(model, 0.8, 3.0, 3, 0.0, 1.0)
+    scfg, = PACK.NODE_CLASS_MAPPINGS["AttnSegSCFG"]().patch(model, 0.8, 3.0, 3, 0.0, 1.0, "S-CFG (released code)")
+    shares = []  # per S-CFG step: the share of latent pixels in the foreground
+    foreground_mask = scfg_host.foreground_mask
+
+    def recording_foreground_mask(*a, **k):
+        mask = foreground_mask(*a, **k)
+        shares.append(mask.float().mean().item())
+        return mask
+
+    scfg_host.foreground_mask = recording_foreground_mask
     captions = [evaluate.scene(seed).caption for seed in evaluate.TEST_SEEDS[:args.captions]]
     rows = []
     for scale in SCALES:
         row = [f"{scale:g}"]
+        shares.clear()
         for guided in (model, scfg):
             began, results = time.perf_counter(), []
             for index, caption in enumerate(captions):
                 results += evaluate.drawn(*evaluate.generate(guided, clip, vae, caption, index, cfg=scale), caption)
             share = sum(ok for _, ok, _ in results) / len(results)
             row += [f"{share:.3f}", f"{(time.perf_counter() - began) / len(captions):.2f}"]
+        row.append(f"{sum(shares) / max(1, len(shares)):.2f}")
         rows.append(row)
         print(" | ".join(row), flush=True)
     text = markdown_table(
         f"Demo model, {len(captions)} held-out captions (1-3 objects), one seed each, 20 euler steps, CPU: the "
-        f"share of named objects drawn where the caption says.",
-        ["cfg", "CFG: objects drawn", "CFG: s / image", "S-CFG: objects drawn", "S-CFG: s / image"], rows)
+        f"share of named objects drawn where the caption says; S-CFG with its released-code preset, and the "
+        f"share of latent pixels its foreground holds (mean over steps).",
+        ["cfg", "CFG: objects drawn", "CFG: s / image", "S-CFG: objects drawn", "S-CFG: s / image",
+         "S-CFG: foreground share"], rows)
     print(text)
     if not args.no_readme:
         write_readme(text, START, END)

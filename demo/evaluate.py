@@ -93,7 +93,7 @@ class Method:
 # iSeg's paper preset weighs SD1.5's 16x16 and 32x32 cross-attention 0.7 / 0.3 (4x
 # and 2x below its latent); this model's two cross-attention levels, the coarse one
 # (2x below the latent: 8x8 for a 128-px image) and the fine one (1x), take those weights.
-def _iseg(iterations: int, variant: str = "paper", lam: float = 0.01, factors=(2, 1), weights=(0.7, 0.3)):
+def _iseg(iterations: int, variant: str = "code", lam: float = 0.015, factors=(2, 1), weights=(0.7, 0.3)):
     return lambda store: iseg(store, lam, iterations, variant, factors, weights)
 
 
@@ -176,17 +176,20 @@ METHODS = (
     # Each level alone, to see which words localise where.
     *(Method(f"DiffSegmenter, {level} level + completion", lambda store, w=weights: diffsegmenter(store, w),
              tuple(TOKEN_PARTS)) for level, weights in (("coarse", (1.0, 0.0)), ("fine", (0.0, 1.0)))),
-    Method("iSeg paper preset (0.7 x coarse + 0.3 x fine level, Ent-Self paper, lambda 0.01, N = 10)", _iseg(10)),
+    Method("iSeg, SD's level weights (0.7 x coarse + 0.3 x fine level), Ent-Self code, lambda 0.015, N = 10 "
+           "(the VOC values)", _iseg(10, "code", 0.015)),
     Method("iSeg coarse level, N = 0 (cross-attention only)", _iseg(0, **DEMO_LEVEL)),
-    Method("iSeg coarse level, naive iteration, N = 10", _iseg(10, "naive", **DEMO_LEVEL)),
-    *(Method(f"iSeg coarse level, Ent-Self paper, lambda 0.001, N = {n}", _iseg(n, "paper", 0.001, **DEMO_LEVEL),
-             tuple(TOKEN_PARTS) if n == 10 else ("colour + shape",)) for n in (1, 2, 5, 10, 12)),
-    Method("iSeg coarse level, Ent-Self paper, lambda 0.01, N = 10", _iseg(10, "paper", 0.01, **DEMO_LEVEL)),
-    Method("iSeg coarse level, Ent-Self code, lambda 0.01, N = 10", _iseg(10, "code", 0.01, **DEMO_LEVEL)),
-    Method("iSeg coarse level, Ent-Self paper, lambda 0.001, N = 10, Cat-Cross keys",
-           _iseg(10, "paper", 0.001, **DEMO_LEVEL), capture="cat-cross keys"),
-    Method("iSeg coarse level, Ent-Self paper, lambda 0.001, N = 10, Cat-Cross embedding",
-           _iseg(10, "paper", 0.001, **DEMO_LEVEL), capture="cat-cross embedding"),
+    *(Method(f"iSeg coarse level, naive iteration, N = {n}", _iseg(n, "naive", **DEMO_LEVEL)) for n in (1, 10)),
+    *(Method(f"iSeg coarse level, Ent-Self code, lambda 0.015, N = {n}", _iseg(n, "code", 0.015, **DEMO_LEVEL),
+             tuple(TOKEN_PARTS) if n == 10 else ("colour + shape",)) for n in (1, 2, 5, 10)),
+    Method("iSeg coarse level, Ent-Self code, lambda 0.1, N = 1 (the iseg-segment workflow)",
+           _iseg(1, "code", 0.1, **DEMO_LEVEL)),
+    Method("iSeg coarse level, Ent-Self paper, lambda 0.01, N = 10 (the paper's values)",
+           _iseg(10, "paper", 0.01, **DEMO_LEVEL)),
+    Method("iSeg coarse level, Ent-Self code, lambda 0.1, N = 1, Cat-Cross keys",
+           _iseg(1, "code", 0.1, **DEMO_LEVEL), capture="cat-cross keys"),
+    Method("iSeg coarse level, Ent-Self code, lambda 0.1, N = 1, Cat-Cross embedding",
+           _iseg(1, "code", 0.1, **DEMO_LEVEL), capture="cat-cross embedding"),
     Method("GoCA (auto heads, auto layers, rescaling, k = 2)", _goca(), tuple(TOKEN_PARTS), "goca auto heads"),
     Method("GoCA, head mean", _goca(), capture="goca mean heads"),
     Method("GoCA, uniform layers", _goca("uniform"), capture="goca auto heads"),

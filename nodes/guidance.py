@@ -1,8 +1,15 @@
 """Guidance from the model's own attention: S-CFG."""
 
-from ..attnseg.scfg import RATE_LIMITS
+from ..attnseg import AttnSegError
+from ..attnseg.scfg import RATE_LIMITS, RELEASED_BLUR
 from ..hosts.comfyui.scfg import SCFGSettings, install_scfg
 from .types import CATEGORY
+
+RELEASED_PRESET, CUSTOM_PRESET = "S-CFG (released code)", "custom"
+PRESETS = (RELEASED_PRESET, CUSTOM_PRESET)
+# display name -> the host's foreground rule
+FOREGROUND_CHOICES = {"released code (BOS vs the sum of the other tokens)": "released"}
+RELEASED = SCFGSettings(RATE_LIMITS[0], RATE_LIMITS[1], RELEASED_BLUR, foreground="released")
 
 
 class AttnSegSCFG:
@@ -11,30 +18,61 @@ class AttnSegSCFG:
     DESCRIPTION = ("Patches the model so every sampling step rescales CFG per region: the step's attention (the two "
                    "coarsest resolutions, both CFG halves) splits the latent into one region per prompt token, and "
                    "each region's guidance is scaled so its mean strength matches the foreground's: "
-                   "eps = eps_u + cfg * rho * (eps_c - eps_u). Works with KSampler, SamplerCustom and guiders.")
+                   "eps = eps_u + cfg * rho * (eps_c - eps_u). The preset 'S-CFG (released code)' computes what the "
+                   "authors' released code does; 'custom' uses rate_min, rate_max, blur and foreground. Works with "
+                   "KSampler, SamplerCustom and guiders.")
 
     @classmethod
     def INPUT_TYPES(cls):
+        custom = " Used only with preset 'custom'."
         return {"required": {
-            "model": ("MODEL",),
+            "model": ("MODEL", {"tooltip": "The model to patch; a patched clone is returned."}),
             "rate_min": ("FLOAT", {"default": RATE_LIMITS[0], "min": 0.01, "max": 10.0, "step": 0.05,
-                                   "tooltip": "Lower clamp of the per-region rate rho (paper 0.8)."}),
+                                   "tooltip": "Lower clamp of the per-region rate rho (released 0.8); also rho "
+                                              "everywhere when a step finds no foreground." + custom}),
             "rate_max": ("FLOAT", {"default": RATE_LIMITS[1], "min": 0.01, "max": 10.0, "step": 0.05,
-                                   "tooltip": "Upper clamp of rho (paper 3.0); rho is also kept <= 15 / cfg."}),
-            "blur": ("INT", {"default": 3, "min": 0, "max": 15, "step": 1,
-                             "tooltip": "Gaussian blur kernel of the token maps and of rho (odd; 0 = off)."}),
-            "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+                                   "tooltip": "Upper clamp of rho (released 3.0); rho is also kept <= 15 / cfg."
+                                              + custom}),
+            "blur": ("INT", {"default": RELEASED_BLUR, "min": 0, "max": 15, "step": 1,
+                             "tooltip": "Gaussian blur kernel of the token maps and of rho (odd; 0 = off; reflected "
+                                        "edges). 3 is the released kernel (sigma 0.5 * sqrt(2)); other sizes scale "
+                                        "sigma with the kernel (kernel * sqrt(2) / 6)." + custom}),
+            "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                        "tooltip": "Where in the schedule S-CFG starts (0 = first step); plain CFG "
+                                                   "before. Applies with either preset."}),
             "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                      "tooltip": "Plain CFG outside start..end of the schedule."}),
+                                      "tooltip": "Where in the schedule S-CFG stops (1 = last step); plain CFG "
+                                                 "after. Applies with either preset."}),
+        }, "optional": {
+            # optional and last, so workflows saved before they existed still load and validate
+            "preset": (list(PRESETS), {"default": RELEASED_PRESET,
+                                       "tooltip": "'S-CFG (released code)': the authors' released values (rate "
+                                                  "0.8..3.0, blur 3 with their kernel, their foreground rule), "
+                                                  "ignoring rate_min, rate_max, blur and foreground. 'custom': "
+                                                  "those inputs are used."}),
+            "foreground": (list(FOREGROUND_CHOICES), {
+                "default": next(iter(FOREGROUND_CHOICES)),
+                "tooltip": "How the foreground, whose mean guidance strength every region is scaled to, is found "
+                           "from the uncond half: pixels where the sum of all non-BOS token maps (EOS and padding "
+                           "included) is above the BOS map, each map divided by its mean." + custom}),
         }}
 
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "patch"
     CATEGORY = CATEGORY
 
-    def patch(self, model, rate_min, rate_max, blur, start_percent, end_percent):
+    def patch(self, model, rate_min, rate_max, blur, start_percent, end_percent, preset=CUSTOM_PRESET,
+              foreground=next(iter(FOREGROUND_CHOICES))):
+        if preset == RELEASED_PRESET:
+            settings = SCFGSettings(RELEASED.rate_min, RELEASED.rate_max, RELEASED.blur, start_percent, end_percent,
+                                    RELEASED.foreground)
+        elif preset == CUSTOM_PRESET:
+            rule = FOREGROUND_CHOICES.get(foreground, foreground)  # the display name or the rule itself
+            settings = SCFGSettings(rate_min, rate_max, blur, start_percent, end_percent, rule)
+        else:
+            raise AttnSegError(f"preset: {preset!r} is not one of {', '.join(map(repr, PRESETS))}.")
         patched = model.clone()
-        install_scfg(patched, SCFGSettings(rate_min, rate_max, blur, start_percent, end_percent))
+        install_scfg(patched, settings)
         return (patched,)
 
 

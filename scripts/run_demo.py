@@ -32,7 +32,7 @@ def main() -> None:
         if args.out.exists():
             shutil.rmtree(args.out)
         args.out.mkdir(parents=True)
-        names = {"7": "preview", "9": "mask"}
+        names = {"4": "preview", "6": "mask"}
         for node_id, files in outputs.items():
             for i, path in enumerate(files):
                 target = args.out / f"{names.get(node_id, node_id)}-{i}.png"

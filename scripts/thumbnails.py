@@ -2,7 +2,7 @@
 each workflow run on a real ComfyUI server with this pack (the demo model, the
 demo image), its main output scaled to 256 px wide.
 
-    python scripts/thumbnails.py
+    python scripts/thumbnails.py [NAME ...]    (default: every workflow)
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from comfy_server import ComfyServer  # noqa: E402
 from random_sd15 import ensure as ensure_checkpoint  # noqa: E402
 
 # The output node whose image stands for each workflow.
-MAIN_OUTPUT = {"segment-image": "7", "generate-and-segment": "10", "iseg-segment": "8", "iseg-seeds": "7",
+MAIN_OUTPUT = {"segment-image": "4", "diffsegmenter-segment": "7", "generate-and-segment": "10", "iseg-segment": "8", "iseg-seeds": "7",
                "goca-segment": "7", "scfg-generate": "8", "p2p-edit-generated": "12", "p2p-edit-image": "11"}
 WIDTH = 256
 
@@ -30,6 +30,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as base, ComfyServer(Path(base), [ensure_checkpoint()]) as server:
         server.add_input(REPO / "demo" / "attnseg-demo.png")
         for name, node in MAIN_OUTPUT.items():
+            if sys.argv[1:] and name not in sys.argv[1:]:
+                continue
             workflow = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
             if name == "generate-and-segment":  # random-weight SD1.5: keep it small and quick
                 workflow["4"]["inputs"].update(width=192, height=128)

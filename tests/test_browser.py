@@ -195,7 +195,7 @@ def picker_state(driver, node: int):
 
 
 def test_class_picker_toggles_words_and_flags_missing_classes(browser):
-    load(browser, "segment-image")
+    load(browser, "diffsegmenter-segment")
     text = node_id(browser, "AttnSegTextEncode")
     state = wait_for(browser, "const e = app.graph.getNodeById(arguments[0]).widgets"
                               ".find(w => w.name === 'class_picker').element;"
@@ -248,7 +248,7 @@ def test_tokenize_route_explains_a_bad_body(server):
 
 
 def test_queued_workflow_shows_the_mask_preview(browser):
-    load(browser, "segment-image")
+    load(browser, "diffsegmenter-segment")
     masks = node_id(browser, "AttnSegMasks")
     browser.execute_script("app.queuePrompt(0, 1)")
     count = wait_for(browser, "const n = app.graph.getNodeById(arguments[0]);"

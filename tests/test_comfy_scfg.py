@@ -14,6 +14,7 @@ from attnseg_pack.hosts.comfyui.scfg import scfg_factors  # noqa: E402
 from attnseg_pack.hosts.comfyui.unet import describe_unet  # noqa: E402
 
 SCFG = pack.NODE_CLASS_MAPPINGS["AttnSegSCFG"]()
+RELEASED, CUSTOM = "S-CFG (released code)", "custom"
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +44,31 @@ def test_scfg_changes_the_sample_deterministically_and_leaves_the_model_alone(se
 
 def test_a_rate_pinned_to_one_is_plain_cfg(setup):
     model, positive, negative = setup
-    pinned, = SCFG.patch(model, 1.0, 1.0, 0, 0.0, 1.0)
+    pinned, = SCFG.patch(model, 1.0, 1.0, 0, 0.0, 1.0, CUSTOM)
     for batch, h, w in ((1, 8, 12), (2, 16, 8)):
         assert torch.allclose(sample(pinned, positive, negative, batch=batch, h=h, w=w),
                               sample(model, positive, negative, batch=batch, h=h, w=w), atol=1e-4)
+
+
+def test_the_released_preset_ignores_the_custom_inputs(setup):
+    model, positive, negative = setup
+    released, = SCFG.patch(model, 1.0, 1.0, 0, 0.0, 1.0)  # the preset's default: the released values win
+    same, = SCFG.patch(model, 0.8, 3.0, 3, 0.0, 1.0, CUSTOM, "released code (BOS vs the sum of the other tokens)")
+    pinned, = SCFG.patch(model, 1.0, 1.0, 0, 0.0, 1.0, CUSTOM)
+    assert torch.equal(sample(released, positive, negative), sample(same, positive, negative))
+    assert not torch.allclose(sample(released, positive, negative), sample(pinned, positive, negative), atol=1e-4)
+
+
+def test_every_input_has_a_tooltip_and_old_workflows_still_validate():
+    types = SCFG.INPUT_TYPES()
+    assert list(types["required"]) == ["model", "rate_min", "rate_max", "blur", "start_percent", "end_percent"]
+    assert list(types["optional"]) == ["preset", "foreground"]  # after the old widgets: saved values keep their slots
+    for section in types.values():
+        for name, (_, options) in section.items():
+            assert options.get("tooltip"), name
+    assert types["optional"]["preset"][0] == [RELEASED, CUSTOM]
+    assert types["optional"]["preset"][1]["default"] == RELEASED
+    assert types["optional"]["foreground"][0] == ["released code (BOS vs the sum of the other tokens)"]
 
 
 def test_outside_its_step_range_and_at_cfg_one_it_is_a_no_op(setup):
@@ -71,9 +93,14 @@ def test_conflicting_cfg_function_and_bad_ranges_are_refused(setup):
     with pytest.raises(AttnSegError, match="start_percent"):
         SCFG.patch(setup[0], 0.8, 3.0, 3, 0.8, 0.2)
     with pytest.raises(AttnSegError, match="rate_min, rate_max"):
-        SCFG.patch(setup[0], 3.0, 0.8, 3, 0.0, 1.0)
+        SCFG.patch(setup[0], 3.0, 0.8, 3, 0.0, 1.0, CUSTOM)
     with pytest.raises(AttnSegError, match="blur: 4 must be odd"):
-        SCFG.patch(setup[0], 0.8, 3.0, 4, 0.0, 1.0)
+        SCFG.patch(setup[0], 0.8, 3.0, 4, 0.0, 1.0, CUSTOM)
+    with pytest.raises(AttnSegError, match="foreground"):
+        SCFG.patch(setup[0], 0.8, 3.0, 3, 0.0, 1.0, CUSTOM, "argmax (BOS not the argmax)")
+    with pytest.raises(AttnSegError, match="preset"):
+        SCFG.patch(setup[0], 0.8, 3.0, 3, 0.0, 1.0, "paper")
+    SCFG.patch(setup[0], 3.0, 0.8, 4, 0.0, 1.0)  # the released preset ignores the bad custom values
 
 
 def test_separate_cond_and_uncond_passes_give_the_same_sample(setup, monkeypatch):

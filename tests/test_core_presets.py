@@ -61,3 +61,13 @@ def test_every_preset_names_its_source_and_custom_is_no_preset():
     assert names("goca") == ["GoCA SD1.5 (released code)", "GoCA SDXL (released code)", CUSTOM]
     with pytest.raises(AttnSegError, match="preset: 'GoCA SD1.5 \\(released code\\)' is not one of"):
         find_preset("GoCA SD1.5 (released code)", "iseg")
+
+
+def test_the_readme_preset_table_lists_every_preset():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("## Presets"):readme.index("## Workflows")]
+    for name, preset in PRESETS.items():
+        assert f"| `{name}` |" in table, name
+        assert preset.source.repository.split("/")[-1] in table or preset.source.repository == "this repository"

@@ -30,7 +30,7 @@ SDXL_LAYOUT_CHECKPOINT = "tiny-sdxl-layout.safetensors"
 PACK_NODES = {"AttnSegDemoModelLoader", "AttnSegTextEncode", "AttnSegCatCrossEncode", "AttnSegISegCrossAttention",
               "AttnSegEntSelf", "AttnSegSeeds", "AttnSegSCFG", "AttnSegGoCA", "AttnSegPromptToPrompt",
               "AttnSegCaptionPrompt", "AttnSegSegmentImage", "AttnSegCaptureSampler", "AttnSegDiffSegmenter",
-              "AttnSegMasks", "AttnSegClassMask"}
+              "AttnSegMasks", "AttnSegClassMask", "AttnSegSegment"}
 
 
 @pytest.fixture(scope="module")
@@ -77,17 +77,47 @@ def test_pack_nodes_are_registered(object_info):
     assert object_info["AttnSegMasks"]["output_name"] == ["masks", "label_map", "preview", "soft_masks"]
 
 
-@pytest.mark.parametrize("name", ["segment-image", "generate-and-segment", "iseg-segment", "iseg-seeds",
+@pytest.mark.parametrize("name", ["segment-image", "diffsegmenter-segment", "generate-and-segment", "iseg-segment", "iseg-seeds",
                                   "goca-segment", "scfg-generate", "p2p-edit-generated", "p2p-edit-image"])
 def test_ui_workflows_match_their_api_form(object_info, name):
     ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
     assert ui_to_api(ui, object_info) == strip_meta(api_workflow(name))
 
 
-def test_segment_image_workflow_finds_the_objects_of_a_non_square_scene(server, tmp_path):
-    """The shipped workflow on the demo model: each mask must cover its object."""
+def test_one_node_segment_workflow_finds_the_objects(server, tmp_path):
+    """AttnSeg Segment with the demo model's preset: image + classes -> masks in one node."""
     scene = make_scene(SCENE_SEED, width=192, height=128)
     outputs = run_on_scene(server, tmp_path, "segment-image", scene)
+    truth = scene.label_map()
+    assert len(outputs["6"]) == len(scene.objects) >= 2
+    ious = [mask_iou(read(path)[..., 0] > 0, truth == index + 1) for index, path in enumerate(outputs["6"])]
+    assert min(ious) > MASK_IOU_FLOOR, ious
+    assert read(outputs["4"][0]).shape == (128 + 14 * (len(scene.objects) + 1), 192, 3)
+
+
+def test_a_clicked_point_segments_its_object_of_a_demo_scene(server, tmp_path):
+    """The seeds workflow on a demo scene: a point inside each object gives that
+    object's mask, not a cell."""
+    scene = make_scene(SCENE_SEED, width=192, height=128)
+    Image.fromarray(scene.image).save(tmp_path / "scene.png")
+    truth = scene.label_map()
+    points = []
+    for index in range(len(scene.objects)):
+        rows, cols = np.nonzero(truth == index + 1)
+        middle = len(rows) // 2
+        points.append({"point": [int(cols[middle]), int(rows[middle])]})
+    workflow = api_workflow("iseg-seeds")
+    workflow["2"]["inputs"]["image"] = server.add_input(tmp_path / "scene.png")
+    workflow["5"]["inputs"]["seeds"] = json.dumps(points)
+    outputs = server.output_files(server.run(workflow))
+    ious = [mask_iou(read(path)[..., 0] > 0, truth == index + 1) for index, path in enumerate(outputs["9"])]
+    assert min(ious) >= 0.5, ious
+
+
+def test_diffsegmenter_workflow_finds_the_objects_of_a_non_square_scene(server, tmp_path):
+    """The granular DiffSegmenter workflow on the demo model: each mask must cover its object."""
+    scene = make_scene(SCENE_SEED, width=192, height=128)
+    outputs = run_on_scene(server, tmp_path, "diffsegmenter-segment", scene)
     preview, = outputs["7"]
     masks = outputs["9"]
     assert len(masks) == len(scene.objects) >= 2
@@ -107,7 +137,7 @@ def test_class_picker_reads_with_the_tokenizer_its_node_ran_with_for_that_client
     answers that node with its CLIP's tokenizer for the client that ran it, and
     with SD1's for any other client."""
     client = uuid.uuid4().hex
-    workflow = api_workflow("segment-image")
+    workflow = api_workflow("diffsegmenter-segment")
     workflow["2"]["inputs"]["image"] = server.add_input(REPO / "demo" / "attnseg-demo.png")
     workflow["3"]["inputs"]["class_weight"] = 1.001  # not a cached result: the text node must run
     server.run(workflow, client_id=client)

@@ -10,22 +10,27 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from ...attnseg import AttentionStore, AttnSegError
-from ...attnseg.scfg import RATE_LIMITS, guidance_rate, refined_token_maps, spatial_cfg, token_regions
+from ...attnseg.scfg import (RATE_LIMITS, RELEASED_BLUR, foreground_mask, foreground_maps, guidance_rate,
+                              refined_token_maps, spatial_cfg, token_regions)
 from .capture import CapturePlan, install_capture
 from .unet import UNetInfo, describe_unet
 
 # Self-attention is pooled to at most this many tokens: S-CFG works on 16x16
 # maps (SD1.5 at 512 px), and this bounds memory on SDXL at 1024 px.
 SELF_TOKENS = 16 * 16
+# How the foreground (the rate's benchmark region) is found from the uncond half;
+# "released": where the sum of the non-BOS token maps is above the BOS map.
+FOREGROUND_RULES = ("released",)
 
 
 @dataclass(frozen=True)
 class SCFGSettings:
     rate_min: float = RATE_LIMITS[0]
     rate_max: float = RATE_LIMITS[1]
-    blur: int = 3
+    blur: int = RELEASED_BLUR
     start_percent: float = 0.0
     end_percent: float = 1.0
+    foreground: str = FOREGROUND_RULES[0]
 
 
 def scfg_factors(info: UNetInfo) -> frozenset[int]:
@@ -60,6 +65,8 @@ def install_scfg(model, settings: SCFGSettings) -> None:
     if not 0 < settings.rate_min <= settings.rate_max:
         raise AttnSegError(f"rate_min, rate_max: need 0 < rate_min ({settings.rate_min}) <= rate_max "
                            f"({settings.rate_max}); S-CFG uses 0.8 and 3.0.")
+    if settings.foreground not in FOREGROUND_RULES:
+        raise AttnSegError(f"foreground: {settings.foreground!r} is not one of {', '.join(FOREGROUND_RULES)}.")
     if settings.blur > 1 and settings.blur % 2 == 0:
         raise AttnSegError(f"blur: {settings.blur} must be odd (or 0 to turn blurring off).")
     info = describe_unet(model)
@@ -88,9 +95,10 @@ def install_scfg(model, settings: SCFGSettings) -> None:
                 cond_layers, uncond_layers = _layers(store, "cond"), _layers(store, "uncond")
                 if cond_layers and uncond_layers:
                     grid = max((g for g, _, _ in cond_layers), key=lambda g: g[0] * g[1])
+                    size = tuple(cond.shape[-2:])
                     cond_maps = refined_token_maps(cond_layers, grid, settings.blur)
-                    uncond_maps = refined_token_maps(uncond_layers, grid, settings.blur)
-                    regions, foreground = token_regions(cond_maps, uncond_maps, tuple(cond.shape[-2:]))
+                    regions = token_regions(cond_maps, size)
+                    foreground = foreground_mask(foreground_maps(uncond_layers, grid, settings.blur), size)
                     rate = guidance_rate(cond - uncond, regions, foreground, scale,
                                          (settings.rate_min, settings.rate_max), settings.blur, cond_maps.shape[1])
                     return spatial_cfg(cond, uncond, scale, rate)
