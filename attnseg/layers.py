@@ -78,3 +78,39 @@ def check_heads(heads: Sequence[int], count: int, layer_name: str, preset: str, 
         raise AttnSegError(
             f"{input_name}: '{preset}' reads heads {', '.join(map(str, bad))} of {layer_name}, which has {count} "
             f"heads (0 to {count - 1}). Choose a preset made for this model, or 'custom'.")
+
+
+def parse_picks(text: str, input_name: str) -> tuple[LayerPick, ...] | None:
+    """'output 0 1; input 0 *' -> layer picks (block, level from the finest, index
+    among that block's layers there or * for all); empty -> None."""
+    picks = []
+    for part in text.replace(",", ";").split(";"):
+        words = part.split()
+        if not words:
+            continue
+        if len(words) != 3 or words[0] not in BLOCKS:
+            raise AttnSegError(f"{input_name}: '{part.strip()}' is not 'BLOCK LEVEL INDEX' (BLOCK one of "
+                               f"{', '.join(BLOCKS)}, LEVEL 0 for the finest, INDEX from 0 or *), e.g. 'output 0 1'.")
+        try:
+            level = int(words[1])
+            index = None if words[2] == "*" else int(words[2])
+        except ValueError:
+            raise AttnSegError(f"{input_name}: '{part.strip()}' needs whole numbers for LEVEL and INDEX (or * for "
+                               f"every layer), e.g. 'output 0 1'.")
+        if level < 0 or (index is not None and index < 0):
+            raise AttnSegError(f"{input_name}: '{part.strip()}' has a negative level or index; count from 0.")
+        picks.append(LayerPick(words[0], level, index))
+    return tuple(picks) or None
+
+
+def parse_heads(text: str, input_name: str) -> tuple[int, ...] | None:
+    """'1, 2' -> head indices (from 0); empty -> None (every head)."""
+    if not text.strip():
+        return None
+    try:
+        heads = tuple(int(h) for h in text.replace(";", ",").split(",") if h.strip())
+    except ValueError:
+        raise AttnSegError(f"{input_name}: '{text}' is not a comma-separated list of head indices, e.g. '1, 2'.")
+    if any(h < 0 for h in heads) or len(set(heads)) != len(heads):
+        raise AttnSegError(f"{input_name}: '{text}' must list distinct head indices from 0.")
+    return heads or None

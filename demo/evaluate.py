@@ -179,10 +179,11 @@ METHODS = (
     Method("iSeg, SD's level weights (0.7 x coarse + 0.3 x fine level), Ent-Self code, lambda 0.015, N = 10 "
            "(the VOC values)", _iseg(10, "code", 0.015)),
     Method("iSeg coarse level, N = 0 (cross-attention only)", _iseg(0, **DEMO_LEVEL)),
-    *(Method(f"iSeg coarse level, naive iteration, N = {n}", _iseg(n, "naive", **DEMO_LEVEL)) for n in (1, 10)),
+    Method("iSeg coarse level, naive iteration, N = 1 (the iseg-segment workflow)", _iseg(1, "naive", **DEMO_LEVEL)),
+    Method("iSeg coarse level, naive iteration, N = 10", _iseg(10, "naive", **DEMO_LEVEL)),
     *(Method(f"iSeg coarse level, Ent-Self code, lambda 0.015, N = {n}", _iseg(n, "code", 0.015, **DEMO_LEVEL),
              tuple(TOKEN_PARTS) if n == 10 else ("colour + shape",)) for n in (1, 2, 5, 10)),
-    Method("iSeg coarse level, Ent-Self code, lambda 0.1, N = 1 (the iseg-segment workflow)",
+    Method("iSeg coarse level, Ent-Self code, lambda 0.1, N = 1",
            _iseg(1, "code", 0.1, **DEMO_LEVEL)),
     Method("iSeg coarse level, Ent-Self paper, lambda 0.01, N = 10 (the paper's values)",
            _iseg(10, "paper", 0.01, **DEMO_LEVEL)),

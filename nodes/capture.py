@@ -3,6 +3,7 @@ import dataclasses
 import comfy.samplers
 
 from ..attnseg import AttnSegError
+from ..attnseg.layers import parse_heads, parse_picks
 from ..attnseg.presets import CUSTOM, find_preset
 from ..hosts.comfyui.capture import GOCA_REFERENCE_FACTOR, CapturePlan, StepRange
 from ..hosts.comfyui.passes import capture_sample, parse_timesteps, segment_image
@@ -18,7 +19,8 @@ SELF_LAYERS = ("finest", "all (GoCA)")
 
 
 def goca_inputs(what: str):
-    """Optional capture inputs: GoCA's and the preset (optional so older workflows still validate)."""
+    """Optional capture inputs: GoCA's, layer and head picks, and the preset (optional
+    so older workflows still validate)."""
     return {
         "heads": (list(HEADS), {"default": "mean", "tooltip": "How cross-attention heads are reduced as they are "
                                 "captured: their mean, or GoCA's per-pixel weights from each head's share of "
@@ -26,17 +28,28 @@ def goca_inputs(what: str):
         "self_layers": (SELF_LAYERS, {"default": "finest", "tooltip": "Self-attention of the finest layers "
                                       "(enough for DiffSegmenter, iSeg and GoCA's propagation), or of every layer "
                                       "plus a reference layer's queries, which GoCA's automatic layer weights need."}),
+        "self_layer_picks": ("STRING", {"default": "", "tooltip": (
+            "custom: the self-attention layers to record instead of self_layers, as 'BLOCK LEVEL INDEX' separated "
+            "by ';' (BLOCK input, middle or output; LEVEL 0 = the finest resolution with attention; INDEX the "
+            "layer's place among that block's layers there, from 0, or * for all). iSeg's layer on SD1.5/2.1: "
+            "'output 0 1'. Empty: self_layers decides.")}),
+        "self_heads": ("STRING", {"default": "", "tooltip": (
+            "custom: the heads (from 0) whose mean is kept for those self-attention layers, e.g. '1, 2' "
+            "(iSeg); chosen inside the hook, the others are never stored. Empty: every head.")}),
         **preset_input(None, DEFAULT_PRESET, what),
     }
 
 
-def with_goca(plan: CapturePlan, heads: str, self_layers: str) -> CapturePlan:
+def with_goca(plan: CapturePlan, heads: str, self_layers: str, self_layer_picks: str = "",
+              self_heads: str = "") -> CapturePlan:
     if heads not in HEADS or self_layers not in SELF_LAYERS:
         raise AttnSegError(f"heads / self_layers: '{heads}' / '{self_layers}' are not among "
                            f"{', '.join(HEADS)} / {', '.join(SELF_LAYERS)}.")
     every = self_layers != "finest"
     return dataclasses.replace(plan, cross_heads=HEADS[heads], self_every_layer=every,
-                               reference_factor=GOCA_REFERENCE_FACTOR if every else None)
+                               reference_factor=GOCA_REFERENCE_FACTOR if every else None,
+                               self_layers=parse_picks(self_layer_picks, "self_layer_picks"),
+                               self_heads=parse_heads(self_heads, "self_heads"), source="custom")
 
 
 class AttnSegSegmentImage:
@@ -68,10 +81,11 @@ class AttnSegSegmentImage:
     CATEGORY = CATEGORY
 
     def segment(self, model, vae, image, conditioning, timesteps, seed, resolution, heads="mean",
-                self_layers="finest", preset=CUSTOM):
+                self_layers="finest", self_layer_picks="", self_heads="", preset=CUSTOM):
         chosen = find_preset(preset)
         if chosen is None:
-            plan, steps, keep = with_goca(CapturePlan(), heads, self_layers), parse_timesteps(timesteps), False
+            plan = with_goca(CapturePlan(), heads, self_layers, self_layer_picks, self_heads)
+            steps, keep = parse_timesteps(timesteps), False
         else:
             setup = chosen.capture
             plan, steps, keep = capture_plan(setup, chosen.name), list(setup.timesteps), setup.keep_timesteps
@@ -114,13 +128,13 @@ class AttnSegCaptureSampler:
 
     def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                denoise, capture, capture_start_step, capture_end_step, self_attention, heads="mean",
-               self_layers="finest", preset=CUSTOM):
+               self_layers="finest", self_layer_picks="", self_heads="", preset=CUSTOM):
         plan = None
         chosen = find_preset(preset)
         if capture:
             plan = step_plan(steps, capture_start_step, capture_end_step, self_attention)
             if chosen is None:
-                plan = with_goca(plan, heads, self_layers)
+                plan = with_goca(plan, heads, self_layers, self_layer_picks, self_heads)
             else:
                 layers = capture_plan(chosen.capture, chosen.name)
                 plan = dataclasses.replace(layers, cross_steps=plan.cross_steps, self_steps=plan.self_steps)

@@ -2,6 +2,7 @@
 propagation of the captured cross-attention."""
 
 from ..attnseg.goca import GOCA_BLUR, GOCA_ORDER, LAYER_WEIGHTINGS, goca
+from ..attnseg.layers import parse_picks
 from ..attnseg.presets import CUSTOM, find_preset
 from ..attnseg.tokens import parse_class_list
 from .presets import preset_input
@@ -34,10 +35,19 @@ class AttnSegGoCA:
             "background_classes": ("STRING", {"default": "", "tooltip": "Comma-separated classes of the text "
                                               "encoder that are background (e.g. 'sky, grass'): their strongest "
                                               "map is added to the mask node's background threshold."}),
-        }, "optional": preset_input("goca", "GoCA SD1.5 (released code)", (
+        }, "optional": {
+            "propagation_layers": ("STRING", {"default": "", "tooltip": (
+                "custom: the self-attention layers whose mean propagates, as 'BLOCK LEVEL INDEX' separated by ';' "
+                "(see the capture node's self_layer_picks; GoCA SD1.5: 'output 0 0; output 0 1; input 0 1'). "
+                "Empty: every finest layer in the store.")}),
+            "aggregate_factor": ("INT", {"default": 1, "min": 1, "max": 8, "tooltip": (
+                "custom: aggregate the maps at the latent size divided by this (GoCA on SDXL: 2, i.e. 64x64 at "
+                "1024 px).")}),
+            **preset_input("goca", "GoCA SD1.5 (released code)", (
             "GoCA's stages (the store must be captured with the same preset: output-weighted heads, every layer's "
             "self-attention, the reference queries), its propagation layers and, on SDXL, 64x64 aggregation; "
-            "background_classes still apply"))}
+            "background_classes still apply")),
+        }}
 
     RETURN_TYPES = (ATTN_SCORES,)
     RETURN_NAMES = ("scores",)
@@ -45,12 +55,13 @@ class AttnSegGoCA:
     CATEGORY = CATEGORY
 
     def segment(self, attention, layer_weights, rescaling, blur, propagation_order, background_classes,
-                preset=CUSTOM):
+                propagation_layers="", aggregate_factor=1, preset=CUSTOM):
         store = require_store(attention)
         backgrounds = parse_class_list(background_classes, "background_classes") if background_classes.strip() else []
         chosen = find_preset(preset, "goca")
         if chosen is None:
-            return (goca(store, layer_weights, rescaling, blur, propagation_order, backgrounds),)
+            return (goca(store, layer_weights, rescaling, blur, propagation_order, backgrounds, "attention",
+                         parse_picks(propagation_layers, "propagation_layers"), aggregate_factor),)
         settings = chosen.settings
         return (goca(store, settings.layer_weights, settings.rescaling, settings.blur, settings.order, backgrounds,
                      "attention", settings.propagation_layers, settings.aggregate_factor, chosen.name),)

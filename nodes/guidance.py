@@ -61,7 +61,7 @@ class AttnSegSCFG:
     FUNCTION = "patch"
     CATEGORY = CATEGORY
 
-    def patch(self, model, rate_min, rate_max, blur, start_percent, end_percent, preset=CUSTOM_PRESET,
+    def patch(self, model, rate_min, rate_max, blur, start_percent, end_percent, preset=RELEASED_PRESET,
               foreground=next(iter(FOREGROUND_CHOICES))):
         if preset == RELEASED_PRESET:
             settings = SCFGSettings(RELEASED.rate_min, RELEASED.rate_max, RELEASED.blur, start_percent, end_percent,

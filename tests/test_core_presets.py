@@ -71,3 +71,19 @@ def test_the_readme_preset_table_lists_every_preset():
     for name, preset in PRESETS.items():
         assert f"| `{name}` |" in table, name
         assert preset.source.repository.split("/")[-1] in table or preset.source.repository == "this repository"
+
+
+def test_layer_picks_and_heads_parse_from_text_or_name_the_input():
+    from attnseg.layers import parse_heads, parse_picks
+
+    assert parse_picks("output 0 1; input 0 *", "self_layer_picks") == (LayerPick("output", 0, 1),
+                                                                         LayerPick("input", 0, None))
+    assert parse_picks("  ", "self_layer_picks") is None
+    assert parse_heads("1, 2", "self_heads") == (1, 2) and parse_heads("", "self_heads") is None
+    for text, message in (("decoder 0 1", "is not 'BLOCK LEVEL INDEX'"), ("output zero 1", "whole numbers"),
+                          ("output -1 0", "negative")):
+        with pytest.raises(AttnSegError, match="self_layer_picks: .*" + message):
+            parse_picks(text, "self_layer_picks")
+    for text in ("1, x", "1, 1", "-1"):
+        with pytest.raises(AttnSegError, match="self_heads: "):
+            parse_heads(text, "self_heads")
