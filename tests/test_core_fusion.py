@@ -99,6 +99,12 @@ def test_labels_masks_and_overlay():
     assert torch.equal(coloured[0, 0, 1], image[0, 0, 1]) and not torch.equal(coloured[0, 0, 0], image[0, 0, 0])
     with pytest.raises(AttnSegError, match="threshold"):
         label_map(scores, 1.5)
+    # A negative threshold is GoCA's offset on a background map, refused without one.
+    background = torch.full((1, 1, 2, 3), 0.5)
+    assert label_map(scores, -0.2, background_map=background).tolist() == [[[1, 0, 0], [0, 0, 2]]]
+    assert label_map(scores, -0.5, background_map=background).tolist() == [[[1, 1, 1], [1, 1, 2]]]
+    with pytest.raises(AttnSegError, match="threshold: -0.2 is negative.*background map"):
+        label_map(scores, -0.2)
 
 
 def test_make_masks_resizes_to_the_image_aspect():
