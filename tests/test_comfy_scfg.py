@@ -112,3 +112,39 @@ def test_separate_cond_and_uncond_passes_give_the_same_sample(setup, monkeypatch
     separate = sample(patched, positive, negative)
     assert torch.allclose(separate, batched, rtol=1e-3, atol=1e-2)
     assert not torch.allclose(separate, sample(model, positive, negative), rtol=1e-3, atol=1e-2)
+
+
+def test_a_run_interrupted_inside_a_unet_call_does_not_change_the_next_run(setup):
+    """Interrupt S-CFG mid-forward, after the step's layers stored their maps: the
+    next run on the same patched model starts from an empty store and gives the
+    fresh run's sample."""
+    import comfy.model_management
+    import comfy.patcher_extension
+
+    model, positive, negative = setup
+    patched, = SCFG.patch(model, 0.8, 3.0, 3, 0.0, 1.0)
+    expected = sample(patched, positive, negative)
+    function = patched.model_options["sampler_cfg_function"]
+    store, = [c.cell_contents for c in function.__closure__ if type(c.cell_contents).__name__ == "AttentionStore"]
+    calls = {"n": 0}
+
+    def interrupt_midway(n, extra):
+        calls["n"] += 1
+        if calls["n"] == 19:  # late in the second step's forward (10 transformer blocks each)
+            raise comfy.model_management.InterruptProcessingException()
+        return n
+
+    interrupted = patched.clone()  # shares the patches and their store with ``patched``
+    interrupted.set_model_attn2_output_patch(interrupt_midway)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        sample(interrupted, positive, negative)
+    assert store.entries  # what the interrupted call left behind
+    seen = []
+
+    def record(executor, *args, **kwargs):  # runs inside S-CFG's own run wrapper
+        seen.append(len(store.entries))
+        return executor(*args, **kwargs)
+
+    rerun = patched.clone()
+    rerun.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "test", record)
+    assert torch.equal(sample(rerun, positive, negative), expected) and seen == [0]

@@ -272,3 +272,39 @@ def test_a_class_missing_from_the_prompt_is_reported_by_name(server):
     assert "classes: the class 'green star' is not in the prompt" in message
     assert "a red circle and a blue square" in message  # the tokenized prompt is shown
     assert server.get("/system_stats")  # the server is still up
+
+
+def test_oversized_tokenize_bodies_are_refused_while_the_server_keeps_answering(server):
+    """A 10 MB body, a field over its bound and too many classes are refused at
+    once; /system_stats answers within a second while they are sent."""
+    import threading
+    import time
+    import urllib.error
+    import urllib.request
+
+    bodies = [json.dumps({"prompt": "a cat", "classes": "cat, " * 2_000_000}).encode(),
+              json.dumps({"prompt": "a cat", "classes": "c" * 5_000}).encode(),
+              json.dumps({"prompt": "a cat", "classes": ", ".join(f"c{i}" for i in range(100))}).encode()]
+    codes = []
+
+    def send(body):
+        request = urllib.request.Request(server.url + "/attnseg/tokenize", data=body,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(request, timeout=30)
+            codes.append(200)
+        except urllib.error.HTTPError as error:
+            codes.append((error.code, json.loads(error.read())["error"]))
+        except (ConnectionError, urllib.error.URLError):  # the server may close a refused upload early
+            codes.append((413, "closed"))
+
+    senders = [threading.Thread(target=send, args=(body,)) for body in bodies]
+    for sender in senders:
+        sender.start()
+    began = time.perf_counter()
+    server.get("/system_stats")
+    assert time.perf_counter() - began < 1.0
+    for sender in senders:
+        sender.join(30)
+    assert sorted(c[0] for c in codes) == [400, 400, 413], codes
+    assert any("classes: longer than" in str(c) for c in codes) and any("more than 64" in str(c) for c in codes)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import comfy.patcher_extension
 import torch.nn.functional as F
 
 from ...attnseg import AttentionStore, AttnSegError
@@ -107,3 +108,11 @@ def install_scfg(model, settings: SCFGSettings) -> None:
             store.entries.clear()  # only the current step's maps are ever kept
 
     model.set_model_sampler_cfg_function(cfg_function, disable_cfg1_optimization=False)
+
+    def fresh_run(executor, *args, **kwargs):
+        # A run interrupted inside a UNet call leaves that call's maps behind (the CFG
+        # function that clears them never ran): every run starts from an empty store.
+        store.entries.clear()
+        return executor(*args, **kwargs)
+
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "attnseg_scfg", fresh_run)
