@@ -94,9 +94,15 @@ def diffsegmenter(store: AttentionStore, weights=DIFFSEGMENTER_WEIGHTS, self_com
         target_grid, self_attn = mean_self_attention(store, what)
     else:
         target_grid, self_attn = levels[sizes[-1]][0], None
-    if len(weights) < len(sizes):
-        raise AttnSegError(f"weights: {len(weights)} weights for {len(sizes)} resolutions "
-                           f"({', '.join(str(levels[s][0][0]) for s in sizes)}); give one per resolution, coarsest first.")
+    grids = ", ".join(f"{levels[n][0][0]}x{levels[n][0][1]}" for n in sizes)
+    if len(weights) < len(sizes) or (len(weights) > len(sizes) and tuple(weights) != DIFFSEGMENTER_WEIGHTS):
+        raise AttnSegError(f"weights: {len(weights)} weights for {len(sizes)} resolutions ({grids}); give one "
+                           f"per resolution, coarsest first.")
+    # The paper's four weights on a model with fewer levels: the coarsest ones apply (and the method says so).
+    weights = tuple(weights)[:len(sizes)]
+    if not sum(weights) > 0:
+        raise AttnSegError(f"weights: the weights that apply to this model's resolutions ({grids}) are "
+                           f"{', '.join(map(str, weights))}; at least one must be positive.")
     fused = None
     for size, weight in zip(sizes, weights):
         grid, maps = levels[size]
@@ -105,4 +111,5 @@ def diffsegmenter(store: AttentionStore, weights=DIFFSEGMENTER_WEIGHTS, self_com
     if self_attn is not None:
         flat = fused.flatten(-2).transpose(1, 2)  # (B, N, C)
         fused = torch.bmm(self_attn, flat).transpose(1, 2).unflatten(-1, target_grid)
-    return ScoreMaps(min_max(fused), store.prompt.class_names, store.image_size, "diffsegmenter")
+    method = f"diffsegmenter (weights {', '.join(f'{w:g}' for w in weights)} on {grids})"
+    return ScoreMaps(min_max(fused), store.prompt.class_names, store.image_size, method)

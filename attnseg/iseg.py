@@ -117,6 +117,10 @@ def ent_self_refine(scores: ScoreMaps, store: AttentionStore, lam: float = ISEG_
     if scores.maps.shape[0] != self_attention.shape[0]:
         raise AttnSegError(f"scores: {scores.maps.shape[0]} images but the {what} store holds "
                            f"{self_attention.shape[0]}; use scores and attention from the same capture.")
+    if tuple(scores.image_size) != tuple(store.image_size):
+        (h, w), (sh, sw) = scores.image_size, store.image_size
+        raise AttnSegError(f"scores: they describe a {w}x{h} image but the {what} store a {sw}x{sh} one; "
+                           f"refine scores with the attention captured from the same image.")
     initial = resize(scores.maps.float(), grid).flatten(-2).transpose(1, 2)
     refined = iterate(initial.to(self_attention.device), ent_self(self_attention, lam, variant), iterations)
     maps = min_max(refined.transpose(1, 2).unflatten(-1, grid))

@@ -131,3 +131,22 @@ def guidance_rate(delta: torch.Tensor, regions: torch.Tensor, foreground: torch.
 def spatial_cfg(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, scale: float, rate: torch.Tensor) -> torch.Tensor:
     """eps_u + w rho (eps_c - eps_u)."""
     return eps_uncond + scale * rate.to(eps_cond.dtype) * (eps_cond - eps_uncond)
+
+
+def rescale_cfg(guided: torch.Tensor, cond: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor,
+                multiplier: float) -> torch.Tensor:
+    """RescaleCFG's rescale (Lin et al., as ComfyUI's RescaleCFG node computes it) applied
+    to an already guided prediction, so it can follow S-CFG's spatial guidance.
+    ``guided`` and ``cond`` are in the CFG function's space (``x - denoised``), ``x``
+    the noisy input, ``sigma`` (B,). In v-prediction space the guided result is
+    scaled to the conditional prediction's standard deviation and mixed with
+    itself by ``multiplier``; with ``guided`` the plain CFG result this is RescaleCFG."""
+    sigma = sigma.view(sigma.shape[:1] + (1,) * (cond.ndim - 1))
+    scale = (sigma ** 2 + 1.0) ** 0.5 / sigma
+    x_v = x / (sigma * sigma + 1.0)
+    to_v = lambda value: (x_v - (x - value)) * scale  # noqa: E731  (the map RescaleCFG applies)
+    cond_v, guided_v = to_v(cond), to_v(guided)
+    dims = tuple(range(1, cond.ndim))
+    rescaled = guided_v * (cond_v.std(dim=dims, keepdim=True) / guided_v.std(dim=dims, keepdim=True))
+    final = multiplier * rescaled + (1.0 - multiplier) * guided_v
+    return x - (x_v - final / scale)

@@ -101,6 +101,10 @@ def locate_classes(prompt_tokens: Sequence, class_tokens: dict[str, Sequence], w
         if len(part) == 0:
             raise AttnSegError(f"{input_name}: '{name}' has no tokens the text encoder can read.")
         start = find_subsequence(prompt_tokens, part, same)
+        if start < 0 and "(" in name and ":" in name:
+            raise AttnSegError(
+                f"{input_name}: '{name}' carries prompt weight syntax. List the class's words without it "
+                f"(the prompt may keep '{name}'), e.g. '{name.strip('()').rsplit(':', 1)[0].strip()}'.")
         if start < 0:
             raise AttnSegError(
                 f"{input_name}: the class '{name}' is not in the prompt. Add it to the prompt exactly as "

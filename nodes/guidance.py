@@ -55,6 +55,10 @@ class AttnSegSCFG:
                 "tooltip": "How the foreground, whose mean guidance strength every region is scaled to, is found "
                            "from the uncond half: pixels where the sum of all non-BOS token maps (EOS and padding "
                            "included) is above the BOS map, each map divided by its mean." + custom}),
+            "rescale_multiplier": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
+                "RescaleCFG's rescale applied after S-CFG's spatial guidance (RescaleCFG's default 0.7; 0 = off). "
+                "Use this instead of a RescaleCFG node: ComfyUI has one CFG-function slot, and a RescaleCFG "
+                "after S-CFG replaces it (the run then stops with an error). Applies with either preset.")}),
         }}
 
     RETURN_TYPES = ("MODEL",)
@@ -62,13 +66,13 @@ class AttnSegSCFG:
     CATEGORY = CATEGORY
 
     def patch(self, model, rate_min, rate_max, blur, start_percent, end_percent, preset=RELEASED_PRESET,
-              foreground=next(iter(FOREGROUND_CHOICES))):
+              foreground=next(iter(FOREGROUND_CHOICES)), rescale_multiplier=0.0):
         if preset == RELEASED_PRESET:
             settings = SCFGSettings(RELEASED.rate_min, RELEASED.rate_max, RELEASED.blur, start_percent, end_percent,
-                                    RELEASED.foreground)
+                                    RELEASED.foreground, rescale_multiplier)
         elif preset == CUSTOM_PRESET:
             rule = FOREGROUND_CHOICES.get(foreground, foreground)  # the display name or the rule itself
-            settings = SCFGSettings(rate_min, rate_max, blur, start_percent, end_percent, rule)
+            settings = SCFGSettings(rate_min, rate_max, blur, start_percent, end_percent, rule, rescale_multiplier)
         else:
             raise AttnSegError(f"preset: {preset!r} is not one of {', '.join(map(repr, PRESETS))}.")
         patched = model.clone()

@@ -102,7 +102,11 @@ class AttnSegISegCrossAttention:
             settings = chosen.settings
             return (iseg_cross(store, settings.factors, settings.weights, "attention", settings.smoothing_iterations,
                                settings.clusters),)
-        factor_list = [int(f) for f in parse_weights(factors, "factors")]
+        factor_list = parse_weights(factors, "factors")
+        if any(f != int(f) or f < 1 for f in factor_list):
+            raise AttnSegError(f"factors: '{factors}' must be whole numbers of 1 or more (latent downscale factors, "
+                               f"e.g. 4,2).")
+        factor_list = [int(f) for f in factor_list]
         weight_list = parse_weights(weights)
         if len(factor_list) != len(weight_list):
             raise AttnSegError(f"weights: {len(weight_list)} weights for {len(factor_list)} factors; "

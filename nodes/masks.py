@@ -88,7 +88,8 @@ class AttnSegMasks:
     RETURN_NAMES = ("masks", "label_map", "preview", "soft_masks")
     OUTPUT_TOOLTIPS = ("One mask per class and image, image-major: image 0's classes, then image 1's.",
                        "Class index per pixel (0 background, 1.. in class order), as a float MASK.",
-                       "Labels coloured over the image, with a legend below.",
+                       "Labels coloured over the image with a legend strip below (H + 14 x (classes + 1) px "
+                       "tall, so not for ImageBlend with the input).",
                        "The scores themselves in [0, 1], same order as masks.")
     FUNCTION = "make"
     CATEGORY = CATEGORY

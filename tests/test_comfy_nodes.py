@@ -175,3 +175,35 @@ def test_prompt_words_for_the_class_picker(models):
         assert found["words"][1]["positions"] == [2] and len(found["words"][5]["positions"]) >= 1
         assert found["missing"] == ["star"] and found["token_count"] == 77
     assert prompt_words(sd1_tokenizer(), " ", [])["words"] == []
+
+
+def test_numeric_inputs_that_are_not_finite_or_whole_are_named(models):
+    from attnseg_pack.hosts.comfyui.passes import parse_timesteps
+    from attnseg_pack.nodes.segmenters import parse_weights
+
+    for bad in ("nan", "inf", "1,-1", "0,0"):
+        with pytest.raises(AttnSegError, match="weights: "):
+            parse_weights(bad)
+    for bad in ("inf", "nan", "1e400", "-5"):
+        with pytest.raises(AttnSegError, match="timesteps: "):
+            parse_timesteps(bad)
+    _, clip, _ = models
+    store = segment(models, torch.rand(1, 64, 64, 3), encode(clip, "a cat", "cat")[0])
+    with pytest.raises(AttnSegError, match="factors: '2.5' must be whole numbers"):
+        NODES["AttnSegISegCrossAttention"]().segment(store, "2.5", "1")
+
+
+def test_a_class_copied_with_its_weight_is_told_to_drop_the_syntax(models):
+    _, clip, _ = models
+    with pytest.raises(AttnSegError, match=r"'\(red cat:1.3\)' carries prompt weight syntax.*e.g. 'red cat'"):
+        encode(clip, "a (red cat:1.3) on a mat", "(red cat:1.3)")
+
+
+def test_ent_self_refuses_scores_of_another_image(models):
+    _, clip, _ = models
+    cond = encode(clip, "a cat", "cat")[0]
+    wide = segment(models, torch.rand(1, 64, 96, 3), cond)
+    square = segment(models, torch.rand(1, 64, 64, 3), cond)
+    scores = scores_of(wide)
+    with pytest.raises(AttnSegError, match="scores: they describe a 96x64 image but the attention store a 64x64"):
+        NODES["AttnSegEntSelf"]().refine(scores, square, 0.015, 1, "code")

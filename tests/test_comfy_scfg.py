@@ -62,7 +62,7 @@ def test_the_released_preset_ignores_the_custom_inputs(setup):
 def test_every_input_has_a_tooltip_and_old_workflows_still_validate():
     types = SCFG.INPUT_TYPES()
     assert list(types["required"]) == ["model", "rate_min", "rate_max", "blur", "start_percent", "end_percent"]
-    assert list(types["optional"]) == ["preset", "foreground"]  # after the old widgets: saved values keep their slots
+    assert list(types["optional"]) == ["preset", "foreground", "rescale_multiplier"]  # after the old widgets
     for section in types.values():
         for name, (_, options) in section.items():
             assert options.get("tooltip"), name
@@ -88,8 +88,13 @@ def test_scfg_uses_the_two_coarsest_resolutions():
 def test_conflicting_cfg_function_and_bad_ranges_are_refused(setup):
     model = setup[0].clone()
     model.set_model_sampler_cfg_function(lambda args: args["cond"])
-    with pytest.raises(AttnSegError, match="another node already replaced the CFG formula"):
+    with pytest.raises(AttnSegError, match="already replaced this model's CFG formula .* only one can run"):
         SCFG.patch(model, 0.8, 3.0, 3, 0.0, 1.0)
+    twice, = SCFG.patch(setup[0], 0.8, 3.0, 3, 0.0, 1.0)
+    with pytest.raises(AttnSegError, match="S-CFG is already applied to this model"):
+        SCFG.patch(twice, 0.8, 3.0, 3, 0.0, 1.0)
+    with pytest.raises(AttnSegError, match="rescale_multiplier"):
+        SCFG.patch(setup[0], 0.8, 3.0, 3, 0.0, 1.0, rescale_multiplier=1.5)
     with pytest.raises(AttnSegError, match="start_percent"):
         SCFG.patch(setup[0], 0.8, 3.0, 3, 0.8, 0.2)
     with pytest.raises(AttnSegError, match="rate_min, rate_max"):
@@ -148,3 +153,37 @@ def test_a_run_interrupted_inside_a_unet_call_does_not_change_the_next_run(setup
     rerun = patched.clone()
     rerun.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "test", record)
     assert torch.equal(sample(rerun, positive, negative), expected) and seen == [0]
+
+
+
+def rescale_cfg_node():
+    from comfy_extras.nodes_model_advanced import RescaleCFG
+
+    return RescaleCFG()
+
+
+def test_a_rescale_cfg_after_scfg_stops_the_run_naming_it(setup):
+    """ComfyUI has one CFG-function slot: RescaleCFG after S-CFG would replace it
+    without a word; the run says so instead."""
+    model, positive, negative = setup
+    patched, = SCFG.patch(model, 0.8, 3.0, 3, 0.0, 1.0)
+    replaced, = rescale_cfg_node().patch(patched, 0.7)
+    with pytest.raises(AttnSegError, match="RescaleCFG replaced S-CFG's CFG formula .* rescale_multiplier"):
+        sample(replaced, positive, negative)
+    with pytest.raises(AttnSegError, match="RescaleCFG already replaced .* set S-CFG's rescale_multiplier"):
+        SCFG.patch(rescale_cfg_node().patch(model, 0.7)[0], 0.8, 3.0, 3, 0.0, 1.0)
+
+
+def test_the_rescale_option_chains_rescale_cfg_after_scfg(setup):
+    """rescale_multiplier applies RescaleCFG's formula to S-CFG's result: with the
+    rate pinned to 1 (plain CFG) it equals ComfyUI's RescaleCFG node; at 0 it is
+    S-CFG alone."""
+    model, positive, negative = setup
+    pinned, = SCFG.patch(model, 1.0, 1.0, 0, 0.0, 1.0, CUSTOM, rescale_multiplier=0.7)
+    rescale, = rescale_cfg_node().patch(model, 0.7)
+    assert torch.allclose(sample(pinned, positive, negative), sample(rescale, positive, negative), atol=1e-5)
+    plain_scfg, = SCFG.patch(model, 0.8, 3.0, 3, 0.0, 1.0)
+    off, = SCFG.patch(model, 0.8, 3.0, 3, 0.0, 1.0, rescale_multiplier=0.0)
+    chained, = SCFG.patch(model, 0.8, 3.0, 3, 0.0, 1.0, rescale_multiplier=0.7)
+    assert torch.equal(sample(off, positive, negative), sample(plain_scfg, positive, negative))
+    assert not torch.allclose(sample(chained, positive, negative), sample(plain_scfg, positive, negative), atol=1e-4)

@@ -123,3 +123,17 @@ def test_finest_self_attention_is_chosen_by_factor_even_when_pooled_to_a_coarser
     store.add(LayerKey("self", "input", 4, 0, 2), "cond", (4, 4), coarse)  # a 4x4 layer
     grid, maps = mean_self_attention(store)
     assert grid == (4, 4) and torch.equal(maps, fine)
+
+
+def test_diffsegmenter_weights_name_what_applies_and_refuse_what_cannot():
+    prompt = SegPrompt("a cat", (ClassTokens("cat", (2,)),), 4, ("", "a", "cat", ""))
+    store = AttentionStore("test", 1, (4, 4), (32, 32), prompt, dtype=torch.float32)
+    for factor, grid in ((1, (4, 4)), (2, (2, 2))):
+        store.add(LayerKey("cross", "output", factor, 0, factor), "cond", grid,
+                  torch.rand(1, grid[0] * grid[1], 4, generator=torch.Generator().manual_seed(factor)))
+    # The paper's four weights on a two-level model: the two coarsest apply, and the method says so.
+    assert diffsegmenter(store, self_completion=False).method == "diffsegmenter (weights 0.3, 0.5 on 2x2, 4x4)"
+    with pytest.raises(AttnSegError, match="weights: 3 weights for 2 resolutions \\(2x2, 4x4\\)"):
+        diffsegmenter(store, (0.2, 0.3, 0.5), self_completion=False)
+    with pytest.raises(AttnSegError, match="at least one must be positive"):
+        diffsegmenter(store, (0.0, 0.0), self_completion=False)

@@ -3,6 +3,8 @@ sampler run that captures while it generates."""
 
 from __future__ import annotations
 
+import math
+
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
@@ -21,12 +23,12 @@ LATENT_TO_PIXELS = 8  # SD1.x / SD2.x / SDXL VAEs
 
 def parse_timesteps(text: str) -> list[int]:
     try:
-        values = [int(float(part)) for part in text.replace(";", ",").split(",") if part.strip()]
+        numbers = [float(part) for part in text.replace(";", ",").split(",") if part.strip()]
     except ValueError:
         raise AttnSegError(f"timesteps: '{text}' is not a list of numbers. Give e.g. '100' or '1,50,100,150'.")
-    if not values or any(not 0 <= t <= 999 for t in values):
+    if not numbers or any(not math.isfinite(t) or not 0 <= t <= 999 for t in numbers):
         raise AttnSegError(f"timesteps: '{text}' must list one or more timesteps between 0 and 999 (papers: 100).")
-    return values
+    return [int(t) for t in numbers]
 
 
 def working_size(height: int, width: int, resolution: int) -> tuple[int, int]:

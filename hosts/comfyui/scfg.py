@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ...attnseg import AttentionStore, AttnSegError
 from ...attnseg.scfg import (RATE_LIMITS, RELEASED_BLUR, foreground_mask, foreground_maps, guidance_rate,
-                              refined_token_maps, spatial_cfg, token_regions)
+                              refined_token_maps, rescale_cfg, spatial_cfg, token_regions)
 from .capture import CapturePlan, install_capture
 from .unet import UNetInfo, describe_unet
 
@@ -32,6 +32,7 @@ class SCFGSettings:
     start_percent: float = 0.0
     end_percent: float = 1.0
     foreground: str = FOREGROUND_RULES[0]
+    rescale: float = 0.0  # RescaleCFG's multiplier, applied after S-CFG (0 = off)
 
 
 def scfg_factors(info: UNetInfo) -> frozenset[int]:
@@ -54,12 +55,26 @@ def _layers(store: AttentionStore, branch: str):
     return out
 
 
+def cfg_function_name(function) -> str:
+    """A CFG function's node, as far as its name tells ('RescaleCFG' from
+    comfy_extras.nodes_model_advanced.RescaleCFG.patch.<locals>.rescale_cfg)."""
+    if getattr(function, "attnseg_scfg", False):
+        return "AttnSeg S-CFG"
+    qualname = getattr(function, "__qualname__", type(function).__name__)
+    return qualname.split(".<locals>")[0].removesuffix(".patch") or qualname
+
+
 def install_scfg(model, settings: SCFGSettings) -> None:
     """Patch ``model`` (a clone the caller owns) with S-CFG."""
-    if "sampler_cfg_function" in model.model_options:
-        raise AttnSegError("model: another node already replaced the CFG formula of this model (a "
-                           "sampler_cfg_function, e.g. from a rescale-CFG or other guidance node). S-CFG replaces it "
-                           "too and cannot be combined with it: remove one of them or put S-CFG first.")
+    existing = model.model_options.get("sampler_cfg_function")
+    if existing is not None:
+        name = cfg_function_name(existing)
+        if name == "AttnSeg S-CFG":
+            raise AttnSegError("model: S-CFG is already applied to this model; remove the second AttnSeg S-CFG node.")
+        raise AttnSegError(
+            f"model: {name} already replaced this model's CFG formula (a sampler_cfg_function), and S-CFG "
+            f"replaces it too: only one can run, in either order. Remove one of them; for RescaleCFG, remove it "
+            f"and set S-CFG's rescale_multiplier instead (its rescale, applied after S-CFG's guidance).")
     if not 0 <= settings.start_percent <= settings.end_percent <= 1:
         raise AttnSegError(f"start_percent, end_percent: need 0 <= start ({settings.start_percent}) <= end "
                            f"({settings.end_percent}) <= 1.")
@@ -68,6 +83,8 @@ def install_scfg(model, settings: SCFGSettings) -> None:
                            f"({settings.rate_max}); S-CFG uses 0.8 and 3.0.")
     if settings.foreground not in FOREGROUND_RULES:
         raise AttnSegError(f"foreground: {settings.foreground!r} is not one of {', '.join(FOREGROUND_RULES)}.")
+    if not 0 <= settings.rescale <= 1:
+        raise AttnSegError(f"rescale_multiplier: {settings.rescale} must be between 0 (off) and 1 (RescaleCFG: 0.7).")
     if settings.blur > 1 and settings.blur % 2 == 0:
         raise AttnSegError(f"blur: {settings.blur} must be odd (or 0 to turn blurring off).")
     info = describe_unet(model)
@@ -102,17 +119,31 @@ def install_scfg(model, settings: SCFGSettings) -> None:
                     foreground = foreground_mask(foreground_maps(uncond_layers, grid, settings.blur), size)
                     rate = guidance_rate(cond - uncond, regions, foreground, scale,
                                          (settings.rate_min, settings.rate_max), settings.blur, cond_maps.shape[1])
-                    return spatial_cfg(cond, uncond, scale, rate)
-            return uncond + scale * (cond - uncond)
+                    return rescaled(spatial_cfg(cond, uncond, scale, rate), args)
+            return rescaled(uncond + scale * (cond - uncond), args)
         finally:
             store.entries.clear()  # only the current step's maps are ever kept
 
+    def rescaled(guided, args):
+        if settings.rescale == 0:
+            return guided
+        return rescale_cfg(guided, args["cond"], args["input"], args["sigma"], settings.rescale)
+
+    cfg_function.attnseg_scfg = True
     model.set_model_sampler_cfg_function(cfg_function, disable_cfg1_optimization=False)
 
     def fresh_run(executor, *args, **kwargs):
         # A run interrupted inside a UNet call leaves that call's maps behind (the CFG
         # function that clears them never ran): every run starts from an empty store.
         store.entries.clear()
+        # ComfyUI has one CFG-function slot: a node applied after this one replaces
+        # S-CFG without a word unless the run checks.
+        current = executor.class_obj.model_options.get("sampler_cfg_function")
+        if current is not cfg_function:
+            raise AttnSegError(
+                f"model: {cfg_function_name(current) if current else 'a later node'} replaced S-CFG's CFG formula "
+                f"after the S-CFG node, so S-CFG would not run. Remove one of them; for RescaleCFG, remove it and "
+                f"set S-CFG's rescale_multiplier instead.")
         return executor(*args, **kwargs)
 
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "attnseg_scfg", fresh_run)
