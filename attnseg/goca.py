@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .attention import CHUNK_ELEMENTS, HeadReducer
 from .errors import AttnSegError
 from .fusion import mean_self_attention, picked_self_attention
+from .progress import tick
 from .scores import ScoreMaps, gaussian_blur, min_max, resize
 from .store import AttentionStore
 from .tokens import SegPrompt
@@ -99,6 +100,7 @@ def layer_weights(queries: torch.Tensor, ref_grid: tuple[int, int],
     widest = max([n_ref] + [grid[0] * grid[1] for grid, _, _ in self_layers])
     step = max(1, CHUNK_ELEMENTS // max(1, batch * widest))
     for start in range(0, n_ref, step):
+        tick("GoCA layer weights", start, n_ref)
         rows = torch.arange(start, min(n_ref, start + step), device=queries.device)
         pseudo = torch.matmul(queries[:, rows], queries.transpose(1, 2)).mul_(channels ** -0.5).softmax(-1)
         for index, (grid, maps, density) in enumerate(self_layers):
@@ -137,8 +139,9 @@ def propagate(maps: torch.Tensor, self_attention: torch.Tensor, grid: tuple[int,
         raise AttnSegError(f"propagation_order: {order} is negative; use 0 (off) or more (GoCA: 2).")
     flat = resize(maps.float(), grid).flatten(-2).transpose(1, 2).to(self_attention.device)
     operator = self_attention.float()
-    for _ in range(order):
+    for index in range(order):
         flat = torch.bmm(operator, flat)
+        tick("propagation", index + 1, order)
     return min_max(flat.transpose(1, 2).unflatten(-1, grid))
 
 

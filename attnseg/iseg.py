@@ -16,6 +16,7 @@ from .errors import AttnSegError
 from .scores import ScoreMaps, min_max, resize
 from .store import AttentionStore
 from .fusion import finest_self_grid, mean_by_resolution, mean_self_attention
+from .progress import tick
 from .smoothing import KL_CLUSTERS, smooth_token_maps
 
 ENT_SELF_VARIANTS = ("paper", "code", "naive")
@@ -70,8 +71,9 @@ def iterate(maps: torch.Tensor, operator: torch.Tensor, iterations: int) -> torc
     if iterations < 0:
         raise AttnSegError(f"iterations: {iterations} is negative; use 0 (no refinement) or more (paper: 10).")
     maps = normalise_l1(maps.float())
-    for _ in range(iterations):
+    for index in range(iterations):
         maps = normalise_l1(torch.bmm(operator, maps))
+        tick("Ent-Self", index + 1, iterations)
     return maps
 
 

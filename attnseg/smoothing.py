@@ -15,6 +15,7 @@ import torch
 
 from .attention import CHUNK_ELEMENTS
 from .errors import AttnSegError
+from .progress import tick
 
 # The released code asks for 32 clusters, which its grid rule turns into anchors
 # every floor(64 / sqrt(32)) = 11 pixels: a 6 x 6 grid on a 64 x 64 map.
@@ -54,7 +55,8 @@ def kl_kmeans(vectors: torch.Tensor, grid: tuple[int, int], clusters: int = KL_C
     prototypes = points[anchor_cells(grid, clusters).to(points.device)]
     labels = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
     step = max(1, CHUNK_ELEMENTS // max(1, prototypes.shape[0] * points.shape[1]))
-    for _ in range(max(1, iterations)):
+    for index in range(max(1, iterations)):
+        tick("KL k-means", index + 1, max(1, iterations))
         labels = torch.cat([symmetric_kl(points[i:i + step], prototypes).argmin(-1)
                             for i in range(0, points.shape[0], step)])
         counts = torch.bincount(labels, minlength=prototypes.shape[0])

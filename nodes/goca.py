@@ -5,6 +5,7 @@ from ..attnseg.goca import GOCA_BLUR, GOCA_ORDER, LAYER_WEIGHTINGS, goca
 from ..attnseg.layers import parse_picks
 from ..attnseg.presets import CUSTOM, find_preset
 from ..attnseg.tokens import parse_class_list
+from ..hosts.comfyui.progress import comfy_progress
 from .presets import preset_input
 from .segmenters import require_store
 from .types import ATTN_SCORES, ATTN_STORE, CATEGORY
@@ -60,11 +61,14 @@ class AttnSegGoCA:
         backgrounds = parse_class_list(background_classes, "background_classes") if background_classes.strip() else []
         chosen = find_preset(preset, "goca")
         if chosen is None:
-            return (goca(store, layer_weights, rescaling, blur, propagation_order, backgrounds, "attention",
-                         parse_picks(propagation_layers, "propagation_layers"), aggregate_factor),)
-        settings = chosen.settings
-        return (goca(store, settings.layer_weights, settings.rescaling, settings.blur, settings.order, backgrounds,
-                     "attention", settings.propagation_layers, settings.aggregate_factor, chosen.name),)
+            args = (layer_weights, rescaling, blur, propagation_order, backgrounds, "attention",
+                    parse_picks(propagation_layers, "propagation_layers"), aggregate_factor)
+        else:
+            settings = chosen.settings
+            args = (settings.layer_weights, settings.rescaling, settings.blur, settings.order, backgrounds,
+                    "attention", settings.propagation_layers, settings.aggregate_factor, chosen.name)
+        with comfy_progress():
+            return (goca(store, *args),)
 
 
 NODE_CLASS_MAPPINGS = {"AttnSegGoCA": AttnSegGoCA}

@@ -7,6 +7,7 @@ from ..attnseg.fusion import mean_self_attention
 from ..attnseg.presets import CUSTOM, ISEG_BACKGROUND_WORDS, SEED_PRESET, SEED_SETTINGS, find_preset
 from ..attnseg.seeds import parse_seeds, seeded_maps
 from ..attnseg.smoothing import KL_ITERATIONS
+from ..hosts.comfyui.progress import comfy_progress
 from ..hosts.comfyui.text import CAT_CROSS_MODES, encode_cat_cross
 from .presets import preset_input
 from .segmenters import parse_weights, require_store
@@ -100,8 +101,9 @@ class AttnSegISegCrossAttention:
         chosen = find_preset(preset, "iseg")
         if chosen is not None:
             settings = chosen.settings
-            return (iseg_cross(store, settings.factors, settings.weights, "attention", settings.smoothing_iterations,
-                               settings.clusters),)
+            with comfy_progress():
+                return (iseg_cross(store, settings.factors, settings.weights, "attention",
+                                   settings.smoothing_iterations, settings.clusters),)
         factor_list = parse_weights(factors, "factors")
         if any(f != int(f) or f < 1 for f in factor_list):
             raise AttnSegError(f"factors: '{factors}' must be whole numbers of 1 or more (latent downscale factors, "
@@ -111,7 +113,8 @@ class AttnSegISegCrossAttention:
         if len(factor_list) != len(weight_list):
             raise AttnSegError(f"weights: {len(weight_list)} weights for {len(factor_list)} factors; "
                                f"give one weight per factor.")
-        return (iseg_cross(store, factor_list, weight_list, "attention", smoothing_iterations),)
+        with comfy_progress():
+            return (iseg_cross(store, factor_list, weight_list, "attention", smoothing_iterations),)
 
 
 class AttnSegEntSelf:
@@ -134,7 +137,8 @@ class AttnSegEntSelf:
         chosen = find_preset(preset, "iseg")
         if chosen is not None:
             lam, iterations, variant = chosen.settings.lam, chosen.settings.iterations, chosen.settings.variant
-        return (ent_self_refine(scores, require_store(attention), lam, iterations, variant),)
+        with comfy_progress():
+            return (ent_self_refine(scores, require_store(attention), lam, iterations, variant),)
 
 
 class AttnSegSeeds:
@@ -170,8 +174,9 @@ class AttnSegSeeds:
             lam, iterations, variant, clamp_max = settings.lam, settings.iterations, settings.variant, settings.clamp_max
         grid, self_attention = mean_self_attention(store, "attention")
         parsed = parse_seeds(seeds, store.image_size, grid)
-        return (seeded_maps(self_attention, grid, parsed, store.image_size, lam, iterations, variant,
-                            clamp_max or None),)
+        with comfy_progress():
+            return (seeded_maps(self_attention, grid, parsed, store.image_size, lam, iterations, variant,
+                                clamp_max or None),)
 
 
 NODE_CLASS_MAPPINGS = {"AttnSegCatCrossEncode": AttnSegCatCrossEncode,

@@ -3,6 +3,7 @@ published configuration."""
 
 from ..attnseg.presets import PRESETS, SEGMENTERS, find_preset
 from ..hosts.comfyui.presets import segment_with_preset
+from ..hosts.comfyui.progress import comfy_progress
 from .masks import mask_outputs
 from .types import ATTN_SCORES, CATEGORY
 
@@ -52,7 +53,8 @@ class AttnSegSegment:
 
     def segment(self, model, clip, vae, image, classes, preset, prompt="", resolution=0):
         chosen = find_preset(preset)
-        scores = segment_with_preset(model, clip, vae, image, classes, chosen, prompt, resolution or None)
+        with comfy_progress():
+            scores = segment_with_preset(model, clip, vae, image, classes, chosen, prompt, resolution or None)
         return mask_outputs(scores, chosen.threshold, chosen.background, image, (scores,))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import comfy.model_management
 import comfy.ops
 import torch
 from comfy.ldm.modules.attention import optimized_attention
@@ -188,6 +189,9 @@ def install_capture(model, info: UNetInfo, store: AttentionStore, plan: CaptureP
             rows = wanted_rows(extra, q.shape[0]) if state[kind] else None
             if not rows:
                 return fast(q, k, v, extra)
+            # A captured layer of a large pass can take seconds: an interrupt stops it here
+            # (a flag read, no device sync).
+            comfy.model_management.throw_exception_if_processing_interrupted()
             h, w = extra["activations_shape"][-2:]
             pool = None
             if kind == "self":

@@ -38,6 +38,19 @@ def working_size(height: int, width: int, resolution: int) -> tuple[int, int]:
     return (max(64, round(height * scale / 64) * 64), max(64, round(width * scale / 64) * 64))
 
 
+def check_memory(model, image: torch.Tensor, resolution: int, input_name: str = "resolution") -> None:
+    """Refuse a pass the device cannot hold, before any work: the UNet forward's own
+    estimate for the latent at the working size, plus the model when it is not loaded."""
+    height, width = working_size(*image.shape[1:3], resolution)
+    shape = [image.shape[0], 4, height // LATENT_TO_PIXELS, width // LATENT_TO_PIXELS]
+    needed = model.model.memory_required(shape) + model.model_size()
+    free = comfy.model_management.get_free_memory(model.load_device)
+    if needed > free:
+        gib = 1024 ** 3
+        raise AttnSegError(f"{input_name}: a {width}x{height} pass needs about {needed / gib:.1f} GiB on "
+                           f"{model.load_device} but {free / gib:.1f} GiB is free. Lower {input_name}.")
+
+
 def encode_image(vae, image: torch.Tensor, resolution: int) -> torch.Tensor:
     """IMAGE (B, H, W, C in [0, 1]) -> VAE latent at the working size (posterior mean)."""
     if image.ndim != 4 or image.shape[-1] < 3:
@@ -115,6 +128,7 @@ def capture_pass(model, latent: torch.Tensor, positive, timesteps: list[int], se
     noise = comfy.sample.prepare_noise(latent, seed)
     progress = comfy.utils.ProgressBar(len(timesteps))
     for start in range(0, len(timesteps), per_pass):
+        comfy.model_management.throw_exception_if_processing_interrupted()
         group = timesteps[start:start + per_pass]
         row_sigmas = torch.cat([sampling.sigma(torch.tensor(float(t))).reshape(1).expand(latent.shape[0])
                                 for t in group])
@@ -138,6 +152,7 @@ def segment_image(model, vae, image: torch.Tensor, positive, timesteps: list[int
     info = checked_unet(model, positive, "conditioning")  # refuse bad input before spending a VAE encode
     plan = plan or CapturePlan()
     plan.check(info, model)  # a preset's layers and heads are refused before the encode too
+    check_memory(model, image, resolution)
     latent = encode_image(vae, image, resolution)
     return capture_pass(model, latent, positive, timesteps, seed, tuple(image.shape[1:3]), plan, info,
                         keep_timesteps=keep_timesteps)

@@ -17,7 +17,7 @@ from ...attnseg.presets import CaptureSetup, Preset, TextSetup
 from ...attnseg.scores import ScoreMaps
 from ...attnseg.tokens import GOCA_BACKGROUND, goca_template_prompt, parse_class_list, template_prompt
 from .capture import CapturePlan
-from .passes import capture_pass, checked_unet, encode_image
+from .passes import capture_pass, check_memory, checked_unet, encode_image
 from .text import encode_cat_cross, encode_segmentation_prompt
 
 
@@ -76,6 +76,7 @@ def segment_with_preset(model, clip, vae, image: torch.Tensor, classes: str, cho
     propagation = getattr(chosen.settings, "propagation_layers", None)
     if propagation:
         resolve(info.layers, propagation, chosen.name)
+    check_memory(model, image, resolution or setup.resolution)
     latent = encode_image(vae, image, resolution or setup.resolution)
     parts = []
     for conditioning, _ in prompts:

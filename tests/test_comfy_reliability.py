@@ -1,0 +1,83 @@
+"""Long work stops on ComfyUI's interrupt and reports progress; passes the device
+cannot hold are refused before they start."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from comfy_env import import_pack
+from tiny_models import SD15_LAYOUT, tiny_unet
+
+pack = import_pack()
+import comfy.model_management  # noqa: E402
+import comfy.utils  # noqa: E402
+
+from attnseg_pack.attnseg import AttnSegError  # noqa: E402
+from attnseg_pack.attnseg.iseg import ent_self, iterate  # noqa: E402
+from attnseg_pack.hosts.comfyui.passes import segment_image  # noqa: E402
+from attnseg_pack.hosts.comfyui.progress import comfy_progress  # noqa: E402
+from attnseg_pack.hosts.comfyui.text import encode_segmentation_prompt  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    return tiny_unet(SD15_LAYOUT, seed=1)
+
+
+@pytest.fixture(autouse=True)
+def no_pending_interrupt():
+    comfy.model_management.interrupt_current_processing(False)
+    yield
+    comfy.model_management.interrupt_current_processing(False)
+
+
+def test_an_interrupt_during_a_long_segment_pass_returns_within_a_second(sd15, clip, vae):
+    cond, _ = encode_segmentation_prompt(clip, "a cat", "cat")
+    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    began = time.perf_counter()
+    segment_image(sd15, vae, image, cond, [100, 200, 300, 400], 0, 512)
+    full = time.perf_counter() - began
+    assert full > 2.0  # long enough for the interrupt to land mid-pass
+    fired = {}
+
+    def interrupt():
+        fired["at"] = time.perf_counter()
+        comfy.model_management.interrupt_current_processing(True)
+
+    timer = threading.Timer(0.6 * full, interrupt)  # inside the UNet pass, after the VAE encode
+    timer.start()
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        segment_image(sd15, vae, image, cond, [100, 200, 300, 400], 0, 512)
+    assert time.perf_counter() - fired["at"] < 1.0
+
+
+def test_a_pass_the_device_cannot_hold_is_refused_with_the_size_it_needs(sd15, clip, vae, monkeypatch):
+    cond, _ = encode_segmentation_prompt(clip, "a cat", "cat")
+    image = torch.rand(1, 64, 64, 3)
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *args, **kwargs: 1024 ** 2)
+    with pytest.raises(AttnSegError, match=r"resolution: a 4096x4096 pass needs about .* GiB on .* but 0.0 GiB is "
+                                           r"free. Lower resolution"):
+        segment_image(sd15, vae, image, cond, [100], 0, 4096)
+
+
+def test_core_iterations_report_progress_and_stop_on_the_interrupt():
+    s = torch.softmax(torch.randn(1, 64, 64), -1)
+    maps = torch.rand(1, 64, 2)
+    updates = []
+    original = comfy.utils.ProgressBar.update_absolute
+
+    def record(self, value, total=None, preview=None):
+        updates.append((value, total))
+        return original(self, value, total, preview)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(comfy.utils.ProgressBar, "update_absolute", record)
+        with comfy_progress():
+            iterate(maps, ent_self(s, 0.015), 5)
+    assert updates == [(i, 5) for i in range(1, 6)]
+    comfy.model_management.interrupt_current_processing(True)
+    with pytest.raises(comfy.model_management.InterruptProcessingException), comfy_progress():
+        iterate(maps, ent_self(s, 0.015), 5)
+    iterate(maps, ent_self(s, 0.015), 5)  # outside a node (no reporter) the core never checks
