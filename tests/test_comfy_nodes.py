@@ -207,3 +207,30 @@ def test_ent_self_refuses_scores_of_another_image(models):
     scores = scores_of(wide)
     with pytest.raises(AttnSegError, match="scores: they describe a 96x64 image but the attention store a 64x64"):
         NODES["AttnSegEntSelf"]().refine(scores, square, 0.015, 1, "code")
+
+
+def test_fuzzed_weights_and_timesteps_parse_or_name_their_input():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from attnseg_pack.hosts.comfyui.passes import parse_timesteps
+    from attnseg_pack.nodes.segmenters import parse_weights
+
+    pieces = st.sampled_from([",", ";", " ", "1", "0", "0.5", "-1", "1e400", "nan", "inf", "999", "1000", "x"])
+    text = st.one_of(st.text(max_size=40), st.lists(pieces, max_size=12).map("".join))
+
+    @settings(max_examples=300, deadline=None)
+    @given(text)
+    def check(value):
+        try:
+            weights = parse_weights(value)
+            assert all(w >= 0 and w == w and w != float("inf") for w in weights) and sum(weights) > 0
+        except AttnSegError as error:
+            assert str(error).startswith("weights:")
+        try:
+            steps = parse_timesteps(value)
+            assert steps and all(0 <= t <= 999 for t in steps)
+        except AttnSegError as error:
+            assert str(error).startswith("timesteps:")
+
+    check()
