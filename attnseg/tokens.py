@@ -94,13 +94,19 @@ def locate_classes(prompt_tokens: Sequence, class_tokens: dict[str, Sequence], w
                    text: str, same=lambda a, b: a == b, input_name: str = "classes") -> SegPrompt:
     """Find every class's token run in the prompt's flattened token sequence.
 
-    ``prompt_tokens`` is the whole sequence (BOS/EOS/padding included);
-    ``class_tokens`` maps each class name to its own tokens (no BOS/EOS)."""
+    ``prompt_tokens`` is the whole sequence (BOS/EOS/padding included, their
+    ``words`` empty); ``class_tokens`` maps each class name to its own tokens
+    (no BOS/EOS)."""
+    # Words are searched among the prompt's word tokens only, so a class whose words
+    # straddle a 75-token chunk boundary (EOS, padding and the next BOS between them)
+    # is found; its positions then skip those special tokens.
+    content = [i for i, word in enumerate(words) if word]
+    content_tokens = [prompt_tokens[i] for i in content]
     found = []
     for name, part in class_tokens.items():
         if len(part) == 0:
             raise AttnSegError(f"{input_name}: '{name}' has no tokens the text encoder can read.")
-        start = find_subsequence(prompt_tokens, part, same)
+        start = find_subsequence(content_tokens, part, same)
         if start < 0 and "(" in name and ":" in name:
             raise AttnSegError(
                 f"{input_name}: '{name}' carries prompt weight syntax. List the class's words without it "
@@ -110,7 +116,7 @@ def locate_classes(prompt_tokens: Sequence, class_tokens: dict[str, Sequence], w
                 f"{input_name}: the class '{name}' is not in the prompt. Add it to the prompt exactly as "
                 f"written, or leave the prompt empty to use 'a photograph of ...'. The prompt the model "
                 f"sees is: {readable(words)}")
-        found.append(ClassTokens(name, tuple(range(start, start + len(part)))))
+        found.append(ClassTokens(name, tuple(content[start:start + len(part)])))
     return SegPrompt(text=text, classes=tuple(found), token_count=len(prompt_tokens), words=tuple(words))
 
 

@@ -234,3 +234,25 @@ def test_fuzzed_weights_and_timesteps_parse_or_name_their_input():
             assert str(error).startswith("timesteps:")
 
     check()
+
+
+def test_a_class_across_the_75_token_boundary_is_found(models):
+    _, clip, _ = models
+    filler = " ".join(["shape"] * 74)  # 74 word tokens: 'red' ends the first chunk, 'circle' opens the second
+    cond, report = encode(clip, f"{filler} red circle on a table", "red circle")
+    (found,) = prompt_of(cond).classes
+    assert found.positions == (75, 78)  # EOS at 76 and the next chunk's BOS at 77 lie between
+    assert prompt_of(cond).words[75] == "red" and prompt_of(cond).words[78] == "circle"
+
+
+def test_accented_cjk_and_emoji_words_read_as_written(models):
+    from attnseg_pack.hosts.comfyui.text import prompt_words, sd1_tokenizer
+
+    found = prompt_words(sd1_tokenizer(), "a café with a 🐱 in 東京", ["café", "🐱", "東京", "crêpe"])
+    assert [w["text"] for w in found["words"]] == ["a", "café", "with", "a", "🐱", "in", "東京"]
+    assert found["missing"] == ["crêpe"]
+    _, clip, _ = models
+    _, report = encode(clip, "a café with a 🐱", "café, 🐱")
+    assert "café" in report and "a café with a" in report
+    with pytest.raises(AttnSegError, match="the class 'crêpe' is not in the prompt.*sees is: a café"):
+        encode(clip, "a café with a 🐱", "crêpe")

@@ -39,6 +39,14 @@ def test_locate_classes_positions_and_missing_class_message():
         locate_classes(tokens, {"dog": [9]}, words, "a blue sofa cat")
 
 
+def test_a_class_straddling_a_chunk_boundary_is_found_across_the_special_tokens():
+    # "... red | EOS, BOS | circle ...": the chunking puts EOS and the next BOS between the words.
+    tokens = [100, 5, 9, 101, 100, 10, 6, 101]
+    words = ["", "a", "red", "", "", "circle", "cat", ""]
+    meta = locate_classes(tokens, {"red circle": [9, 10], "cat": [6]}, words, "a red circle cat")
+    assert [c.positions for c in meta.classes] == [(2, 5), (6,)]
+
+
 def test_a_following_ing_word_joins_its_class():
     words = ("", "a", "dog", "running", "and", "a", "cat", "sat", "")
     meta = SegPrompt("a dog running and a cat sat", (ClassTokens("dog", (2,)), ClassTokens("cat", (6,))), 9, words)

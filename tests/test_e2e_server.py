@@ -308,3 +308,9 @@ def test_oversized_tokenize_bodies_are_refused_while_the_server_keeps_answering(
         sender.join(30)
     assert sorted(c[0] for c in codes) == [400, 400, 413], codes
     assert any("classes: longer than" in str(c) for c in codes) and any("more than 64" in str(c) for c in codes)
+
+
+def test_the_tokenize_route_reads_non_ascii_words_as_written(server):
+    found = server.post("/attnseg/tokenize", {"prompt": "a café with a 🐱 in 東京", "classes": "café, 🐱, crêpe"})
+    assert [w["text"] for w in found["words"]] == ["a", "café", "with", "a", "🐱", "in", "東京"]
+    assert found["missing"] == ["crêpe"]

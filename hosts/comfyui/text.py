@@ -31,6 +31,17 @@ def _same(a, b) -> bool:
     return a == b
 
 
+def _decoded(stream_tokenizer, pieces: str) -> str:
+    """Byte-level BPE pieces (CLIP's vocabulary writes each byte as a character:
+    'café' is 'cafÃ©') as the text they spell; unchanged where the tokenizer
+    cannot say."""
+    inner = getattr(stream_tokenizer, "tokenizer", None)
+    try:
+        return inner.convert_tokens_to_string([pieces]).replace("</w>", "").strip() or pieces
+    except Exception:  # a tokenizer without byte-level pieces, or a byte run cut mid-character
+        return pieces
+
+
 def _readable(clip, stream: str, token) -> str:
     """A token as text; "" for BOS, EOS and padding."""
     if isinstance(token, torch.Tensor):
@@ -40,7 +51,7 @@ def _readable(clip, stream: str, token) -> str:
         return ""
     vocab = getattr(tokenizer, "inv_vocab", None)
     word = vocab.get(token, str(token)) if vocab else str(token)
-    return word.replace("</w>", "")
+    return _decoded(tokenizer, word.replace("</w>", ""))
 
 
 def tokenized(clip, text: str) -> tuple[dict, list, list[str]]:
@@ -183,7 +194,8 @@ def prompt_words(tokenizer, text: str, classes: list[str]) -> dict:
     positions, and the classes that are not in it."""
     tokens = tokenizer.tokenize_with_weights(text, return_word_ids=True)
     stream = _stream(tokens)
-    vocab = getattr(getattr(tokenizer, f"clip_{stream}", None), "inv_vocab", None) or {}
+    stream_tokenizer = getattr(tokenizer, f"clip_{stream}", None)
+    vocab = getattr(stream_tokenizer, "inv_vocab", None) or {}
     flat = [(entry[0], entry[2]) for chunk in tokens[stream] for entry in chunk]
     # CLIP's BPE marks the last piece of each word with "</w>"; BOS, EOS and
     # padding carry word id 0.
@@ -199,7 +211,10 @@ def prompt_words(tokenizer, text: str, classes: list[str]) -> dict:
         else:
             words.append({"text": piece.replace("</w>", ""), "positions": [position]})
         open_word = not piece.endswith("</w>")
-    ids = [token for token, _ in flat]
+    for word in words:  # a word's pieces together, so a character split over two pieces reads whole
+        word["text"] = _decoded(stream_tokenizer, word["text"])
+    # Word tokens only: a class straddling a 75-token chunk boundary is still found.
+    ids = [token for token, word_id in flat if word_id != 0]
     missing = []
     for name in classes:
         own = tokenizer.tokenize_with_weights(name, return_word_ids=True, disable_weights=True)[stream]
