@@ -111,6 +111,10 @@ def locate_classes(prompt_tokens: Sequence, class_tokens: dict[str, Sequence], w
             raise AttnSegError(
                 f"{input_name}: '{name}' carries prompt weight syntax. List the class's words without it "
                 f"(the prompt may keep '{name}'), e.g. '{name.strip('()').rsplit(':', 1)[0].strip()}'.")
+        if start < 0 and input_name != "classes":
+            raise AttnSegError(
+                f"{input_name}: '{name}' is not in the prompt; {input_name} must be words of the prompt, as "
+                f"written there. The prompt the model sees is: {readable(words)}")
         if start < 0:
             raise AttnSegError(
                 f"{input_name}: the class '{name}' is not in the prompt. Add it to the prompt exactly as "

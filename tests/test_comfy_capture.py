@@ -203,3 +203,14 @@ def test_the_steps_selected_are_the_ones_captured(sd15, clip):
     _, store = run(sd15, pos, pos, steps=4, plan=plan)
     assert store.steps == {1, 2} and not store.layers("self")
     assert all(v.count == 2 for _, v in store.layers("cross"))
+
+
+@pytest.mark.parametrize("sampler, denoise, message", [
+    ("euler", 0.0, "denoise: 0 runs no sampling step"), ("dpm_adaptive", 1.0, "sampler_name: dpm_adaptive chooses"),
+])
+def test_capture_settings_that_select_no_step_are_named(sd15, clip, sampler, denoise, message):
+    from attnseg_pack.attnseg import AttnSegError
+
+    with pytest.raises(AttnSegError, match=message):
+        capture_sample(sd15, 7, 2, 5.0, sampler, "normal", encode(clip, "a cat"), plain(clip, ""), latent(),
+                       denoise, CapturePlan())

@@ -125,7 +125,10 @@ def test_sdxl_layout_edits_with_the_users_mask_and_leaves_the_model_alone():
     (dict(cross_replace=1.5), "cross_replace: 1.5 is outside"),
     (dict(blend_start=-0.1), "blend_start: -0.1 is outside"),
     (dict(mask=torch.ones(1, 64, 128)), "mask: 128x64 does not have the latent's aspect ratio"),
-    (dict(reweight_words="dog", reweight_factor=2.0), "reweight_words: the class 'dog' is not in the prompt"),
+    (dict(reweight_words="dog", reweight_factor=2.0), "reweight_words: 'dog' is not in the prompt; reweight_words "
+                                                       "must be words of the prompt"),
+    (dict(segmenter_weights="0.5,0.3,0.2"), "segmenter_weights: 3 weights for this model's 2 attention resolutions"),
+    (dict(keep_outside="input latent"), "keep_outside: 'input latent' .* latent_image is empty"),
     (dict(target="a red circle and a blue square " + "and a green star " * 20), "77-token chunks"),
 ])
 def test_bad_input(demo, overrides, message):
@@ -133,6 +136,13 @@ def test_bad_input(demo, overrides, message):
     target = overrides.pop("target", EDIT)
     with pytest.raises(AttnSegError, match=message):
         edit(model, clip, empty(), target=target, steps=2, **overrides)
+
+
+def test_blend_words_of_only_commas_mean_no_blend_like_an_empty_value(demo):
+    model, clip, _ = demo
+    commas, _, mask, _ = edit(model, clip, empty(), steps=2, blend_words=" , ,")
+    none, _, empty_mask, _ = edit(model, clip, empty(), steps=2, blend_words="")
+    assert torch.equal(commas["samples"], none["samples"]) and torch.equal(mask, empty_mask)
 
 
 def test_one_image_per_edit(demo):

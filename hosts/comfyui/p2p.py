@@ -73,7 +73,10 @@ class PromptPair:
 
 
 def _words(text: str, input_name: str) -> list[str]:
-    return parse_class_list(text, input_name) if text.strip() else []
+    """Comma-separated words; empty, or only commas and spaces, is no words."""
+    if not any(part.strip() for part in text.replace("\n", ",").split(",")):
+        return []
+    return parse_class_list(text, input_name)
 
 
 def pair_prompts(clip, source: str, edit: str, settings: EditSettings) -> PromptPair:
@@ -262,11 +265,21 @@ def edit_sample(model, clip, source_prompt: str, edit_prompt: str, negative, lat
         raise AttnSegError(f"latent_image: {samples.shape[0]} latents; the editor edits one image per run.")
     latent_image = comfy.sample.fix_empty_latent_channels(model, samples)
     pair = pair_prompts(clip, source_prompt, edit_prompt, settings)
-    blend = bool(settings.blend_words.strip()) or mask is not None
-    metas = _blend_words(clip, (source_prompt, edit_prompt), settings) if settings.blend_words.strip() else None
+    if settings.keep_outside == "input latent" and not bool(samples.any()):
+        raise AttnSegError("keep_outside: 'input latent' keeps the input outside the mask, but latent_image is empty "
+                           "(an Empty Latent Image), so everything outside would be blank. Use 'source sample', or "
+                           "VAE-encode the image to edit.")
+    blend_names = _words(settings.blend_words, "blend_words")
+    blend = bool(blend_names) or mask is not None
+    metas = _blend_words(clip, (source_prompt, edit_prompt), settings) if blend_names else None
     positive = clip.encode_from_tokens_scheduled(pair.source_tokens)
     edit_context = clip.encode_from_tokens_scheduled(pair.edit_tokens)[0][0]
     info = describe_unet(model)
+    levels = len({layer.factor for layer in info.layers})
+    weights = tuple(settings.segmenter_weights)
+    if blend_names and (len(weights) < levels or (len(weights) > levels and weights != DIFFSEGMENTER_WEIGHTS)):
+        raise AttnSegError(f"segmenter_weights: {len(weights)} weights for this model's {levels} attention "
+                           f"resolutions; give one per resolution, coarsest first.")
     check_conditioning(info, positive, "clip")
     check_conditioning(info, negative, "negative")
     latent_size = tuple(latent_image.shape[-2:])

@@ -19,6 +19,7 @@ from .text import key_scale_of, prompt_of
 from .unet import UNetInfo, check_conditioning, describe_unet
 
 LATENT_TO_PIXELS = 8  # SD1.x / SD2.x / SDXL VAEs
+ADAPTIVE_SAMPLERS = frozenset({"dpm_adaptive"})
 
 
 def parse_timesteps(text: str) -> list[int]:
@@ -161,6 +162,12 @@ def segment_image(model, vae, image: torch.Tensor, positive, timesteps: list[int
 def capture_sample(model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, positive,
                    negative, latent: dict, denoise: float, plan: CapturePlan | None):
     """The stock KSampler's run; with a plan, also the attention store it filled."""
+    if plan is not None and denoise <= 0:
+        raise AttnSegError("denoise: 0 runs no sampling step, so there is nothing to capture. Use a denoise above 0, "
+                           "or AttnSeg Capture Image Attention to record an image's attention.")
+    if plan is not None and sampler_name in ADAPTIVE_SAMPLERS:
+        raise AttnSegError(f"sampler_name: {sampler_name} chooses its own steps, so the capture's step range has "
+                           f"nothing to select. Use a fixed-step sampler (euler, dpmpp_2m, ...).")
     latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     store = None
     sampling_model = model
