@@ -84,7 +84,8 @@ def diffsegmenter(store: AttentionStore, weights=DIFFSEGMENTER_WEIGHTS, self_com
         raise AttnSegError(f"timestep_average: '{timestep_average}' is not one of {', '.join(TIMESTEP_AVERAGES)}.")
     if timestep_average == "final maps" and store.per_timestep:
         parts = [diffsegmenter(child, weights, self_completion, what, "attention") for child in store.per_timestep]
-        return dataclasses.replace(parts[0], maps=min_max(torch.stack([p.maps for p in parts]).mean(0)))
+        return dataclasses.replace(parts[0], maps=min_max(torch.stack([p.maps for p in parts]).mean(0)),
+                                   image_key=store.image_key)
     if store.prompt is None:
         raise AttnSegError(f"{what}: the store has no class list. Encode the prompt with the "
                            f"AttnSeg text encoder and use that conditioning for the capture.")
@@ -112,4 +113,4 @@ def diffsegmenter(store: AttentionStore, weights=DIFFSEGMENTER_WEIGHTS, self_com
         flat = fused.flatten(-2).transpose(1, 2)  # (B, N, C)
         fused = torch.bmm(self_attn, flat).transpose(1, 2).unflatten(-1, target_grid)
     method = f"diffsegmenter (weights {', '.join(f'{w:g}' for w in weights)} on {grids})"
-    return ScoreMaps(min_max(fused), store.prompt.class_names, store.image_size, method)
+    return ScoreMaps(min_max(fused), store.prompt.class_names, store.image_size, method, image_key=store.image_key)

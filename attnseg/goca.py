@@ -233,4 +233,5 @@ def goca(store: AttentionStore, layer_weighting: str = "auto", rescaling: bool =
     background = maps[:, len(objects):] if backgrounds else None
     method = (f"goca(heads {store.head_reduction}, layers {layer_weighting}, "
               f"rescaling {'on' if rescaling else 'off'}, k {order})")
-    return ScoreMaps(maps[:, :len(objects)], [c.name for c in objects], store.image_size, method, background)
+    return ScoreMaps(maps[:, :len(objects)], [c.name for c in objects], store.image_size, method, background,
+                     store.image_key)

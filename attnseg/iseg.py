@@ -119,6 +119,10 @@ def ent_self_refine(scores: ScoreMaps, store: AttentionStore, lam: float = ISEG_
     if scores.maps.shape[0] != self_attention.shape[0]:
         raise AttnSegError(f"scores: {scores.maps.shape[0]} images but the {what} store holds "
                            f"{self_attention.shape[0]}; use scores and attention from the same capture.")
+    if None not in (scores.image_key, store.image_key) and scores.image_key != store.image_key and \
+            tuple(scores.image_size) == tuple(store.image_size):
+        raise AttnSegError(f"scores: they were read from another image than this {what} store's (of the same "
+                           f"size); refine scores with attention captured from the same image.")
     if tuple(scores.image_size) != tuple(store.image_size):
         (h, w), (sh, sw) = scores.image_size, store.image_size
         raise AttnSegError(f"scores: they describe a {w}x{h} image but the {what} store a {sw}x{sh} one; "
@@ -127,7 +131,7 @@ def ent_self_refine(scores: ScoreMaps, store: AttentionStore, lam: float = ISEG_
     refined = iterate(initial.to(self_attention.device), ent_self(self_attention, lam, variant), iterations)
     maps = min_max(refined.transpose(1, 2).unflatten(-1, grid))
     return ScoreMaps(maps, scores.class_names, scores.image_size, f"{scores.method}+ent-self-{variant}",
-                     scores.background)
+                     scores.background, scores.image_key)
 
 
 def iseg_cross(store: AttentionStore, factors=ISEG_CROSS_FACTORS, weights=ISEG_CROSS_WEIGHTS,
@@ -136,7 +140,8 @@ def iseg_cross(store: AttentionStore, factors=ISEG_CROSS_FACTORS, weights=ISEG_C
     grid = finest_self_grid(store, what)
     maps = iseg_cross_maps(store, factors, weights, grid, what, smoothing_iterations, clusters)
     # Min-max here; the refiner's min-subtract + L1 gives the same maps either way.
-    return ScoreMaps(min_max(maps), store.prompt.class_names, store.image_size, "iseg-cross")
+    return ScoreMaps(min_max(maps), store.prompt.class_names, store.image_size, "iseg-cross",
+                     image_key=store.image_key)
 
 
 def iseg(store: AttentionStore, lam: float = ISEG_LAMBDA, iterations: int = ISEG_ITERATIONS, variant: str = "code",

@@ -22,6 +22,7 @@ class ScoreMaps:
     # (B, 1, h, w) in [0, 1]: evidence for background (GoCA's background words),
     # added to the background's threshold when labelling; None: no such evidence.
     background: torch.Tensor | None = None
+    image_key: tuple | None = None  # the input image's fingerprint, from its store (see AttentionStore)
 
     def at_image_size(self) -> torch.Tensor:
         return resize(self.maps, self.image_size)

@@ -75,6 +75,9 @@ class AttentionStore:
     # A pass fills ``per_timestep[first:first + stacked_timesteps]``.
     per_timestep: list["AttentionStore"] = field(default_factory=list)
     first_timestep: int = 0
+    # A fingerprint of the input image (shape and pixel sum) for a pass over an image,
+    # so one image's maps are not refined with another's attention; None for sampling.
+    image_key: tuple | None = None
 
     def add(self, key: LayerKey, branch: str, grid: tuple[int, int], maps: torch.Tensor, heads: int = 1) -> None:
         """Accumulate (B, N, T) maps for one layer and branch (called from hooks:

@@ -1,3 +1,4 @@
+import logging
 import math
 
 from ..attnseg import AttnSegError
@@ -60,7 +61,9 @@ class AttnSegDiffSegmenter:
             settings = chosen.settings
             return (diffsegmenter(store, settings.weights, settings.self_completion, "attention",
                                   settings.timestep_average),)
-        return (diffsegmenter(store, parse_weights(weights), self_completion, "attention", timestep_average),)
+        scores = diffsegmenter(store, parse_weights(weights), self_completion, "attention", timestep_average)
+        logging.info("AttnSeg DiffSegmenter: %s", scores.method)  # which weights applied to which levels
+        return (scores,)
 
 
 NODE_CLASS_MAPPINGS = {"AttnSegDiffSegmenter": AttnSegDiffSegmenter}

@@ -202,11 +202,17 @@ def test_a_class_copied_with_its_weight_is_told_to_drop_the_syntax(models):
 def test_ent_self_refuses_scores_of_another_image(models):
     _, clip, _ = models
     cond = encode(clip, "a cat", "cat")[0]
-    wide = segment(models, torch.rand(1, 64, 96, 3), cond)
+    wide_image = torch.rand(1, 64, 96, 3)
+    wide = segment(models, wide_image, cond)
     square = segment(models, torch.rand(1, 64, 64, 3), cond)
     scores = scores_of(wide)
     with pytest.raises(AttnSegError, match="scores: they describe a 96x64 image but the attention store a 64x64"):
         NODES["AttnSegEntSelf"]().refine(scores, square, 0.015, 1, "code")
+    other = segment(models, torch.rand(1, 64, 96, 3, generator=torch.Generator().manual_seed(9)), cond)
+    with pytest.raises(AttnSegError, match="scores: they were read from another image than this attention store"):
+        NODES["AttnSegEntSelf"]().refine(scores, other, 0.015, 1, "code")
+    again = segment(models, wide_image, cond, seed=3)  # the same image captured again: fine
+    NODES["AttnSegEntSelf"]().refine(scores, again, 0.015, 1, "code")
 
 
 def test_fuzzed_weights_and_timesteps_parse_or_name_their_input():

@@ -81,3 +81,63 @@ def test_core_iterations_report_progress_and_stop_on_the_interrupt():
     with pytest.raises(comfy.model_management.InterruptProcessingException), comfy_progress():
         iterate(maps, ent_self(s, 0.015), 5)
     iterate(maps, ent_self(s, 0.015), 5)  # outside a node (no reporter) the core never checks
+
+
+def interrupting(model, after_calls: int):
+    """A clone of ``model`` whose transformer blocks raise ComfyUI's interrupt at the
+    ``after_calls``-th cross-attention output (mid-forward, patches already run)."""
+    calls = {"n": 0}
+
+    def interrupt(n, extra):
+        calls["n"] += 1
+        if calls["n"] == after_calls:
+            raise comfy.model_management.InterruptProcessingException()
+        return n
+
+    clone = model.clone()
+    clone.set_model_attn2_output_patch(interrupt)
+    return clone
+
+
+def test_the_capture_sampler_after_an_interrupt_equals_a_fresh_run(sd15, clip):
+    from attnseg_pack.hosts.comfyui.capture import CapturePlan
+    from attnseg_pack.hosts.comfyui.passes import capture_sample
+
+    positive, _ = encode_segmentation_prompt(clip, "a cat", "cat")
+    negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+
+    def run(model):
+        latent = {"samples": torch.zeros(1, 4, 8, 12)}
+        return capture_sample(model, 7, 3, 5.0, "euler", "normal", positive, negative, latent, 1.0, CapturePlan())
+
+    fresh_latent, fresh_store = run(sd15)
+    stopped = interrupting(sd15, 15)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        run(stopped)
+    latent, store = run(stopped)  # the same patched model again, the interrupt spent
+    assert torch.equal(latent["samples"], fresh_latent["samples"])
+    for (key, branch), stored in store.entries.items():
+        assert torch.equal(stored.total, fresh_store.entries[(key, branch)].total) and stored.count == \
+            fresh_store.entries[(key, branch)].count
+
+
+def test_prompt_to_prompt_after_an_interrupt_equals_a_fresh_run(sd15, clip):
+    node = pack.NODE_CLASS_MAPPINGS["AttnSegPromptToPrompt"]()
+    negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+
+    def run(model):
+        latent = {"samples": torch.zeros(1, 4, 8, 12)}
+        with torch.inference_mode():
+            return node.edit(model, clip, "a cat on a sofa", "a dog on a sofa", negative, latent, 5, 3, 5.0, "euler",
+                             "normal", 1.0, "replace", 0.8, 0.4, "cat, dog", 0.2, 0.5, 1, 0, "", 1.0,
+                             "source sample", "0.3,0.5,0.1,0.1")
+
+    fresh = run(sd15)
+    stopped = interrupting(sd15, 25)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        run(stopped)
+    again = run(stopped)
+    for first, second in zip(fresh[:3], again[:3]):
+        first = first["samples"] if isinstance(first, dict) else first
+        second = second["samples"] if isinstance(second, dict) else second
+        assert torch.equal(first, second)

@@ -155,8 +155,15 @@ def segment_image(model, vae, image: torch.Tensor, positive, timesteps: list[int
     plan.check(info, model)  # a preset's layers and heads are refused before the encode too
     check_memory(model, image, resolution)
     latent = encode_image(vae, image, resolution)
-    return capture_pass(model, latent, positive, timesteps, seed, tuple(image.shape[1:3]), plan, info,
-                        keep_timesteps=keep_timesteps)
+    store = capture_pass(model, latent, positive, timesteps, seed, tuple(image.shape[1:3]), plan, info,
+                         keep_timesteps=keep_timesteps)
+    store.image_key = image_key(image)
+    return store
+
+
+def image_key(image: torch.Tensor) -> tuple:
+    """The input image's fingerprint: its shape and pixel sum (one host read per pass)."""
+    return tuple(image.shape), round(float(image.double().sum()), 6)
 
 
 def capture_sample(model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, positive,
