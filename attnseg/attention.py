@@ -25,11 +25,15 @@ def head_mean(probs: torch.Tensor, head_out: torch.Tensor | None = None) -> torc
 
 def chosen_heads_mean(heads: tuple[int, ...]) -> HeadReducer:
     """The mean of some heads only (iSeg's hand-picked heads), selected inside the
-    hook so the other heads' maps are never kept."""
-    index = list(heads)
+    hook so the other heads' maps are never kept. The index tensor is made once
+    per device, not on every call."""
+    indices: dict[torch.device, torch.Tensor] = {}
 
     def reduce(probs: torch.Tensor, head_out: torch.Tensor | None = None) -> torch.Tensor:
-        return probs[:, index].mean(dim=1)
+        index = indices.get(probs.device)
+        if index is None:
+            index = indices[probs.device] = torch.tensor(heads, device=probs.device)
+        return probs.index_select(1, index).mean(dim=1)
 
     return reduce
 

@@ -60,6 +60,21 @@ def mean_self_attention(store: AttentionStore, what: str = "store") -> tuple[tup
 TIMESTEP_AVERAGES = ("final maps", "attention")
 
 
+def applied_weights(weights, levels: int, what: str, input_name: str = "weights") -> tuple[float, ...]:
+    """The weights that apply to a model's ``levels`` resolutions (coarsest first):
+    one per level, or the paper's four on a model with fewer levels (the coarsest
+    ones apply); at least one positive. ``what`` describes the levels in messages."""
+    weights = tuple(weights)
+    if len(weights) < levels or (len(weights) > levels and weights != DIFFSEGMENTER_WEIGHTS):
+        raise AttnSegError(f"{input_name}: {len(weights)} weights for {what}; give one per resolution, "
+                           f"coarsest first.")
+    weights = weights[:levels]
+    if not sum(weights) > 0:
+        raise AttnSegError(f"{input_name}: the weights that apply to {what} are "
+                           f"{', '.join(map(str, weights))}; at least one must be positive.")
+    return weights
+
+
 def picked_self_attention(store: AttentionStore, picks, preset: str, what: str = "store"):
     """The mean self-attention of the layers ``picks`` name among the store's
     self-attention layers: (grid, (B, N, N)). The layers must share a grid."""
@@ -96,14 +111,7 @@ def diffsegmenter(store: AttentionStore, weights=DIFFSEGMENTER_WEIGHTS, self_com
     else:
         target_grid, self_attn = levels[sizes[-1]][0], None
     grids = ", ".join(f"{levels[n][0][0]}x{levels[n][0][1]}" for n in sizes)
-    if len(weights) < len(sizes) or (len(weights) > len(sizes) and tuple(weights) != DIFFSEGMENTER_WEIGHTS):
-        raise AttnSegError(f"weights: {len(weights)} weights for {len(sizes)} resolutions ({grids}); give one "
-                           f"per resolution, coarsest first.")
-    # The paper's four weights on a model with fewer levels: the coarsest ones apply (and the method says so).
-    weights = tuple(weights)[:len(sizes)]
-    if not sum(weights) > 0:
-        raise AttnSegError(f"weights: the weights that apply to this model's resolutions ({grids}) are "
-                           f"{', '.join(map(str, weights))}; at least one must be positive.")
+    weights = applied_weights(weights, len(sizes), f"{len(sizes)} resolutions ({grids})")  # the method names them
     fused = None
     for size, weight in zip(sizes, weights):
         grid, maps = levels[size]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from .errors import AttnSegError
 from .layers import LayerPick
+from .scfg import RATE_LIMITS, RELEASED_BLUR
 
 CUSTOM = "custom"
 
@@ -122,9 +123,17 @@ class GoCASettings:
 
 
 @dataclass(frozen=True)
+class SCFGPresetSettings:
+    rate_min: float = RATE_LIMITS[0]
+    rate_max: float = RATE_LIMITS[1]
+    blur: int = RELEASED_BLUR
+    foreground: str = "released"  # the sum of the non-BOS token maps against BOS, on the uncond half
+
+
+@dataclass(frozen=True)
 class Preset:
     name: str
-    method: str  # "diffsegmenter", "iseg", "goca" or "seeds"
+    method: str  # "diffsegmenter", "iseg", "goca", "seeds" or "scfg"
     source: Source
     settings: object
     text: TextSetup = field(default_factory=TextSetup)
@@ -204,19 +213,32 @@ PRESETS[SEED_PRESET] = Preset(
     Source("linsun449/iseg.code", "ui/run.py (lambda 0.1, N 50, S^ clamped to [0, 1], every head of the one layer)",
            "the authors' interactive demo (no reported number)"),
     SEED_SETTINGS, capture=CaptureSetup(self_layers=ISEG_SELF_LAYER))
+PRESETS["S-CFG (released code)"] = Preset(
+    "S-CFG (released code)", "scfg",
+    Source("SmilesDZgk/S-CFG", "sd/utils.py (get_mask) and sd/sd.py (the rate)",
+           "COCO-30k FID and CLIP score across CFG scales (SD1.5)"),
+    SCFGPresetSettings())
 SEGMENTERS = ("diffsegmenter", "iseg", "goca")
+CAPTURE_METHODS = SEGMENTERS + ("seeds",)  # the presets that say what a capture pass records
 
 
-def names(method: str | None = None, custom: bool = True) -> list[str]:
-    """The presets of one method (every preset for None), then "custom"."""
-    return [n for n, p in PRESETS.items() if method is None or p.method == method] + ([CUSTOM] if custom else [])
+def _methods(method: str | tuple[str, ...] | None) -> tuple[str, ...] | None:
+    return (method,) if isinstance(method, str) else method
 
 
-def find_preset(name: str, method: str | None = None, input_name: str = "preset") -> Preset | None:
-    """The named preset (None for "custom"); an unknown name or another method's preset is an error."""
+def names(method: str | tuple[str, ...] | None = None, custom: bool = True) -> list[str]:
+    """The presets of one method (of several; of any for None), then "custom"."""
+    methods = _methods(method)
+    return [n for n, p in PRESETS.items() if methods is None or p.method in methods] + ([CUSTOM] if custom else [])
+
+
+def find_preset(name: str, method: str | tuple[str, ...] | None = None, input_name: str = "preset") -> Preset | None:
+    """The named preset of ``method`` (of several, of any for None; None for "custom");
+    an unknown name or another method's preset is an error."""
     if name == CUSTOM:
         return None
     found = PRESETS.get(name)
-    if found is None or (method is not None and found.method != method):
+    methods = _methods(method)
+    if found is None or (methods is not None and found.method not in methods):
         raise AttnSegError(f"{input_name}: '{name}' is not one of {', '.join(names(method))}.")
     return found

@@ -4,7 +4,7 @@ import comfy.samplers
 
 from ..attnseg import AttnSegError
 from ..attnseg.layers import parse_heads, parse_picks
-from ..attnseg.presets import CUSTOM, find_preset
+from ..attnseg.presets import CAPTURE_METHODS, CUSTOM, find_preset
 from ..hosts.comfyui.capture import GOCA_REFERENCE_FACTOR, CapturePlan, StepRange
 from ..hosts.comfyui.passes import capture_sample, parse_timesteps, segment_image
 from ..hosts.comfyui.presets import capture_plan
@@ -36,7 +36,7 @@ def goca_inputs(what: str):
         "self_heads": ("STRING", {"default": "", "tooltip": (
             "custom: the heads (from 0) whose mean is kept for those self-attention layers, e.g. '1, 2' "
             "(iSeg); chosen inside the hook, the others are never stored. Empty: every head.")}),
-        **preset_input(None, DEFAULT_PRESET, what),
+        **preset_input(CAPTURE_METHODS, DEFAULT_PRESET, what),
     }
 
 
@@ -82,7 +82,7 @@ class AttnSegSegmentImage:
 
     def segment(self, model, vae, image, conditioning, timesteps, seed, resolution, heads="mean",
                 self_layers="finest", self_layer_picks="", self_heads="", preset=CUSTOM):
-        chosen = find_preset(preset)
+        chosen = find_preset(preset, CAPTURE_METHODS)
         if chosen is None:
             plan = with_goca(CapturePlan(), heads, self_layers, self_layer_picks, self_heads)
             steps, keep = parse_timesteps(timesteps), False
@@ -131,7 +131,7 @@ class AttnSegCaptureSampler:
                denoise, capture, capture_start_step, capture_end_step, self_attention, heads="mean",
                self_layers="finest", self_layer_picks="", self_heads="", preset=CUSTOM):
         plan = None
-        chosen = find_preset(preset)
+        chosen = find_preset(preset, CAPTURE_METHODS)
         if capture:
             plan = step_plan(steps, capture_start_step, capture_end_step, self_attention)
             if chosen is None:

@@ -1,15 +1,13 @@
 """Guidance from the model's own attention: S-CFG."""
 
-from ..attnseg import AttnSegError
+from ..attnseg.presets import find_preset, names
 from ..attnseg.scfg import RATE_LIMITS, RELEASED_BLUR
 from ..hosts.comfyui.scfg import SCFGSettings, install_scfg
 from .types import CATEGORY
 
-RELEASED_PRESET, CUSTOM_PRESET = "S-CFG (released code)", "custom"
-PRESETS = (RELEASED_PRESET, CUSTOM_PRESET)
+RELEASED_PRESET = "S-CFG (released code)"
 # display name -> the host's foreground rule
 FOREGROUND_CHOICES = {"released code (BOS vs the sum of the other tokens)": "released"}
-RELEASED = SCFGSettings(RATE_LIMITS[0], RATE_LIMITS[1], RELEASED_BLUR, foreground="released")
 
 
 class AttnSegSCFG:
@@ -45,7 +43,7 @@ class AttnSegSCFG:
                                                  "after. Applies with either preset."}),
         }, "optional": {
             # optional and last, so workflows saved before they existed still load and validate
-            "preset": (list(PRESETS), {"default": RELEASED_PRESET,
+            "preset": (names("scfg"), {"default": RELEASED_PRESET,
                                        "tooltip": "'S-CFG (released code)': the authors' released values (rate "
                                                   "0.8..3.0, blur 3 with their kernel, their foreground rule), "
                                                   "ignoring rate_min, rate_max, blur and foreground. 'custom': "
@@ -67,14 +65,13 @@ class AttnSegSCFG:
 
     def patch(self, model, rate_min, rate_max, blur, start_percent, end_percent, preset=RELEASED_PRESET,
               foreground=next(iter(FOREGROUND_CHOICES)), rescale_multiplier=0.0):
-        if preset == RELEASED_PRESET:
-            settings = SCFGSettings(RELEASED.rate_min, RELEASED.rate_max, RELEASED.blur, start_percent, end_percent,
-                                    RELEASED.foreground, rescale_multiplier)
-        elif preset == CUSTOM_PRESET:
-            rule = FOREGROUND_CHOICES.get(foreground, foreground)  # the display name or the rule itself
-            settings = SCFGSettings(rate_min, rate_max, blur, start_percent, end_percent, rule, rescale_multiplier)
+        chosen = find_preset(preset, "scfg")
+        if chosen is not None:
+            released = chosen.settings
+            rate_min, rate_max, blur, rule = released.rate_min, released.rate_max, released.blur, released.foreground
         else:
-            raise AttnSegError(f"preset: {preset!r} is not one of {', '.join(map(repr, PRESETS))}.")
+            rule = FOREGROUND_CHOICES.get(foreground, foreground)  # the display name or the rule itself
+        settings = SCFGSettings(rate_min, rate_max, blur, start_percent, end_percent, rule, rescale_multiplier)
         patched = model.clone()
         install_scfg(patched, settings)
         return (patched,)

@@ -176,6 +176,8 @@ def install_capture(model, info: UNetInfo, store: AttentionStore, plan: CaptureP
     def make_patch(layer: AttentionLayer, kind: str, previous):
         key = LayerKey(kind, layer.block, layer.block_id, layer.depth, layer.factor)
         some_heads = picked_heads.get((layer, kind))
+        head_reducer = head_mean if some_heads is None else chosen_heads_mean(some_heads)
+        stored_heads = len(some_heads) if some_heads else None  # None: every head of the call
         output_weighted = kind == "cross" and plan.cross_heads == "auto" and some_heads is None
         # The projection's weight is read at call time: it may be cast, moved or
         # LoRA-patched between runs, or (low VRAM) only patched inside its forward.
@@ -201,7 +203,7 @@ def install_capture(model, info: UNetInfo, store: AttentionStore, plan: CaptureP
                     pool = pools[pool_key] = GridPool(h, w, plan.self_max_tokens, q.device)
             # One captured branch: only its rows get maps. Several: all rows, split after.
             keep = rows[0][1] if len(rows) == 1 else slice(None)
-            reducer = head_mean if some_heads is None else chosen_heads_mean(some_heads)
+            reducer = head_reducer
             if projection is not None:
                 reducer = output_weighted_heads(projection_weight(projection, q))
             values = v if previous is None or projection is not None else None
@@ -211,7 +213,7 @@ def install_capture(model, info: UNetInfo, store: AttentionStore, plan: CaptureP
                 branch_maps = maps if len(rows) == 1 else maps[part]
                 if kind == "cross":
                     branch_maps = fold_repeated_tokens(branch_maps, fold_lengths[branch])
-                store.add(key, branch, grid, branch_maps, len(some_heads) if some_heads else extra["n_heads"])
+                store.add(key, branch, grid, branch_maps, stored_heads or extra["n_heads"])
                 if stores_queries and state["self"]:  # the same steps as the self-attention
                     store.add(query_key, branch, (h, w), q[part])
             return out if previous is None else fast(q, k, v, extra)

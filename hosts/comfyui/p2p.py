@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ...attnseg import AttentionStore, AttnSegError
-from ...attnseg.fusion import DIFFSEGMENTER_WEIGHTS, diffsegmenter
+from ...attnseg.fusion import DIFFSEGMENTER_WEIGHTS, applied_weights, diffsegmenter
 from ...attnseg.p2p import (TokenAlignment, align_tokens, blend_mask, check_fraction, controlled_cross_attention,
                             local_blend)
 from ...attnseg.tokens import parse_class_list
@@ -275,11 +275,10 @@ def edit_sample(model, clip, source_prompt: str, edit_prompt: str, negative, lat
     positive = clip.encode_from_tokens_scheduled(pair.source_tokens)
     edit_context = clip.encode_from_tokens_scheduled(pair.edit_tokens)[0][0]
     info = describe_unet(model)
-    levels = len({layer.factor for layer in info.layers})
-    weights = tuple(settings.segmenter_weights)
-    if blend_names and (len(weights) < levels or (len(weights) > levels and weights != DIFFSEGMENTER_WEIGHTS)):
-        raise AttnSegError(f"segmenter_weights: {len(weights)} weights for this model's {levels} attention "
-                           f"resolutions; give one per resolution, coarsest first.")
+    if blend_names:  # refused before sampling, not after
+        levels = len({layer.factor for layer in info.layers})
+        applied_weights(settings.segmenter_weights, levels, f"this model's {levels} attention resolutions",
+                        "segmenter_weights")
     check_conditioning(info, positive, "clip")
     check_conditioning(info, negative, "negative")
     latent_size = tuple(latent_image.shape[-2:])

@@ -28,12 +28,12 @@ def capture_plan(setup: CaptureSetup, source: str) -> CapturePlan:
                        cross_head_lists=setup.cross_head_lists, reference=setup.reference, source=source)
 
 
-def encode(clip, text: TextSetup, prompt: str, classes: list[str]):
-    """The preset's conditioning for ``classes``: a list of (conditioning, classes
-    it segments), one entry per class when the preset prompts each class alone."""
+def encode(clip, text: TextSetup, prompt: str, classes: list[str]) -> list:
+    """The preset's conditionings for ``classes``: one for all of them, or one per
+    class (in class order) when the preset prompts each class alone."""
     if text.per_class and not prompt.strip():
-        return [(encode_segmentation_prompt(clip, template_prompt([name]), name, text.class_weight,
-                                            text.fuse_ing)[0], [name]) for name in classes]
+        return [encode_segmentation_prompt(clip, template_prompt([name]), name, text.class_weight, text.fuse_ing)[0]
+                for name in classes]
     joined = ", ".join(classes)
     if text.template == "iseg":
         conditioning, _ = encode_cat_cross(clip, prompt, joined, text.cat_cross_gamma, text.cat_cross_mode,
@@ -44,7 +44,7 @@ def encode(clip, text: TextSetup, prompt: str, classes: list[str]):
                                                      text.fuse_ing)
     else:
         conditioning, _ = encode_segmentation_prompt(clip, prompt, joined, text.class_weight, text.fuse_ing)
-    return [(conditioning, classes)]
+    return [conditioning]
 
 
 def run_method(store, chosen: Preset) -> ScoreMaps:
@@ -64,14 +64,14 @@ def run_method(store, chosen: Preset) -> ScoreMaps:
 
 
 def segment_with_preset(model, clip, vae, image: torch.Tensor, classes: str, chosen: Preset, prompt: str = "",
-                        resolution: int | None = None, seed: int | None = None) -> ScoreMaps:
-    """Segment ``image`` into ``classes`` the way ``chosen`` does. ``resolution`` and
-    ``seed`` override the preset's (None: the preset's)."""
+                        resolution: int | None = None) -> ScoreMaps:
+    """Segment ``image`` into ``classes`` the way ``chosen`` does; ``resolution``
+    overrides the preset's (None: the preset's)."""
     names = parse_class_list(classes)
     setup = chosen.capture
     plan = capture_plan(setup, chosen.name)
     prompts = encode(clip, chosen.text, prompt, names)
-    info = checked_unet(model, prompts[0][0], "clip")
+    info = checked_unet(model, prompts[0], "clip")
     plan.check(info, model)  # a preset's layers and heads are refused before any work is spent
     propagation = getattr(chosen.settings, "propagation_layers", None)
     if propagation:
@@ -79,10 +79,10 @@ def segment_with_preset(model, clip, vae, image: torch.Tensor, classes: str, cho
     check_memory(model, image, resolution or setup.resolution)
     latent = encode_image(vae, image, resolution or setup.resolution)
     parts = []
-    for conditioning, _ in prompts:
+    for conditioning in prompts:
         comfy.model_management.throw_exception_if_processing_interrupted()
-        store = capture_pass(model, latent, conditioning, list(setup.timesteps), setup.seed if seed is None else seed,
-                             tuple(image.shape[1:3]), plan, info, keep_timesteps=setup.keep_timesteps)
+        store = capture_pass(model, latent, conditioning, list(setup.timesteps), setup.seed, tuple(image.shape[1:3]),
+                             plan, info, keep_timesteps=setup.keep_timesteps)
         parts.append(run_method(store, chosen))
     if len(parts) == 1:
         return parts[0]

@@ -67,12 +67,11 @@ def cfg_function_name(function) -> str:
 def install_scfg(model, settings: SCFGSettings) -> None:
     """Patch ``model`` (a clone the caller owns) with S-CFG."""
     existing = model.model_options.get("sampler_cfg_function")
+    if getattr(existing, "attnseg_scfg", False):
+        raise AttnSegError("model: S-CFG is already applied to this model; remove the second AttnSeg S-CFG node.")
     if existing is not None:
-        name = cfg_function_name(existing)
-        if name == "AttnSeg S-CFG":
-            raise AttnSegError("model: S-CFG is already applied to this model; remove the second AttnSeg S-CFG node.")
         raise AttnSegError(
-            f"model: {name} already replaced this model's CFG formula (a sampler_cfg_function), and S-CFG "
+            f"model: {cfg_function_name(existing)} already replaced this model's CFG formula (a sampler_cfg_function), and S-CFG "
             f"replaces it too: only one can run, in either order. Remove one of them; for RescaleCFG, remove it "
             f"and set S-CFG's rescale_multiplier instead (its rescale, applied after S-CFG's guidance).")
     if not 0 <= settings.start_percent <= settings.end_percent <= 1:
