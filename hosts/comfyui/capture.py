@@ -188,12 +188,12 @@ def install_capture(model, info: UNetInfo, store: AttentionStore, plan: CaptureP
         fast = fallback_attention(previous)
 
         def patch(q, k, v, extra):
+            # A large pass can take seconds per layer: an interrupt stops it at the next
+            # patched layer (a flag read, no device sync).
+            comfy.model_management.throw_exception_if_processing_interrupted()
             rows = wanted_rows(extra, q.shape[0]) if state[kind] else None
             if not rows:
                 return fast(q, k, v, extra)
-            # A captured layer of a large pass can take seconds: an interrupt stops it here
-            # (a flag read, no device sync).
-            comfy.model_management.throw_exception_if_processing_interrupted()
             h, w = extra["activations_shape"][-2:]
             pool = None
             if kind == "self":
