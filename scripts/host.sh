@@ -7,6 +7,7 @@
 #   scripts/host.sh setup     build the venv + ComfyUI (idempotent)
 #   scripts/host.sh python    print the venv's python
 #   scripts/host.sh comfy     print the ComfyUI folder
+#   scripts/host.sh frontend  print the newest tested frontend's static folder
 #
 # ATTNSEG_HOME (default ~/.cache/attnseg) holds the venv, the ComfyUI copy and
 # generated models. COMFYUI_PATH=/path/to/ComfyUI uses an existing checkout
@@ -19,6 +20,10 @@ VENV=$ATTNSEG_HOME/venv
 HORDE_VERSION=2.22.2
 COMFY=${COMFYUI_PATH:-$ATTNSEG_HOME/ComfyUI-0.3.75}
 TORCH_PINS="torch==2.14.1 torchvision==0.29.1"
+# The browser tests run on the frontend ComfyUI pins (its requirements.txt) and
+# on this one, the newest on PyPI when last checked, served with --front-end-root.
+NEWEST_FRONTEND=1.58.1
+FRONTEND=$ATTNSEG_HOME/frontend-$NEWEST_FRONTEND
 
 log() { printf '[host] %s\n' "$*" >&2; }
 
@@ -41,8 +46,23 @@ PY
   rm -rf "$tmp"
 }
 
+extract_frontend() {
+  [ -f "$FRONTEND/index.html" ] && return 0
+  log "extracting comfyui-frontend-package==$NEWEST_FRONTEND"
+  local tmp; tmp=$(mktemp -d)
+  python3 -m pip download --quiet --no-deps "comfyui-frontend-package==$NEWEST_FRONTEND" -d "$tmp"
+  python3 - "$tmp"/comfyui_frontend_package-*.whl "$tmp/x" <<'PY'
+import sys, zipfile
+archive = zipfile.ZipFile(sys.argv[1])
+archive.extractall(sys.argv[2], [n for n in archive.namelist() if n.startswith("comfyui_frontend_package/static/")])
+PY
+  rm -rf "$FRONTEND" && mv "$tmp/x/comfyui_frontend_package/static" "$FRONTEND"
+  rm -rf "$tmp"
+}
+
 setup() {
   extract_comfyui
+  extract_frontend
   local stamp="$VENV/.attnseg-$(cat "$COMFY/requirements.txt" "$HERE/requirements.txt" "$HERE/tests/requirements.txt" | sha1sum | cut -c1-12)"
   if [ -f "$stamp" ]; then return 0; fi
   log "creating venv in $VENV"
@@ -60,5 +80,6 @@ case "${1:-}" in
   setup) setup; log "ComfyUI: $COMFY"; log "python: $VENV/bin/python" ;;
   python) echo "$VENV/bin/python" ;;
   comfy) echo "$COMFY" ;;
-  *) echo "usage: $0 setup|python|comfy" >&2; exit 2 ;;
+  frontend) echo "$FRONTEND" ;;
+  *) echo "usage: $0 setup|python|comfy|frontend" >&2; exit 2 ;;
 esac

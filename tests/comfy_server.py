@@ -33,8 +33,11 @@ class WorkflowError(RuntimeError):
 
 
 class ComfyServer:
-    def __init__(self, base: Path, checkpoints: list[Path] = (), log: Path | None = None):
+    def __init__(self, base: Path, checkpoints: list[Path] = (), log: Path | None = None,
+                 extra_args: list[str] = ()):
+        """``extra_args`` go to main.py after the pack's own (e.g. --lowvram, --front-end-root DIR)."""
         self.base = Path(base)
+        self.extra_args = list(extra_args)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log or self.base / "server.log"
@@ -55,7 +58,8 @@ class ComfyServer:
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--base-directory", str(self.base), "--disable-auto-launch", "--database-url", "sqlite:///:memory:"],
+             "--base-directory", str(self.base), "--disable-auto-launch", "--database-url", "sqlite:///:memory:",
+             *self.extra_args],
             cwd=comfy, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 180
         while time.time() < deadline:
