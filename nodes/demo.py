@@ -7,7 +7,7 @@ import folder_paths
 
 from ..attnseg import AttnSegError
 from ..hosts.comfyui import demo_model
-from .types import CATEGORY
+from .types import LOADERS
 
 # models/attnseg/ holds checkpoints written by demo/train.py (retrained or other layouts).
 MODEL_FOLDER = "attnseg"
@@ -35,8 +35,11 @@ class AttnSegDemoModelLoader:
         }}
 
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    OUTPUT_TOOLTIPS = ("The demo UNet, loaded and offloaded by ComfyUI's model management as any checkpoint.",
+                       "The demo text encoder (SD1 CLIP layout with the real tokenizer, 64 wide).",
+                       "The demo autoencoder (SD1 latent: 4 channels, 8x smaller, SD1.5's latent factor).")
     FUNCTION = "load"
-    CATEGORY = CATEGORY
+    CATEGORY = LOADERS
 
     def load(self, checkpoint=SHIPPED):
         if checkpoint == SHIPPED:
