@@ -9,7 +9,7 @@ from ..hosts.comfyui.capture import GOCA_REFERENCE_FACTOR, CapturePlan, StepRang
 from ..hosts.comfyui.passes import capture_sample, parse_timesteps, segment_image
 from ..hosts.comfyui.presets import capture_plan
 from .presets import preset_input
-from .types import ATTN_STORE, CATEGORY
+from .types import ATTNSEG_STORE, CAPTURE
 
 DEFAULT_PRESET = "DiffSegmenter (released code)"
 
@@ -62,23 +62,27 @@ class AttnSegSegmentImage:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL",),
-            "vae": ("VAE",),
+            "model": ("MODEL", {"tooltip": "The diffusion model whose attention is recorded (SD1.x, SD2.x, SDXL); "
+                                           "it is patched on a clone, never modified."}),
+            "vae": ("VAE", {"tooltip": "The model's VAE: the image is encoded to a latent (posterior mean)."}),
             "image": ("IMAGE", {"tooltip": "Any size and aspect ratio; a batch is segmented image by image "
                                            "in one pass."}),
             "conditioning": ("CONDITIONING", {"tooltip": "From AttnSeg Text Encode."}),
             "timesteps": ("STRING", {"default": "100", "tooltip": "Noise level(s) out of 1000, comma separated; "
                                                                    "the maps are averaged over them."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
+                             "tooltip": "The noise draw added to the latent (one draw for all timesteps)."}),
             "resolution": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 64,
                                    "tooltip": "Longer side of the image the model sees (aspect kept); "
                                               "512 for SD1.x/2.x, 1024 for SDXL."}),
         }, "optional": goca_inputs("what the pass records (layers, heads, timesteps, resolution, seed)")}
 
-    RETURN_TYPES = (ATTN_STORE,)
+    RETURN_TYPES = (ATTNSEG_STORE,)
     RETURN_NAMES = ("attention",)
+    OUTPUT_TOOLTIPS = ("The recorded attention (cross-attention maps per layer, self-attention of the chosen "
+                       "layers, the prompt's class positions), for a segmenter: DiffSegmenter, iSeg, GoCA, Seeds.",)
     FUNCTION = "segment"
-    CATEGORY = CATEGORY
+    CATEGORY = CAPTURE
 
     def segment(self, model, vae, image, conditioning, timesteps, seed, resolution, heads="mean",
                 self_layers="finest", self_layer_picks="", self_heads="", preset=CUSTOM):
@@ -104,28 +108,43 @@ class AttnSegCaptureSampler:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL",),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True}),
-            "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
-            "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
-            "sampler_name": (comfy.samplers.KSampler.SAMPLERS,),
-            "scheduler": (comfy.samplers.KSampler.SCHEDULERS,),
+            "model": ("MODEL", {"tooltip": "The model used for denoising the input latent; its attention is "
+                                           "recorded on a patched clone."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
+                             "tooltip": "The random seed used for creating the noise (as KSampler)."}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 10000,
+                              "tooltip": "The number of denoising steps (as KSampler)."}),
+            "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                              "tooltip": "Classifier-free guidance scale (as KSampler): higher follows the prompt "
+                                         "more closely; too high hurts quality."}),
+            "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"tooltip": "The sampling algorithm (as KSampler). "
+                             "A fixed-step sampler: dpm_adaptive chooses its own steps and is refused with capture on."}),
+            "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"tooltip": "How noise is removed over the steps "
+                                                                          "(as KSampler)."}),
             "positive": ("CONDITIONING", {"tooltip": "From AttnSeg Text Encode, so the maps carry the classes."}),
-            "negative": ("CONDITIONING",),
-            "latent_image": ("LATENT",),
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+            "negative": ("CONDITIONING", {"tooltip": "What to steer away from (as KSampler); its branch is not "
+                                                     "recorded."}),
+            "latent_image": ("LATENT", {"tooltip": "The latent to denoise: an empty latent, or a VAE-encoded "
+                                                   "image with denoise < 1."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                  "tooltip": "How much of the schedule runs (as KSampler; 1 = all of it); must be "
+                                             "above 0 with capture on."}),
             "capture": ("BOOLEAN", {"default": True, "tooltip": "Off: exactly the stock KSampler, no store."}),
-            "capture_start_step": ("INT", {"default": 0, "min": 0, "max": 10000}),
+            "capture_start_step": ("INT", {"default": 0, "min": 0, "max": 10000,
+                                           "tooltip": "First step whose attention is recorded (0 = the first)."}),
             "capture_end_step": ("INT", {"default": -1, "min": -10000, "max": 10000,
                                          "tooltip": "Inclusive; negative counts back from the last step (-1)."}),
             "self_attention": (SELF_ATTENTION_MODES, {"tooltip": "Self-attention is large: by default it is "
                                                                   "taken at the last captured step only."}),
         }, "optional": goca_inputs("which layers and heads are recorded (the step inputs still apply)")}
 
-    RETURN_TYPES = ("LATENT", ATTN_STORE)
+    RETURN_TYPES = ("LATENT", ATTNSEG_STORE)
     RETURN_NAMES = ("latent", "attention")
+    OUTPUT_TOOLTIPS = ("The denoised latent (as KSampler's).",
+                       "The attention recorded over the captured steps (averaged), for a segmenter. With "
+                       "capture off it holds nothing, and a segmenter connected to it says so.")
     FUNCTION = "sample"
-    CATEGORY = CATEGORY
+    CATEGORY = CAPTURE
 
     def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                denoise, capture, capture_start_step, capture_end_step, self_attention, heads="mean",

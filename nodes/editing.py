@@ -6,7 +6,7 @@ import comfy.samplers
 from ..attnseg.p2p import EDIT_MODES
 from ..hosts.comfyui.p2p import KEEP_OUTSIDE, EditSettings, edit_sample
 from .segmenters import parse_weights
-from .types import CATEGORY
+from .types import EDIT
 
 
 class AttnSegPromptToPrompt:
@@ -24,19 +24,30 @@ class AttnSegPromptToPrompt:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL",),
-            "clip": ("CLIP",),
-            "source_prompt": ("STRING", {"multiline": True, "default": "a cat on a sofa"}),
-            "edit_prompt": ("STRING", {"multiline": True, "default": "a dog on a sofa"}),
-            "negative": ("CONDITIONING",),
+            "model": ("MODEL", {"tooltip": "The diffusion model (SD1.x, SD2.x, SDXL); patched on a clone."}),
+            "clip": ("CLIP", {"tooltip": "The checkpoint's text encoder: encodes both prompts and aligns their "
+                                         "tokens."}),
+            "source_prompt": ("STRING", {"multiline": True, "default": "a cat on a sofa", "tooltip": (
+                "The prompt of the image to keep (the reference row).")}),
+            "edit_prompt": ("STRING", {"multiline": True, "default": "a dog on a sofa", "tooltip": (
+                "The source prompt with the change ('cat' -> 'dog'); both must fit the same number of 77-token "
+                "chunks.")}),
+            "negative": ("CONDITIONING", {"tooltip": "Negative conditioning for both rows (e.g. CLIPTextEncode of "
+                                                     "an empty prompt)."}),
             "latent_image": ("LATENT", {"tooltip": "One latent: an empty latent, or a VAE-encoded image with "
                                                    "denoise < 1."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True}),
-            "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
-            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
-            "sampler_name": (comfy.samplers.KSampler.SAMPLERS,),
-            "scheduler": (comfy.samplers.KSampler.SCHEDULERS,),
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
+                             "tooltip": "The noise seed; the source and the edit share the same noise."}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 10000,
+                              "tooltip": "The number of denoising steps (as KSampler)."}),
+            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                              "tooltip": "Classifier-free guidance scale (as KSampler; P2P's examples: 7.5)."}),
+            "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"tooltip": "The sampling algorithm (as KSampler)."}),
+            "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"tooltip": "How noise is removed over the steps "
+                                                                          "(as KSampler)."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
+                "How much of the schedule runs (as KSampler): 1 for an empty latent; below 1 to edit an input "
+                "image's latent.")}),
             "mode": (list(EDIT_MODES), {"default": "replace", "tooltip": "replace: word swaps keep the source "
                                         "word's layout; refine: changed words attend freely (added details)."}),
             "cross_replace": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 1.0, "step": 0.05,
@@ -53,7 +64,9 @@ class AttnSegPromptToPrompt:
             "feather": ("INT", {"default": 1, "min": 0, "max": 16, "tooltip": "Soften its edge (latent cells)."}),
             "reweight_words": ("STRING", {"default": "", "tooltip": "Words of the edit prompt whose attention is "
                                           "scaled by reweight_factor (P2P's attention re-weighting)."}),
-            "reweight_factor": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.1}),
+            "reweight_factor": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.1, "tooltip": (
+                "Multiplier of the reweight_words' attention during the cross-replace steps (1 = off; above 1 "
+                "strengthens them, below 1 weakens them).")}),
             "keep_outside": (list(KEEP_OUTSIDE), {"default": KEEP_OUTSIDE[0], "tooltip": "What the image outside "
                              "the mask keeps: the source sample, or the input latent (editing an input image)."}),
             "segmenter_weights": ("STRING", {"default": "0.3,0.5,0.1,0.1", "tooltip": "DiffSegmenter's per-"
@@ -64,8 +77,12 @@ class AttnSegPromptToPrompt:
 
     RETURN_TYPES = ("LATENT", "LATENT", "MASK", "STRING")
     RETURN_NAMES = ("edited", "source", "mask", "alignment")
+    OUTPUT_TOOLTIPS = ("The edited latent (VAE Decode it).",
+                       "The source prompt's latent, sampled from the same noise alongside the edit.",
+                       "The blend mask used, at image size (1 = edited); all ones without blend words.",
+                       "Text: where each token of the edit prompt takes its attention from in the source prompt.")
     FUNCTION = "edit"
-    CATEGORY = CATEGORY
+    CATEGORY = EDIT
 
     def edit(self, model, clip, source_prompt, edit_prompt, negative, latent_image, seed, steps, cfg, sampler_name,
              scheduler, denoise, mode, cross_replace, self_replace, blend_words, blend_start, mask_threshold, dilate,

@@ -8,7 +8,7 @@ from ..attnseg.tokens import parse_class_list
 from ..hosts.comfyui.progress import comfy_progress
 from .presets import preset_input
 from .segmenters import require_store
-from .types import ATTN_SCORES, ATTN_STORE, CATEGORY
+from .types import ATTNSEG_SCORES, ATTNSEG_STORE, SEGMENT
 
 
 class AttnSegGoCA:
@@ -24,7 +24,8 @@ class AttnSegGoCA:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "attention": (ATTN_STORE,),
+            "attention": (ATTNSEG_STORE, {"tooltip": "From a capture node with heads 'auto (GoCA)' and self_layers "
+                                                     "'all (GoCA)' (or its preset 'GoCA ...'); head mean: the ablation."}),
             "layer_weights": (list(LAYER_WEIGHTINGS), {"default": "auto", "tooltip": "auto: GoCA's weights from "
                               "the reference layer's queries; uniform: the plain mean over layers."}),
             "rescaling": ("BOOLEAN", {"default": True, "tooltip": "Divide each class map by the attention all "
@@ -50,10 +51,12 @@ class AttnSegGoCA:
             "background_classes still apply")),
         }}
 
-    RETURN_TYPES = (ATTN_SCORES,)
+    RETURN_TYPES = (ATTNSEG_SCORES,)
     RETURN_NAMES = ("scores",)
+    OUTPUT_TOOLTIPS = ("One score map per object class and image (background_classes get none: their strongest map "
+                       "is carried as the background map the Masks node adds to its threshold).",)
     FUNCTION = "segment"
-    CATEGORY = CATEGORY
+    CATEGORY = SEGMENT
 
     def segment(self, attention, layer_weights, rescaling, blur, propagation_order, background_classes,
                 propagation_layers="", aggregate_factor=1, preset=CUSTOM):

@@ -3,7 +3,7 @@
 from ..attnseg.presets import find_preset, names
 from ..attnseg.scfg import RATE_LIMITS, RELEASED_BLUR
 from ..hosts.comfyui.scfg import SCFGSettings, install_scfg
-from .types import CATEGORY
+from .types import GUIDANCE
 
 RELEASED_PRESET = "S-CFG (released code)"
 # display name -> the host's foreground rule
@@ -60,8 +60,11 @@ class AttnSegSCFG:
         }}
 
     RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("A patched clone of the model whose CFG is S-CFG's, for KSampler, SamplerCustom or a guider "
+                       "(the connected model is not modified).",)
     FUNCTION = "patch"
-    CATEGORY = CATEGORY
+    CATEGORY = GUIDANCE
 
     def patch(self, model, rate_min, rate_max, blur, start_percent, end_percent, preset=RELEASED_PRESET,
               foreground=next(iter(FOREGROUND_CHOICES)), rescale_multiplier=0.0):

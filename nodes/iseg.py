@@ -11,9 +11,12 @@ from ..hosts.comfyui.progress import comfy_progress
 from ..hosts.comfyui.text import CAT_CROSS_MODES, encode_cat_cross
 from .presets import preset_input
 from .segmenters import parse_weights, require_store
-from .types import ATTN_SCORES, ATTN_STORE, CATEGORY
+from .types import ATTNSEG_SCORES, ATTNSEG_STORE, REFINE, SEGMENT, TEXT
 
 ISEG_PRESET = "iSeg VOC (released code)"
+STORE_TOOLTIP = "From a capture node (Capture Image Attention or the capture KSampler)."
+SCORES_TOOLTIP = ("One score map per class and image, min-max normalised to [0, 1]; for AttnSeg Masks (iSeg VOC: "
+                  "background '(1 - max)^2'; COCO: threshold 0.45) or Ent-Self.")
 VARIANT_TOOLTIP = ("On the column-max normalised S^ = S / max_q S: code: S^ + lambda log10(e S^) (the released code); "
                    "paper: S^ + lambda (1 + ln S^) (the paper's formula, the same step with lambda x ln 10); both "
                    "clamped >= 0 with rows renormalised. naive: plain S, the baseline.")
@@ -42,7 +45,7 @@ class AttnSegCatCrossEncode:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "clip": ("CLIP",),
+            "clip": ("CLIP", {"tooltip": "The checkpoint's text encoder (SD1.x/2.x, or SDXL's two encoders)."}),
             "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "Empty: iSeg's template."}),
             "classes": ("STRING", {"default": "", "tooltip": "Comma-separated class words, as in the prompt."}),
             "gamma": ("FLOAT", {"default": 1.6, "min": 0.01, "max": 10.0, "step": 0.05,
@@ -55,8 +58,11 @@ class AttnSegCatCrossEncode:
 
     RETURN_TYPES = ("CONDITIONING", "STRING")
     RETURN_NAMES = ("conditioning", "tokens")
+    OUTPUT_TOOLTIPS = ("The encoded prompt with the class tokens weighted (embedding mode: usable with any sampler; "
+                       "keys mode: applied by AttnSeg's capture nodes); it carries each class's token positions.",
+                       "Text: the prompt as the model tokenized it, and each class's token positions.")
     FUNCTION = "encode"
-    CATEGORY = CATEGORY
+    CATEGORY = TEXT
 
     def encode(self, clip, prompt, classes, gamma, mode, background_words, preset=CUSTOM):
         chosen = find_preset(preset, "iseg")
@@ -78,7 +84,7 @@ class AttnSegISegCrossAttention:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "attention": (ATTN_STORE,),
+            "attention": (ATTNSEG_STORE, {"tooltip": STORE_TOOLTIP}),
             "factors": ("STRING", {"default": ",".join(map(str, ISEG_CROSS_FACTORS)),
                                    "tooltip": "Latent downscale factors of the layers to fuse."}),
             "weights": ("STRING", {"default": ",".join(map(str, ISEG_CROSS_WEIGHTS)),
@@ -91,10 +97,12 @@ class AttnSegISegCrossAttention:
             **preset_input("iseg", ISEG_PRESET, "iSeg's cross-attention fusion"),
         }}
 
-    RETURN_TYPES = (ATTN_SCORES,)
+    RETURN_TYPES = (ATTNSEG_SCORES,)
     RETURN_NAMES = ("scores",)
+    OUTPUT_TOOLTIPS = ("One class map per class and image on the self-attention grid, not yet refined: feed it to "
+                       "Ent-Self with the same attention.",)
     FUNCTION = "segment"
-    CATEGORY = CATEGORY
+    CATEGORY = SEGMENT
 
     def segment(self, attention, factors, weights, smoothing_iterations=0, preset=CUSTOM):
         store = require_store(attention)
@@ -125,13 +133,18 @@ class AttnSegEntSelf:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"scores": (ATTN_SCORES,), "attention": (ATTN_STORE,), **ent_self_inputs()},
+        return {"required": {
+            "scores": (ATTNSEG_SCORES, {"tooltip": "The maps to refine: iSeg Cross-Attention's, or any segmenter's."}),
+            "attention": (ATTNSEG_STORE, {"tooltip": "The store the scores came from (same image and batch): its "
+                                                     "finest self-attention refines them."}),
+            **ent_self_inputs()},
                 "optional": preset_input("iseg", ISEG_PRESET, "Ent-Self (lambda, N, variant)")}
 
-    RETURN_TYPES = (ATTN_SCORES,)
+    RETURN_TYPES = (ATTNSEG_SCORES,)
     RETURN_NAMES = ("scores",)
+    OUTPUT_TOOLTIPS = (SCORES_TOOLTIP,)
     FUNCTION = "refine"
-    CATEGORY = CATEGORY
+    CATEGORY = REFINE
 
     def refine(self, scores, attention, lam, iterations, variant, preset=CUSTOM):
         chosen = find_preset(preset, "iseg")
@@ -151,8 +164,12 @@ class AttnSegSeeds:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "attention": (ATTN_STORE,),
-            "seeds": ("STRING", {"multiline": True, "default": '[{"point": [64, 64]}]'}),
+            "attention": (ATTNSEG_STORE, {"tooltip": STORE_TOOLTIP + " Any conditioning works: seeds need no class "
+                                                                     "words."}),
+            "seeds": ("STRING", {"multiline": True, "default": '[{"point": [64, 64]}]', "tooltip": (
+                'JSON list in image pixels (x right, y down): {"point": [x, y]}, {"box": [x0, y0, x1, y1]} (far '
+                'edge exclusive), {"line": [[x, y], ...]}, each with an optional "label". One score map per '
+                "seed; bad entries are refused by entry number.")}),
             **ent_self_inputs(SEED_SETTINGS.lam, SEED_SETTINGS.iterations),
         }, "optional": {
             "clamp_max": ("FLOAT", {"default": SEED_SETTINGS.clamp_max, "min": 0.0, "max": 10.0, "step": 0.1,
@@ -161,10 +178,12 @@ class AttnSegSeeds:
             **preset_input("seeds", SEED_PRESET, "iSeg's interactive mode"),
         }}
 
-    RETURN_TYPES = (ATTN_SCORES,)
+    RETURN_TYPES = (ATTNSEG_SCORES,)
     RETURN_NAMES = ("scores",)
+    OUTPUT_TOOLTIPS = ("One score map per seed, in seed order, each divided by its maximum and named by its label "
+                       "(else by its kind and number: 'point 1', 'box 2'); for AttnSeg Masks.",)
     FUNCTION = "segment"
-    CATEGORY = CATEGORY
+    CATEGORY = REFINE
 
     def segment(self, attention, seeds, lam, iterations, variant, clamp_max=0.0, preset=CUSTOM):
         store = require_store(attention)

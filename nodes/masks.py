@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ..attnseg import AttnSegError
 from ..attnseg.masks import BACKGROUND_RULES, heat_map, make_masks, overlay, palette
 from ..attnseg.scores import ScoreMaps
-from .types import ATTN_SCORES, CATEGORY
+from .types import ATTNSEG_SCORES, MASKS
 
 LEGEND_ROW = 14
 MAX_SHOWN = 4  # images of a batch previewed on the node
@@ -67,12 +67,14 @@ class AttnSegMasks:
 
     DESCRIPTION = ("Each pixel takes the class with the highest score, or background where the background rule "
                    "scores higher. Outputs are at the segmented image's size. The node shows the labels over the "
-                   "image and a heat map of the scores, each with a legend.")
+                   "image and a heat map of the scores, each with a legend, whether or not anything is connected "
+                   "to its outputs.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "scores": (ATTN_SCORES,),
+            "scores": (ATTNSEG_SCORES, {"tooltip": "From a segmenter (DiffSegmenter, iSeg, GoCA, Seeds) or a "
+                                                   "refiner (Ent-Self)."}),
             "threshold": ("FLOAT", {"default": 0.5, "min": -1.0, "max": 1.0, "step": 0.01,
                                     "tooltip": "Background below this score (DiffSegmenter sweeps 0.3-0.74). With a "
                                                "background map (GoCA's background_classes) it is an offset added "
@@ -92,7 +94,8 @@ class AttnSegMasks:
                        "tall, so not for ImageBlend with the input).",
                        "The scores themselves in [0, 1], same order as masks.")
     FUNCTION = "make"
-    CATEGORY = CATEGORY
+    CATEGORY = MASKS
+    OUTPUT_NODE = True  # its preview shows even when nothing downstream saves
 
     def make(self, scores, threshold, background="threshold", image=None):
         return mask_outputs(scores, threshold, background, image)
@@ -115,17 +118,26 @@ def mask_outputs(scores: ScoreMaps, threshold: float, background: str, image, ex
 class AttnSegClassMask:
     """The mask of one class, by name, for every image of the batch."""
 
+    DESCRIPTION = ("The mask of one class, picked by name, for every image of the batch: the pixels the Masks node "
+                   "would label with that class (highest score, and at least the threshold; plus the segmenter's "
+                   "background map where it gives one), at the segmented image's size.")
+
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "scores": (ATTN_SCORES,),
-            "class_name": ("STRING", {"default": ""}),
-            "threshold": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01}),
+            "scores": (ATTNSEG_SCORES, {"tooltip": "From a segmenter or a refiner."}),
+            "class_name": ("STRING", {"default": "", "tooltip": "One of the segmented classes, as written in the "
+                                                                "class list (case ignored)."}),
+            "threshold": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
+                "Background below this score, 0-1 (as the Masks node's 'threshold' rule; DiffSegmenter sweeps "
+                "0.3-0.74). With a background map (GoCA's background_classes) it is an offset added to that map.")}),
         }}
 
     RETURN_TYPES = ("MASK",)
+    RETURN_NAMES = ("mask",)
+    OUTPUT_TOOLTIPS = ("1 where the class wins, 0 elsewhere; one mask per image, at the segmented image's size.",)
     FUNCTION = "pick"
-    CATEGORY = CATEGORY
+    CATEGORY = MASKS
 
     def pick(self, scores, class_name, threshold):
         names = [n.lower() for n in scores.class_names]

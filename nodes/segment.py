@@ -5,7 +5,7 @@ from ..attnseg.presets import PRESETS, SEGMENTERS, find_preset
 from ..hosts.comfyui.presets import segment_with_preset
 from ..hosts.comfyui.progress import comfy_progress
 from .masks import mask_outputs
-from .types import ATTN_SCORES, CATEGORY
+from .types import ATTNSEG_SCORES, SEGMENT
 
 SEGMENT_PRESETS = [name for name, p in PRESETS.items() if p.method in SEGMENTERS]
 DEFAULT = "DiffSegmenter (released code)"
@@ -22,9 +22,10 @@ class AttnSegSegment:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL",),
-            "clip": ("CLIP",),
-            "vae": ("VAE",),
+            "model": ("MODEL", {"tooltip": "The diffusion model (SD1.x, SD2.x, SDXL) whose attention segments; "
+                                           "patched on a clone, never modified."}),
+            "clip": ("CLIP", {"tooltip": "The checkpoint's text encoder: encodes the preset's prompt."}),
+            "vae": ("VAE", {"tooltip": "The checkpoint's VAE: encodes the image to a latent."}),
             "image": ("IMAGE", {"tooltip": "Any size and aspect ratio (kept); a batch is segmented image by image."}),
             "classes": ("STRING", {"default": "", "tooltip": "Comma-separated class words, e.g. 'cat, sofa'."}),
             "preset": (SEGMENT_PRESETS, {"default": DEFAULT, "tooltip": (
@@ -39,7 +40,7 @@ class AttnSegSegment:
                 "Small models like the demo model want about twice the image's size.")}),
         }}
 
-    RETURN_TYPES = ("MASK", "MASK", "IMAGE", "MASK", ATTN_SCORES)
+    RETURN_TYPES = ("MASK", "MASK", "IMAGE", "MASK", ATTNSEG_SCORES)
     RETURN_NAMES = ("masks", "label_map", "preview", "soft_masks", "scores")
     OUTPUT_TOOLTIPS = ("One mask per class and image, image-major: image 0's classes, then image 1's.",
                        "Class index per pixel (0 background, 1.. in class order), as a float MASK.",
@@ -48,7 +49,7 @@ class AttnSegSegment:
                        "The scores themselves in [0, 1], same order as masks.",
                        "The score maps, for AttnSeg Masks with a threshold of your own, or a refiner.")
     FUNCTION = "segment"
-    CATEGORY = CATEGORY
+    CATEGORY = SEGMENT
     OUTPUT_NODE = True
 
     def segment(self, model, clip, vae, image, classes, preset, prompt="", resolution=0):

@@ -5,7 +5,7 @@ from ..attnseg import AttnSegError
 from ..attnseg.fusion import DIFFSEGMENTER_WEIGHTS, TIMESTEP_AVERAGES, diffsegmenter
 from ..attnseg.presets import CUSTOM, find_preset
 from .presets import preset_input
-from .types import ATTN_SCORES, ATTN_STORE, CATEGORY
+from .types import ATTNSEG_SCORES, ATTNSEG_STORE, SEGMENT
 
 
 def require_store(store, input_name: str = "attention"):
@@ -36,7 +36,8 @@ class AttnSegDiffSegmenter:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "attention": (ATTN_STORE,),
+            "attention": (ATTNSEG_STORE, {"tooltip": "From a capture node (Capture Image Attention or the "
+                                                     "capture KSampler)."}),
             "weights": ("STRING", {"default": ",".join(str(w) for w in DIFFSEGMENTER_WEIGHTS),
                                    "tooltip": "One weight per attention resolution, coarsest first "
                                               "(SD1.5 at 512 px: 8, 16, 32, 64). Paper: 0.3,0.5,0.1,0.1."}),
@@ -49,10 +50,12 @@ class AttnSegDiffSegmenter:
             **preset_input("diffsegmenter", "DiffSegmenter (released code)", "DiffSegmenter's fusion"),
         }}
 
-    RETURN_TYPES = (ATTN_SCORES,)
+    RETURN_TYPES = (ATTNSEG_SCORES,)
     RETURN_NAMES = ("scores",)
+    OUTPUT_TOOLTIPS = ("One score map per class and image, min-max normalised to [0, 1]; for AttnSeg Masks or "
+                       "a refiner (Ent-Self).",)
     FUNCTION = "segment"
-    CATEGORY = CATEGORY
+    CATEGORY = SEGMENT
 
     def segment(self, attention, weights, self_completion, timestep_average="attention", preset=CUSTOM):
         store = require_store(attention)

@@ -1,7 +1,7 @@
 from ..attnseg.presets import CUSTOM, find_preset
 from ..hosts.comfyui.text import encode_segmentation_prompt, remember_tokenizer
 from .presets import preset_input
-from .types import CATEGORY
+from .types import TEXT
 
 TEXT_PRESET = "DiffSegmenter (released code)"
 
@@ -15,7 +15,7 @@ class AttnSegTextEncode:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "clip": ("CLIP",),
+            "clip": ("CLIP", {"tooltip": "The checkpoint's text encoder (SD1.x/2.x, or SDXL's two encoders)."}),
             "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "",
                                   "tooltip": "Describes the image and names every class. Empty: "
                                              "'a photograph of {class1} and {class2} ...'."}),
@@ -32,10 +32,11 @@ class AttnSegTextEncode:
 
     RETURN_TYPES = ("CONDITIONING", "STRING")
     RETURN_NAMES = ("conditioning", "tokens")
-    OUTPUT_TOOLTIPS = ("Conditioning with the class metadata.", "The prompt as the model sees it, "
-                       "with each class's token positions.")
+    OUTPUT_TOOLTIPS = ("The encoded prompt, usable anywhere a CONDITIONING is; it also carries each class's "
+                       "token positions for the capture and segmenter nodes.",
+                       "Text: the prompt as the model tokenized it, and each class's token positions.")
     FUNCTION = "encode"
-    CATEGORY = CATEGORY
+    CATEGORY = TEXT
 
     def encode(self, clip, prompt, classes, class_weight=1.0, fuse_ing_word=True, preset=CUSTOM, unique_id=None):
         chosen = find_preset(preset, "diffsegmenter")

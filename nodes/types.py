@@ -1,7 +1,9 @@
 """Socket type names and menu categories shared by the pack's nodes."""
 
-ATTN_STORE = "ATTN_STORE"
-ATTN_SCORES = "ATTN_SCORES"
+# Socket types, prefixed with the pack's name so no other pack's type of the same
+# name can be connected to them (they were ATTN_STORE and ATTN_SCORES).
+ATTNSEG_STORE = "ATTNSEG_STORE"  # an AttentionStore: the attention a capture node recorded
+ATTNSEG_SCORES = "ATTNSEG_SCORES"  # ScoreMaps: one score map per class and image
 
 # The node menu by task.
 LOADERS = "attnseg/loaders"
@@ -12,4 +14,4 @@ REFINE = "attnseg/refine"
 MASKS = "attnseg/masks"
 GUIDANCE = "attnseg/guidance"
 EDIT = "attnseg/edit"
-CATEGORY = "attnseg"  # until every node names its task
+CATEGORY = "attnseg"  # used by nodes/demo.py only, until it names LOADERS; then remove it

@@ -73,7 +73,7 @@ def read(path: Path) -> np.ndarray:
 def test_pack_nodes_are_registered(object_info):
     assert PACK_NODES <= set(object_info)
     sampler = object_info["AttnSegCaptureSampler"]
-    assert sampler["output"] == ["LATENT", "ATTN_STORE"] and sampler["category"] == "attnseg"
+    assert sampler["output"] == ["LATENT", "ATTNSEG_STORE"] and sampler["category"] == "attnseg/capture"
     assert object_info["AttnSegMasks"]["output_name"] == ["masks", "label_map", "preview", "soft_masks"]
 
 
