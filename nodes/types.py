@@ -14,4 +14,3 @@ REFINE = "attnseg/refine"
 MASKS = "attnseg/masks"
 GUIDANCE = "attnseg/guidance"
 EDIT = "attnseg/edit"
-CATEGORY = "attnseg"  # used by nodes/demo.py only, until it names LOADERS; then remove it
