@@ -1,6 +1,7 @@
 """Long work stops on ComfyUI's interrupt and reports progress; passes the device
 cannot hold are refused before they start."""
 
+import contextlib
 import threading
 import time
 
@@ -16,9 +17,11 @@ import comfy.utils  # noqa: E402
 
 from attnseg_pack.attnseg import AttnSegError  # noqa: E402
 from attnseg_pack.attnseg.iseg import ent_self, iterate  # noqa: E402
-from attnseg_pack.hosts.comfyui.passes import segment_image  # noqa: E402
+from attnseg_pack.hosts.comfyui.capture import CapturePlan  # noqa: E402
+from attnseg_pack.hosts.comfyui.passes import capture_pass, segment_image  # noqa: E402
 from attnseg_pack.hosts.comfyui.progress import comfy_progress  # noqa: E402
 from attnseg_pack.hosts.comfyui.text import encode_segmentation_prompt  # noqa: E402
+from attnseg_pack.hosts.comfyui.unet import describe_unet  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +70,18 @@ def test_a_pass_the_device_cannot_hold_is_refused_with_the_size_it_needs(sd15, c
 def test_core_iterations_report_progress_and_stop_on_the_interrupt():
     s = torch.softmax(torch.randn(1, 64, 64), -1)
     maps = torch.rand(1, 64, 2)
+    with recorded_progress() as updates, comfy_progress():
+        iterate(maps, ent_self(s, 0.015), 5)
+    assert updates == [(i, 5) for i in range(1, 6)]
+    comfy.model_management.interrupt_current_processing(True)
+    with pytest.raises(comfy.model_management.InterruptProcessingException), comfy_progress():
+        iterate(maps, ent_self(s, 0.015), 5)
+    iterate(maps, ent_self(s, 0.015), 5)  # outside a node (no reporter) the core never checks
+
+
+@contextlib.contextmanager
+def recorded_progress():
+    """Every (value, total) ComfyUI's progress bars are set to inside the block."""
     updates = []
     original = comfy.utils.ProgressBar.update_absolute
 
@@ -76,13 +91,39 @@ def test_core_iterations_report_progress_and_stop_on_the_interrupt():
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(comfy.utils.ProgressBar, "update_absolute", record)
-        with comfy_progress():
-            iterate(maps, ent_self(s, 0.015), 5)
-    assert updates == [(i, 5) for i in range(1, 6)]
-    comfy.model_management.interrupt_current_processing(True)
-    with pytest.raises(comfy.model_management.InterruptProcessingException), comfy_progress():
-        iterate(maps, ent_self(s, 0.015), 5)
-    iterate(maps, ent_self(s, 0.015), 5)  # outside a node (no reporter) the core never checks
+        yield updates
+
+
+def captured_layers(model, plan) -> int:
+    info = describe_unet(model)
+    return len(plan.layers(info, "cross")) + len(plan.layers(info, "self"))
+
+
+def test_the_batched_segment_pass_reports_each_captured_layer(sd15, clip, vae):
+    """Four timesteps in one batched UNet pass: the bar moves once per captured layer
+    call (not one 4/4 jump at the end), rising to passes x layers, counted up front."""
+    cond, _ = encode_segmentation_prompt(clip, "a cat", "cat")
+    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    with recorded_progress() as updates:
+        segment_image(sd15, vae, image, cond, [100, 200, 300, 400], 0, 128)
+    layers = captured_layers(sd15, CapturePlan())
+    assert layers > 4
+    assert updates == [(done, layers) for done in range(1, layers + 1)]  # one pass: every call, total up front
+
+
+def test_one_pass_per_timestep_reports_each_pass_and_its_layers(sd15, clip):
+    """Three passes (one timestep each): total 3 x layers from the start, monotonic,
+    each pass ending at its share, the last at the total; finer than one step per pass."""
+    cond, _ = encode_segmentation_prompt(clip, "a cat", "cat")
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    plan = CapturePlan(cross_heads="auto", self_every_layer=True)  # GoCA's: every layer, both kinds
+    with recorded_progress() as updates:
+        capture_pass(sd15, latent, cond, [100, 300, 500], 0, (64, 64), plan, per_pass=1)
+    layers = captured_layers(sd15, plan)
+    values = [value for value, _ in updates]
+    assert {total for _, total in updates} == {3 * layers}
+    assert values == sorted(set(values)) and values[-1] == 3 * layers  # strictly rising, ending at the total
+    assert len(values) > 3 and {layers, 2 * layers} <= set(values)
 
 
 def interrupting(model, after_calls: int):
@@ -102,7 +143,6 @@ def interrupting(model, after_calls: int):
 
 
 def test_the_capture_sampler_after_an_interrupt_equals_a_fresh_run(sd15, clip):
-    from attnseg_pack.hosts.comfyui.capture import CapturePlan
     from attnseg_pack.hosts.comfyui.passes import capture_sample
 
     positive, _ = encode_segmentation_prompt(clip, "a cat", "cat")

@@ -103,6 +103,45 @@ def timesteps_per_pass(model, latent: torch.Tensor, count: int) -> int:
     return count if needed + model.model_size() < free else 1
 
 
+class LayerProgress:
+    """The capture pass's progress bar, in captured layer calls: ``passes x layers``,
+    known before the first pass; one step per call of a captured layer, and each
+    pass ends at its share. A Python counter and ComfyUI's bar update per call, no
+    device sync."""
+
+    def __init__(self, model, info: UNetInfo, plan: CapturePlan, passes: int):
+        """Wrap the capture patches of ``model`` (a clone with :func:`install_capture`
+        run with ``plan``) so each call of a captured layer advances the bar."""
+        replaces = model.model_options["transformer_options"]["patches_replace"]
+        self.layers = 0
+        for kind, slot in (("cross", "attn2"), ("self", "attn1")):
+            for key in dict.fromkeys(layer.patch_key for layer in plan.layers(info, kind)):
+                model.set_model_patch_replace(self._counted(replaces[slot][key]), slot, *key)
+                self.layers += 1
+        self.total = max(1, passes * self.layers)
+        self.done = self.end = 0
+        self.bar = comfy.utils.ProgressBar(self.total)
+
+    def _counted(self, patch):
+        def counted(q, k, v, extra):
+            self.layer_called()
+            return patch(q, k, v, extra)
+        return counted
+
+    def start_pass(self, index: int) -> None:
+        self.end = min(self.total, (index + 1) * self.layers)
+
+    def layer_called(self) -> None:
+        if self.done < self.end:  # a pass the host splits into several UNet calls counts once
+            self.done += 1
+            self.bar.update_absolute(self.done, self.total)
+
+    def end_pass(self) -> None:
+        if self.done < self.end:  # a captured layer the pass did not call
+            self.done = self.end
+            self.bar.update_absolute(self.done, self.total)
+
+
 def capture_pass(model, latent: torch.Tensor, positive, timesteps: list[int], seed: int,
                  image_size: tuple[int, int], plan: CapturePlan | None = None,
                  info: UNetInfo | None = None, per_pass: int | None = None,
@@ -118,8 +157,9 @@ def capture_pass(model, latent: torch.Tensor, positive, timesteps: list[int], se
     store = new_store()
     if keep_timesteps and len(timesteps) > 1:
         store.per_timestep = [new_store() for _ in timesteps]
+    plan = plan or CapturePlan()
     patched = model.clone()
-    install_capture(patched, info, store, plan or CapturePlan())
+    install_capture(patched, info, store, plan)
     apply_key_scale(patched, info, positive)
     sampling = patched.get_model_object("model_sampling")
     # Timestep ranges and ControlNets are checked against one sigma per call:
@@ -127,9 +167,11 @@ def capture_pass(model, latent: torch.Tensor, positive, timesteps: list[int], se
     per_timestep = any(k in extras for _, extras in positive for k in ("timestep_start", "timestep_end", "control"))
     per_pass = per_pass or (1 if per_timestep else timesteps_per_pass(patched, latent, len(timesteps)))
     noise = comfy.sample.prepare_noise(latent, seed)
-    progress = comfy.utils.ProgressBar(len(timesteps))
-    for start in range(0, len(timesteps), per_pass):
+    starts = range(0, len(timesteps), per_pass)
+    progress = LayerProgress(patched, info, plan, len(starts))
+    for index, start in enumerate(starts):
         comfy.model_management.throw_exception_if_processing_interrupted()
+        progress.start_pass(index)
         group = timesteps[start:start + per_pass]
         row_sigmas = torch.cat([sampling.sigma(torch.tensor(float(t))).reshape(1).expand(latent.shape[0])
                                 for t in group])
@@ -143,7 +185,7 @@ def capture_pass(model, latent: torch.Tensor, positive, timesteps: list[int], se
                                        disable_pbar=True, seed=seed)
         finally:
             store.stacked_timesteps = 1
-        progress.update(len(group))
+        progress.end_pass()
     return store
 
 
