@@ -132,3 +132,47 @@ def test_missing_models_and_bad_combinations(model_folders, tmp_path):
     (broken / "config.json").write_text("{}")
     with pytest.raises(AttnSegError, match="captioner: broken could not be loaded"):
         NODE().build(image(), "cat", "broken", "none", False, 0.97, 8)
+
+
+def test_the_node_reports_progress_per_generated_token_and_stops_on_the_interrupt(model_folders):
+    """Caption filter, CLIP filter and the prompt's caption: one bar over the planned
+    runs (each caption's tokens, one step for CLIP), rising to its total; ComfyUI's
+    interrupt is checked before every run and at every token."""
+    import comfy.model_management
+    import comfy.utils
+
+    updates = []
+    original = comfy.utils.ProgressBar.update_absolute
+
+    def record(self, value, total=None, preview=None):
+        updates.append((value, total))
+        return original(self, value, total, preview)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(comfy.utils.ProgressBar, "update_absolute", record)
+        NODE().build(image(), "cat, dog, sofa", "tiny-blip", "tiny-clip", True, 0.0, 8)
+    values = [value for value, _ in updates]
+    assert {total for _, total in updates} == {8 + 1 + 8}
+    assert values == sorted(set(values)) and values[-1] == 17
+    assert len(values) > 3  # finer than one step per run: the captions' tokens
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            NODE().build(image(), "cat, dog, sofa", "tiny-blip", "tiny-clip", True, 0.0, 8)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    stopped = []
+
+    def interrupt_at_the_third_token(self, value, total=None, preview=None):
+        stopped.append(value)
+        if len(stopped) == 3:
+            comfy.model_management.interrupt_current_processing(True)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(comfy.utils.ProgressBar, "update_absolute", interrupt_at_the_third_token)
+        try:
+            with pytest.raises(comfy.model_management.InterruptProcessingException):
+                NODE().build(image(), "cat, dog, sofa", "tiny-blip", "none", True, 0.0, 8)
+        finally:
+            comfy.model_management.interrupt_current_processing(False)
+    assert stopped == [1, 2, 3]  # stopped inside the first caption, at the next token
