@@ -100,12 +100,12 @@ def layer_weights(queries: torch.Tensor, ref_grid: tuple[int, int],
     widest = max([n_ref] + [grid[0] * grid[1] for grid, _, _ in self_layers])
     step = max(1, CHUNK_ELEMENTS // max(1, batch * widest))
     for start in range(0, n_ref, step):
-        tick("GoCA layer weights", start, n_ref)
         rows = torch.arange(start, min(n_ref, start + step), device=queries.device)
         pseudo = torch.matmul(queries[:, rows], queries.transpose(1, 2)).mul_(channels ** -0.5).softmax(-1)
         for index, (grid, maps, density) in enumerate(self_layers):
             resampled = self_on_reference_grid(maps.to(queries.device), grid, rows, ref_grid, density)
             scores[:, index] += (pseudo * resampled).sum((1, 2))
+        tick("GoCA layer weights", min(n_ref, start + step), n_ref)  # rows done, ending at all of them
     scores = scores.clamp_min(0)
     total = scores.sum(-1, keepdim=True)
     return torch.where(total > 0, scores / total.clamp_min(_TINY), torch.full_like(scores, 1 / len(self_layers)))

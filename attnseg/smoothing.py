@@ -44,10 +44,13 @@ def symmetric_kl(points: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor
 
 
 def kl_kmeans(vectors: torch.Tensor, grid: tuple[int, int], clusters: int = KL_CLUSTERS,
-              iterations: int = KL_ITERATIONS) -> tuple[torch.Tensor, torch.Tensor]:
+              iterations: int = KL_ITERATIONS, progress: tuple[int, int] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cluster one image's (N, T) pixel vectors. Returns (labels (N,) int64,
     smoothed (N, T): each pixel's vector replaced by its cluster's mean). A
-    cluster that loses all its pixels is dropped."""
+    cluster that loses all its pixels is dropped. Each iteration ticks once;
+    ``progress`` = (iterations done before, total) when this image is one of a
+    batch that shares one bar (None: this image's iterations alone)."""
     if iterations < 0:
         raise AttnSegError(f"smoothing_iterations: {iterations} is negative; use 0 (off) or more (iSeg: 20).")
     points = vectors.float().clamp_min(0)
@@ -55,8 +58,9 @@ def kl_kmeans(vectors: torch.Tensor, grid: tuple[int, int], clusters: int = KL_C
     prototypes = points[anchor_cells(grid, clusters).to(points.device)]
     labels = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
     step = max(1, CHUNK_ELEMENTS // max(1, prototypes.shape[0] * points.shape[1]))
-    for index in range(max(1, iterations)):
-        tick("KL k-means", index + 1, max(1, iterations))
+    rounds = max(1, iterations)
+    before, total = progress or (0, rounds)
+    for index in range(rounds):
         labels = torch.cat([symmetric_kl(points[i:i + step], prototypes).argmin(-1)
                             for i in range(0, points.shape[0], step)])
         counts = torch.bincount(labels, minlength=prototypes.shape[0])
@@ -64,6 +68,7 @@ def kl_kmeans(vectors: torch.Tensor, grid: tuple[int, int], clusters: int = KL_C
         kept = counts > 0
         prototypes = sums[kept] / counts[kept, None]
         labels = (torch.cumsum(kept.long(), 0) - 1)[labels]  # renumber past the dropped clusters
+        tick("KL k-means", before + index + 1, total)
     return labels, prototypes[labels]
 
 
@@ -75,5 +80,6 @@ def smooth_token_maps(tokens: torch.Tensor, clusters: int = KL_CLUSTERS,
         return tokens
     batch, count, h, w = tokens.shape
     flat = tokens.flatten(-2).transpose(1, 2)  # (B, N, T)
-    smoothed = torch.stack([kl_kmeans(flat[b], (h, w), clusters, iterations)[1] for b in range(batch)])
+    smoothed = torch.stack([kl_kmeans(flat[b], (h, w), clusters, iterations, (b * iterations, batch * iterations))[1]
+                            for b in range(batch)])  # one bar over the batch's iterations
     return smoothed.transpose(1, 2).reshape(batch, count, h, w).to(tokens.dtype)

@@ -7,6 +7,7 @@ from attnseg import AttentionStore, AttnSegError, ClassTokens, LayerKey, SegProm
 from attnseg.attention import attention_with_maps
 from attnseg.goca import (aggregate, goca, layer_weights, output_weighted_heads, propagate, rescale,
                           self_on_reference_grid)
+from attnseg.progress import reporting
 from attnseg.scores import min_max
 
 
@@ -79,7 +80,11 @@ def test_layer_weights_are_the_same_in_row_chunks(monkeypatch):
     layers = [((8, 8), torch.rand(2, 64, 64).softmax(-1), 1.0), ((4, 4), torch.rand(2, 16, 16).softmax(-1), 1.0)]
     whole = layer_weights(queries, (8, 8), layers)
     monkeypatch.setattr("attnseg.goca.CHUNK_ELEMENTS", 2 * 64 * 5)
-    torch.testing.assert_close(layer_weights(queries, (8, 8), layers), whole)
+    ticks = []
+    with reporting(lambda stage, done, total: ticks.append((done, total))):
+        torch.testing.assert_close(layer_weights(queries, (8, 8), layers), whole)
+    # progress after each block of 5 rows, ending at all 64
+    assert ticks == [(min(64, start + 5), 64) for start in range(0, 64, 5)]
 
 
 def test_coarse_self_attention_is_resampled_without_renormalising():

@@ -2,6 +2,7 @@
 
 import torch
 
+from attnseg.progress import reporting
 from attnseg.smoothing import anchor_cells, kl_kmeans, smooth_token_maps, symmetric_kl
 
 
@@ -41,3 +42,11 @@ def test_clusters_never_straddle_two_regions_and_each_pixel_takes_its_clusters_m
     assert torch.allclose(maps[0].flatten(1).T, smoothed)
     assert float(maps[0, 1].view(-1)[left].min()) > float(maps[0, 1].view(-1)[~left].max())
     assert torch.equal(smooth_token_maps(noisy, iterations=0), noisy)
+
+
+def test_a_batch_is_smoothed_on_one_progress_count():
+    """One tick per iteration, after it, counted over the whole batch (one bar, not one per image)."""
+    ticks = []
+    with reporting(lambda stage, done, total: ticks.append((stage, done, total))):
+        smooth_token_maps(torch.rand(2, 3, 8, 8), iterations=4)
+    assert ticks == [("KL k-means", done, 8) for done in range(1, 9)]
