@@ -77,6 +77,60 @@ def test_pack_nodes_are_registered(object_info):
     assert object_info["AttnSegMasks"]["output_name"] == ["masks", "label_map", "preview", "soft_masks"]
 
 
+def pack_nodes(object_info) -> dict:
+    """Every node the pack registers: those from the python module its text encoder comes from."""
+    module = object_info["AttnSegTextEncode"]["python_module"]
+    return {name: spec for name, spec in object_info.items() if spec["python_module"] == module}
+
+
+def test_every_pack_node_documents_its_inputs_and_outputs_and_has_a_task_category(object_info):
+    """From the live /object_info: a tooltip on every input (hidden ones aside), a
+    description, one output tooltip per output, and an attnseg/<task> category."""
+    nodes = pack_nodes(object_info)
+    assert PACK_NODES <= set(nodes)
+    problems = []
+    for name, spec in nodes.items():
+        for group in ("required", "optional"):
+            for input_name, definition in spec["input"].get(group, {}).items():
+                options = definition[1] if len(definition) > 1 else {}
+                if not str(options.get("tooltip", "")).strip():
+                    problems.append(f"{name}.{input_name}: no tooltip")
+        if not spec.get("description", "").strip():
+            problems.append(f"{name}: no description")
+        tooltips = spec.get("output_tooltips") or []
+        if len(tooltips) != len(spec["output"]) or not all(str(t).strip() for t in tooltips):
+            problems.append(f"{name}: {len(tooltips)} output tooltips for {len(spec['output'])} outputs")
+        if not spec["category"].startswith("attnseg/"):
+            problems.append(f"{name}: category '{spec['category']}'")
+    assert not problems, "\n".join(problems)
+
+
+def test_a_workflow_ending_in_the_masks_node_runs_it_and_returns_its_previews(server, object_info):
+    """AttnSeg Masks is an output node: with nothing after it, the workflow is
+    accepted, the node runs and the history's ui output holds its preview images."""
+    assert object_info["AttnSegMasks"]["output_node"] is True
+    workflow = {
+        "1": {"class_type": "AttnSegDemoModelLoader", "inputs": {}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": server.add_input(REPO / "demo" / "attnseg-demo.png")}},
+        "3": {"class_type": "AttnSegTextEncode", "inputs": {
+            "clip": ["1", 1], "prompt": "a red circle and a blue square", "classes": "red circle, blue square",
+            "class_weight": 1.0, "fuse_ing_word": True, "preset": "custom"}},
+        "4": {"class_type": "AttnSegSegmentImage", "inputs": {
+            "model": ["1", 0], "vae": ["1", 2], "image": ["2", 0], "conditioning": ["3", 0], "timesteps": "100",
+            "seed": 0, "resolution": 256, "preset": "custom"}},
+        "5": {"class_type": "AttnSegDiffSegmenter", "inputs": {"attention": ["4", 0], "weights": "0.7,0.3",
+                                                               "self_completion": True, "preset": "custom"}},
+        "6": {"class_type": "AttnSegMasks", "inputs": {"scores": ["5", 0], "threshold": 0.6,
+                                                       "background": "threshold", "image": ["2", 0]}},
+    }
+    entry = server.run(workflow)
+    shown = entry["outputs"]["6"]["images"]
+    assert len(shown) == 2  # the labels and the heat map of the one image
+    for picture in shown:
+        path = server.base / picture["type"] / picture["subfolder"] / picture["filename"]
+        assert picture["type"] == "temp" and read(path).shape[2] == 3
+
+
 @pytest.mark.parametrize("name", ["segment-image", "diffsegmenter-segment", "generate-and-segment", "iseg-segment", "iseg-seeds",
                                   "goca-segment", "scfg-generate", "p2p-edit-generated", "p2p-edit-image"])
 def test_ui_workflows_match_their_api_form(object_info, name):
