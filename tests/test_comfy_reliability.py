@@ -126,6 +126,15 @@ def test_one_pass_per_timestep_reports_each_pass_and_its_layers(sd15, clip):
     assert len(values) > 3 and {layers, 2 * layers} <= set(values)
 
 
+def test_a_pass_that_captures_nothing_still_ends_its_bar(sd15, clip):
+    cond, _ = encode_segmentation_prompt(clip, "a cat", "cat")
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with recorded_progress() as updates:
+        capture_pass(sd15, latent, cond, [100, 300], 0, (64, 64), CapturePlan(cross_steps=None, self_steps=None),
+                     per_pass=1)
+    assert updates == [(1, 2), (2, 2)]  # one step per pass
+
+
 def interrupting(model, after_calls: int):
     """A clone of ``model`` whose transformer blocks raise ComfyUI's interrupt at the
     ``after_calls``-th cross-attention output (mid-forward, patches already run)."""

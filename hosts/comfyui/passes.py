@@ -106,19 +106,20 @@ def timesteps_per_pass(model, latent: torch.Tensor, count: int) -> int:
 class LayerProgress:
     """The capture pass's progress bar, in captured layer calls: ``passes x layers``,
     known before the first pass; one step per call of a captured layer, and each
-    pass ends at its share. A Python counter and ComfyUI's bar update per call, no
-    device sync."""
+    pass ends at its share (one step per pass when a plan captures nothing). A
+    Python counter and ComfyUI's bar update per call, no device sync."""
 
     def __init__(self, model, info: UNetInfo, plan: CapturePlan, passes: int):
         """Wrap the capture patches of ``model`` (a clone with :func:`install_capture`
         run with ``plan``) so each call of a captured layer advances the bar."""
-        replaces = model.model_options["transformer_options"]["patches_replace"]
+        replaces = model.model_options["transformer_options"].get("patches_replace", {})
         self.layers = 0
         for kind, slot in (("cross", "attn2"), ("self", "attn1")):
             for key in dict.fromkeys(layer.patch_key for layer in plan.layers(info, kind)):
                 model.set_model_patch_replace(self._counted(replaces[slot][key]), slot, *key)
                 self.layers += 1
-        self.total = max(1, passes * self.layers)
+        self.per_pass = max(1, self.layers)
+        self.total = max(1, passes * self.per_pass)
         self.done = self.end = 0
         self.bar = comfy.utils.ProgressBar(self.total)
 
@@ -129,7 +130,7 @@ class LayerProgress:
         return counted
 
     def start_pass(self, index: int) -> None:
-        self.end = min(self.total, (index + 1) * self.layers)
+        self.end = min(self.total, (index + 1) * self.per_pass)
 
     def layer_called(self) -> None:
         if self.done < self.end:  # a pass the host splits into several UNet calls counts once
