@@ -301,14 +301,14 @@ def main() -> None:
                 "text_encoder": "frozen", "ema_decay": args.ema_decay}
     if args.resume:
         # Continue a saved model: same data, a lower learning rate, no VAE stage.
-        model, clip, vae = demo_model.load(args.resume, clip_dtype=torch.float32)
+        model, clip, vae = demo_model.load(args.resume, dtype=torch.float32)
         config = demo_model.training_config(args.resume)
         earlier = demo_model.training_info(args.resume)["training"]
         peak_lr, warmup = 3e-4, 50
     else:
         config = demo_model.CONFIG
         if args.vae_from:
-            vae = demo_model.load(args.vae_from, clip_dtype=torch.float32)[2]
+            vae = demo_model.load(args.vae_from, dtype=torch.float32)[2]
             config = {**config, "vae": demo_model.training_config(args.vae_from)["vae"]}
             earlier = demo_model.training_info(args.vae_from)["training"]
             vae_info = {"vae_from": args.vae_from.name, "vae_steps": earlier["vae_steps"]}

@@ -46,12 +46,14 @@ class AttnSegDemoModelLoader:
             if not demo_model.CHECKPOINT.is_file():
                 raise AttnSegError(f"checkpoint: the shipped demo checkpoint {demo_model.CHECKPOINT} is missing. "
                                    f"Reinstall the pack, or rebuild it with 'python demo/train.py'.")
-            return demo_model.load()
-        path = folder_paths.get_full_path(MODEL_FOLDER, checkpoint)
-        if path is None:
-            raise AttnSegError(f"checkpoint: '{checkpoint}' is not in models/{MODEL_FOLDER}/. Refresh the node "
-                               f"list, or choose '{SHIPPED}'.")
-        return demo_model.load(path)
+            path = demo_model.CHECKPOINT
+        else:
+            path = folder_paths.get_full_path(MODEL_FOLDER, checkpoint)
+            if path is None:
+                raise AttnSegError(f"checkpoint: '{checkpoint}' is not in models/{MODEL_FOLDER}/. Refresh the node "
+                                   f"list, or choose '{SHIPPED}'.")
+        # Prompt embeddings from models/embeddings/, as Load Checkpoint reads them.
+        return demo_model.load(path, embedding_directory=folder_paths.get_folder_paths("embeddings"))
 
 
 NODE_CLASS_MAPPINGS = {"AttnSegDemoModelLoader": AttnSegDemoModelLoader}

@@ -1,7 +1,32 @@
 """The embedded demo model: a tiny SD1-layout latent diffusion model (ComfyUI's
 UNet, SD1 CLIP text model with the real tokenizer, AutoencoderKL) trained on
 procedural shape scenes by demo/train.py. Its checkpoint is one safetensors
-file whose metadata holds the configs, so this module can rebuild it."""
+file whose metadata holds the configs, so this module can rebuild it.
+
+:func:`load` goes through the functions ComfyUI's Load Checkpoint runs
+(``comfy.sd.load_state_dict_guess_config``), with explicit configs where that
+loader detects them, so the model is placed, cast, loaded, partially
+loaded (low VRAM) and offloaded by ComfyUI's model management like any
+checkpoint, in every memory mode:
+
+- the UNet's weight dtype and compute (manual cast) dtype come from
+  ``model_management.unet_dtype`` / ``unet_manual_cast`` for the load device and
+  are set on the model config before the model is built, on
+  ``unet_inital_load_device``; ``BaseModel.load_model_weights`` loads the
+  weights, and the ``ModelPatcher`` gets model management's load and offload
+  devices (loaded to the GPU at once when it was built there, as that loader does);
+- the text encoder is ``comfy.sd.CLIP`` given its parameter count (which picks its
+  initial device), tokenizer data and options, its weights by ``CLIP.load_sd``;
+- the autoencoder is ``comfy.sd.VAE`` given the state dict and its config.
+
+Detection cannot stand in for the configs, whatever the checkpoint's keys: no
+supported model matches this UNet (``model_detection.model_config_from_unet``
+logs "no match" for context_dim 64, model_channels 64), ``comfy.sd.VAE`` without
+a config builds SD's full-size autoencoder (ch 128) and SD1.5's text encoder
+config is 768 wide. So the checkpoint keeps its own layout (unet., clip.,
+vae. prefixes and the configs in its metadata).
+
+The ``build_*`` functions make fresh fp32 parts for training (demo/train.py)."""
 
 from __future__ import annotations
 
@@ -21,6 +46,7 @@ from comfy.supported_models_base import ClipTarget
 from ...attnseg import AttnSegError
 
 CHECKPOINT = Path(__file__).resolve().parents[2] / "demo" / "attnseg-shapes.safetensors"
+UNET, CLIP, VAE = "unet.", "clip.", "vae."
 
 CONFIG = {
     "unet": dict(image_size=16, in_channels=4, out_channels=4, model_channels=64, num_res_blocks=[1, 1, 1],
@@ -36,47 +62,104 @@ CONFIG = {
 }
 
 
+class DemoModelConfig(comfy.supported_models.SD15):
+    """SD1.5's model config (latent format, eps prediction and its noise schedule,
+    SD1 text encoder target) for the demo UNet's shape, taken whole from the
+    stored config: SD15 would replace its heads with SD1.5's eight."""
+
+    unet_extra_config = {}
+
+
+def _clip_target() -> ClipTarget:
+    """SD1.5's text encoder target (what SD15.clip_target gives Load Checkpoint)."""
+    return ClipTarget(sd1_clip.SD1Tokenizer, sd1_clip.SD1ClipModel)
+
+
+def _text_encoder_options(config: dict, dtype: torch.dtype | None) -> dict:
+    """The text encoder's model_options: its width and depth (SD1 CLIP reads them
+    from clip_l_model_config), and ``dtype`` when given (None: ComfyUI chooses)."""
+    options = {"clip_l_model_config": dict(config)}
+    if dtype is not None:
+        options["dtype"] = dtype
+    return options
+
+
+def _vae_params(config: dict) -> dict:
+    return {"embed_dim": config["embed_dim"], "ddconfig": dict(config["ddconfig"])}
+
+
 def build_unet(config: dict):
-    model_config = comfy.supported_models.SD15(dict(config))
-    model_config.unet_config = dict(config)  # SD15 would otherwise fill in SD1.5's full-size defaults
-    model = model_config.get_model({})
-    device = comfy.model_management.get_torch_device()
-    return comfy.model_patcher.ModelPatcher(model, load_device=device,
+    model = DemoModelConfig(config).get_model({})
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())
 
 
 def build_clip(config: dict, dtype: torch.dtype | None = None):
     """``dtype`` None lets ComfyUI choose (fp16 on some devices); training passes fp32."""
-    options = {"clip_l_model_config": dict(config)}
-    if dtype is not None:
-        options["dtype"] = dtype
-    return comfy.sd.CLIP(target=ClipTarget(sd1_clip.SD1Tokenizer, sd1_clip.SD1ClipModel), model_options=options)
+    return comfy.sd.CLIP(target=_clip_target(), model_options=_text_encoder_options(config, dtype))
 
 
-def build_vae(config: dict, state_dict: dict | None = None):
-    params = {"embed_dim": config["embed_dim"], "ddconfig": dict(config["ddconfig"])}
-    if state_dict is None:
-        state_dict = AutoencoderKL(**params).state_dict()
-    return comfy.sd.VAE(sd=state_dict, config={"params": params})
+def build_vae(config: dict):
+    params = _vae_params(config)
+    return comfy.sd.VAE(sd=AutoencoderKL(**params).state_dict(), config={"params": params})
+
+
+def _check_keys(path: Path, part: str, missing, unexpected) -> None:
+    """A checkpoint in models/attnseg/ whose weights do not fit its own configs is
+    refused (ComfyUI's loader would only log it and run on uninitialised weights)."""
+    if missing or unexpected:
+        raise AttnSegError(f"checkpoint: the {part} weights of {Path(path).name} do not fit its config "
+                           f"({len(missing)} missing, e.g. {sorted(missing)[:2]}; {len(unexpected)} unexpected, "
+                           f"e.g. {sorted(unexpected)[:2]}). Rewrite it with demo/train.py.")
+
+
+def _load_unet(path: Path, sd: dict, model_config: DemoModelConfig, dtype: torch.dtype | None):
+    """Load Checkpoint's UNet steps (load_state_dict_guess_config), with our model config."""
+    mm = comfy.model_management
+    parameters = comfy.utils.calculate_parameters(sd, UNET)
+    load_device = mm.get_torch_device()
+    if dtype is None:
+        dtype = mm.unet_dtype(model_params=parameters, supported_dtypes=list(model_config.supported_inference_dtypes),
+                              weight_dtype=comfy.utils.weight_dtype(sd, UNET))
+    model_config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, load_device,
+                                                                  model_config.supported_inference_dtypes))
+    initial_device = mm.unet_inital_load_device(parameters, dtype)
+    model = model_config.get_model(sd, UNET, device=initial_device)
+    expected = set(model.diffusion_model.state_dict())
+    given = {k[len(UNET):] for k in sd if k.startswith(UNET)}
+    _check_keys(path, "UNet", expected - given, given - expected)
+    model.load_model_weights(sd, UNET)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())
+    if initial_device != torch.device("cpu"):
+        mm.load_models_gpu([patcher], force_full_load=True)
+    return patcher
 
 
 def _part(state: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def load(path: Path = CHECKPOINT, clip_dtype: torch.dtype | None = None):
-    """(MODEL, CLIP, VAE) from a checkpoint written by :func:`save`; ``clip_dtype``
-    as in :func:`build_clip` (training resumes in fp32)."""
+def load(path: Path = CHECKPOINT, dtype: torch.dtype | None = None, embedding_directory=None):
+    """(MODEL, CLIP, VAE) from a checkpoint written by :func:`save`, loaded as Load
+    Checkpoint loads a checkpoint (see the module docstring). ``dtype`` None: the
+    UNet, text encoder and autoencoder dtypes ComfyUI chooses for the devices;
+    training resumes with torch.float32 for all three."""
     state, metadata = comfy.utils.load_torch_file(str(path), safe_load=True, return_metadata=True)
     if not metadata or "attnseg_config" not in metadata:
         raise AttnSegError(f"checkpoint: {Path(path).name} was not written by demo/train.py (it has no AttnSeg "
                            f"config). Load other checkpoints with ComfyUI's Load Checkpoint.")
     config = json.loads(metadata["attnseg_config"])
-    model = build_unet(config["unet"])
-    model.model.diffusion_model.load_state_dict(_part(state, "unet."), strict=True)
-    clip = build_clip(config["clip"], dtype=clip_dtype)
-    clip.cond_stage_model.load_state_dict(_part(state, "clip."), strict=True)
-    vae = build_vae(config["vae"], _part(state, "vae."))
+    model_config = DemoModelConfig(config["unet"])
+    model = _load_unet(path, state, model_config, dtype)
+    vae_sd = _part(state, VAE)
+    vae = comfy.sd.VAE(sd=vae_sd, config={"params": _vae_params(config["vae"])}, dtype=dtype)
+    expected = set(vae.first_stage_model.state_dict())
+    _check_keys(path, "autoencoder", expected - set(vae_sd), set(vae_sd) - expected)
+    clip_sd = _part(state, CLIP)
+    clip = comfy.sd.CLIP(_clip_target(), embedding_directory=embedding_directory, tokenizer_data=clip_sd,
+                         parameters=comfy.utils.calculate_parameters(clip_sd),
+                         model_options=_text_encoder_options(config["clip"], dtype))
+    _check_keys(path, "text encoder", *clip.load_sd(clip_sd, full_model=True))
     return model, clip, vae
 
 
@@ -96,7 +179,7 @@ def save(path: Path, diffusion_model: torch.nn.Module, text_model: torch.nn.Modu
          config: dict, info: dict) -> None:
     """fp16 weights of the three parts, the configs and ``info`` as metadata."""
     state = {}
-    for prefix, module in (("unet.", diffusion_model), ("clip.", text_model), ("vae.", autoencoder)):
+    for prefix, module in ((UNET, diffusion_model), (CLIP, text_model), (VAE, autoencoder)):
         state.update({prefix + k: v.detach().half().contiguous() for k, v in module.state_dict().items()})
     metadata = {"attnseg_config": json.dumps(config), **{k: json.dumps(v) for k, v in info.items()}}
     comfy.utils.save_torch_file(state, str(path), metadata=metadata)
