@@ -4,10 +4,16 @@ Only the layers a plan selects get an attention replace patch; in captured
 steps such a layer computes attention with its probabilities (attnseg core),
 in every other step it calls ComfyUI's optimized attention (or the replace
 patch that was there before). A model-function wrapper tells the patches which
-sampling step is running, once per UNet call, so the patches never sync."""
+sampling step is running, once per UNet call, so the patches never sync.
+
+Calls may run at once (cond and uncond on two devices, each in its own thread):
+a call's capture flags travel in that call's own transformer_options, and adds
+to the store are serialised."""
 
 from __future__ import annotations
 
+import itertools
+import threading
 from dataclasses import dataclass
 
 import comfy.model_management
@@ -25,6 +31,8 @@ BRANCH_NAMES = {0: "cond", 1: "uncond"}
 HEAD_REDUCTIONS = ("mean", "auto")
 # GoCA's reference layer sits at half the latent resolution (SD1.5 at 512 px: 32 x 32).
 GOCA_REFERENCE_FACTOR = 2
+# Each install's transformer_options key: captures stacked on one model each read their own flags.
+_INSTALLS = itertools.count()
 
 
 def projection_weight(projection: torch.nn.Module, like: torch.Tensor) -> torch.Tensor:
@@ -155,7 +163,14 @@ def install_capture(model, info: UNetInfo, store: AttentionStore, plan: CaptureP
         raise AttnSegError(f"heads: '{plan.cross_heads}' is not one of {', '.join(HEAD_REDUCTIONS)}.")
     store.head_reduction = plan.cross_heads
     reference = plan.reference_layer(info)
-    state = {"cross": False, "self": False}
+    # This call's {"cross": bool, "self": bool}, set by the wrapper in a copy of the call's
+    # transformer_options; the attention patches get it in their extra options.
+    flags_key = f"attnseg_capture_{next(_INSTALLS)}"
+    # The adds of calls running at once: StoredMaps are created on a layer's first add
+    # (check, then insert) and summed in place. One lock around the add is the cheapest
+    # correct choice: it only queues kernels (no device sync), so it is held for
+    # microseconds, where per-thread stores would need a merge after every pass.
+    adding = threading.Lock()
     replaces = model.model_options.setdefault("transformer_options", {}).get("patches_replace", {})
     # The host repeats a shorter context to a common length: fold the copies of
     # the cond prompt back onto its own tokens (the uncond length is unknown).
@@ -191,7 +206,8 @@ def install_capture(model, info: UNetInfo, store: AttentionStore, plan: CaptureP
             # A large pass can take seconds per layer: an interrupt stops it at the next
             # patched layer (a flag read, no device sync).
             comfy.model_management.throw_exception_if_processing_interrupted()
-            rows = wanted_rows(extra, q.shape[0]) if state[kind] else None
+            flags = extra.get(flags_key)
+            rows = wanted_rows(extra, q.shape[0]) if flags and flags[kind] else None
             if not rows:
                 return fast(q, k, v, extra)
             h, w = extra["activations_shape"][-2:]
@@ -213,9 +229,10 @@ def install_capture(model, info: UNetInfo, store: AttentionStore, plan: CaptureP
                 branch_maps = maps if len(rows) == 1 else maps[part]
                 if kind == "cross":
                     branch_maps = fold_repeated_tokens(branch_maps, fold_lengths[branch])
-                store.add(key, branch, grid, branch_maps, stored_heads or extra["n_heads"])
-                if stores_queries and state["self"]:  # the same steps as the self-attention
-                    store.add(query_key, branch, (h, w), q[part])
+                with adding:
+                    store.add(key, branch, grid, branch_maps, stored_heads or extra["n_heads"])
+                    if stores_queries and flags["self"]:  # the same steps as the self-attention
+                        store.add(query_key, branch, (h, w), q[part])
             return out if previous is None else fast(q, k, v, extra)
 
         return patch
@@ -234,15 +251,15 @@ def install_capture(model, info: UNetInfo, store: AttentionStore, plan: CaptureP
     def wrapper(apply_model, args):
         options = args["c"].get("transformer_options", {})
         step, total = step_index(options.get("sample_sigmas"), args["timestep"])
-        state["cross"] = plan.cross_steps is not None and plan.cross_steps.contains(step, total)
-        state["self"] = plan.self_steps is not None and plan.self_steps.contains(step, total)
-        if state["cross"] or state["self"]:
-            store.steps.add(step)
-        try:
-            if previous_wrapper is not None:
-                return previous_wrapper(apply_model, args)
-            return apply_model(args["input"], args["timestep"], **args["c"])
-        finally:
-            state["cross"] = state["self"] = False
+        flags = {"cross": plan.cross_steps is not None and plan.cross_steps.contains(step, total),
+                 "self": plan.self_steps is not None and plan.self_steps.contains(step, total)}
+        if flags["cross"] or flags["self"]:
+            store.steps.add(step)  # one set.add: atomic under the GIL
+        # Copies, not the caller's dicts: a call running at once on another thread
+        # keeps its own flags, and the sampler's options stay as they were.
+        args = {**args, "c": {**args["c"], "transformer_options": {**options, flags_key: flags}}}
+        if previous_wrapper is not None:
+            return previous_wrapper(apply_model, args)
+        return apply_model(args["input"], args["timestep"], **args["c"])
 
     model.set_model_unet_function_wrapper(wrapper)
