@@ -5,10 +5,15 @@ scenes its captions describe."""
 import json
 
 import pytest
+import torch
 
 from comfy_env import REPO, import_pack
 
 pack = import_pack()
+import comfy.model_management  # noqa: E402
+import comfy.utils  # noqa: E402
+from comfy.cli_args import args  # noqa: E402
+from attnseg_pack.attnseg import AttnSegError  # noqa: E402
 from attnseg_pack.hosts.comfyui import demo_model  # noqa: E402
 from demo import evaluate  # noqa: E402
 
@@ -25,6 +30,33 @@ def test_the_shipped_checkpoint_is_small_and_documented():
     assert demo_model.CHECKPOINT.stat().st_size < 15 * 2**20
     summary = json.loads(demo_model.CHECKPOINT.with_suffix(".json").read_text())["training"]
     assert summary["seconds"] < 90 * 60 and summary["unet_steps"] > 1000 and summary["final_loss"] < 0.05
+
+
+def test_the_loader_takes_comfyuis_dtype_choices_as_load_checkpoint_does(monkeypatch):
+    """--bf16-unet and --fp32-text-enc reach the demo model through model
+    management, as they reach any checkpoint: bf16 UNet weights, computed in the
+    dtype unet_manual_cast picks for the device (the CPU has no bf16 compute)."""
+    monkeypatch.setattr(args, "bf16_unet", True)
+    monkeypatch.setattr(args, "fp32_text_enc", True)
+    model, clip, vae = demo_model.load()
+    device = comfy.model_management.get_torch_device()
+    assert model.model.get_dtype() == torch.bfloat16
+    assert model.model.manual_cast_dtype == comfy.model_management.unet_manual_cast(torch.bfloat16, device)
+    assert model.model.manual_cast_dtype is not None
+    assert clip.cond_stage_model.dtypes == {torch.float32}
+    assert model.load_device == device and model.offload_device == comfy.model_management.unet_offload_device()
+    store = evaluate.capture(model, clip, vae, evaluate.scene(0))
+    assert store.entries and all(bool(torch.isfinite(m.total).all()) for m in store.entries.values())
+
+
+@pytest.mark.parametrize("prefix, part", [("unet.", "UNet"), ("clip.", "text encoder"), ("vae.", "autoencoder")])
+def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_refused(tmp_path, prefix, part):
+    state, metadata = comfy.utils.load_torch_file(str(demo_model.CHECKPOINT), return_metadata=True)
+    dropped = next(k for k in state if k.startswith(prefix) and k.endswith(".weight"))
+    path = tmp_path / "incomplete.safetensors"
+    comfy.utils.save_torch_file({k: v for k, v in state.items() if k != dropped}, str(path), metadata=metadata)
+    with pytest.raises(AttnSegError, match=f"the {part} weights of incomplete.safetensors do not fit"):
+        demo_model.load(path)
 
 
 def test_a_slice_of_the_quality_benchmark_stays_above_its_floor(demo):
