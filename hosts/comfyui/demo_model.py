@@ -24,9 +24,11 @@ supported model matches this UNet (``model_detection.model_config_from_unet``
 logs "no match" for context_dim 64, model_channels 64), ``comfy.sd.VAE`` without
 a config builds SD's full-size autoencoder (ch 128) and SD1.5's text encoder
 config is 768 wide. So the checkpoint keeps its own layout (unet., clip.,
-vae. prefixes and the configs in its metadata).
+vae. prefixes and the configs in its metadata). The steps are ComfyUI 0.3.75's:
+a ComfyUI whose loader orders them otherwise (with dynamic VRAM its patcher comes
+before the weights, which it assigns) needs the same order here.
 
-The ``build_*`` functions make fresh fp32 parts for training (demo/train.py)."""
+The ``build_*`` functions make fresh, untrained parts for demo/train.py."""
 
 from __future__ import annotations
 
