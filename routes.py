@@ -7,15 +7,22 @@ the prompt as the model reads it, with the tokenizer of the CLIP that node last
 ran with for that client, else ComfyUI's SD1 tokenizer. A bad body gets a 400 with the reason,
 an oversized one a 413.
 
-The body is read up to a bound, every field is bounded, and tokenizing runs in a
-worker thread with a time bound, so no request can hold up the event loop."""
+GET /attnseg/demo-image?image=...&seed=...&width=...&height=... -> PNG: what the
+AttnSeg Demo Image node with those widgets outputs (the seed editor shows it
+before the graph has run). Bad parameters get a 400 with the reason.
+
+The body is read up to a bound, every field is bounded, and tokenizing and
+drawing run in a worker thread with a time bound, so no request can hold up the
+event loop."""
 
 import asyncio
+import io
 import json
 
 from aiohttp import web
 from server import PromptServer
 
+from .demo.images import demo_image
 from .hosts.comfyui.text import prompt_words, sd1_tokenizer, seen_tokenizer
 
 MAX_PROMPT_CHARS = 20_000
@@ -23,6 +30,7 @@ MAX_CLASSES_CHARS = 4_000
 MAX_CLASSES = 64
 MAX_BODY_BYTES = 64 * 1024
 TOKENIZE_SECONDS = 10.0
+DRAW_SECONDS = 10.0
 
 
 def bad_request(reason: str):
@@ -60,3 +68,31 @@ async def tokenize(request):
     except asyncio.TimeoutError:
         return web.json_response({"error": f"tokenizing took longer than {TOKENIZE_SECONDS:g} s"}, status=503)
     return web.json_response({**result, "tokenizer": "connected" if connected else "sd1"})
+
+
+def demo_png(choice: str, seed: int, width: int, height: int) -> bytes:
+    from PIL import Image
+    pixels, _, _ = demo_image(choice, seed, width, height)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+@PromptServer.instance.routes.get("/attnseg/demo-image")
+async def demo_image_route(request):
+    query = request.rel_url.query
+    try:
+        seed, width, height = (int(query.get(name, default)) for name, default in
+                               (("seed", 0), ("width", 192), ("height", 128)))
+    except ValueError:
+        return bad_request("seed, width and height must be integers")
+    if not 0 <= seed < 2 ** 32:
+        return bad_request("seed: 0 .. 2^32-1")
+    work = asyncio.get_running_loop().run_in_executor(None, demo_png, query.get("image", ""), seed, width, height)
+    try:
+        png = await asyncio.wait_for(work, DRAW_SECONDS)
+    except ValueError as error:
+        return bad_request(str(error))
+    except asyncio.TimeoutError:
+        return web.json_response({"error": f"drawing took longer than {DRAW_SECONDS:g} s"}, status=503)
+    return web.Response(body=png, content_type="image/png")

@@ -12,7 +12,16 @@ import json
 import sys
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-COLUMN = 340
+# Node sizes are estimated generously from what a node shows, so the frontend
+# never has to grow a node into its neighbour (the browser tests check no two
+# nodes intersect after load, in both canvases).
+WIDTH, GAP_X, GAP_Y = 340, 80, 50
+TITLE, ROW, WIDGET, MULTILINE = 40, 24, 30, 110
+TITLE_CHAR, TITLE_PADDING = 8, 70  # a node is at least as wide as its title
+# Room for what the pack's web extension and the image nodes draw inside a node.
+PANELS = {"AttnSegSeeds": 330, "AttnSegTextEncode": 100}
+IMAGE_NODES = {"SaveImage", "PreviewImage", "AttnSegMasks", "AttnSegSegment"}
+IMAGE_AREA = 300
 
 
 def _inputs(spec: dict) -> list[tuple[str, list]]:
@@ -30,6 +39,19 @@ def _has_control(definition: list) -> bool:
     return definition[0] == "INT" and bool(options.get("control_after_generate"))
 
 
+def node_size(class_type: str, title: str, spec: dict, sockets: int) -> list[int]:
+    """[width, height] that holds the node's title, slots, widgets and pictures."""
+    height = TITLE + ROW * max(sockets, len(spec["output"]))
+    for _, definition in _inputs(spec):
+        if _is_widget(definition):
+            options = definition[1] if len(definition) > 1 else {}
+            height += MULTILINE if options.get("multiline") else WIDGET
+            if _has_control(definition):
+                height += WIDGET
+    height += PANELS.get(class_type, 0) + (IMAGE_AREA if class_type in IMAGE_NODES else 0)
+    return [max(WIDTH, TITLE_PADDING + TITLE_CHAR * len(title)), height]
+
+
 def api_to_ui(api: dict, info: dict) -> dict:
     nodes, links = [], []
     ids = {key: int(key) for key in api}
@@ -41,8 +63,9 @@ def api_to_ui(api: dict, info: dict) -> dict:
             depth[key] = 1 + max((level(p) for p in parents), default=-1)
         return depth[key]
 
-    rows: dict[int, int] = {}
     outputs = {key: [[] for _ in info[node["class_type"]]["output"]] for key, node in api.items()}
+    column_height: dict[int, int] = {}
+    column_width: dict[int, int] = {}
     for key in sorted(api, key=lambda k: (level(k), ids[k])):
         node, spec = api[key], info[api[key]["class_type"]]
         inputs, widgets = [], []
@@ -63,14 +86,20 @@ def api_to_ui(api: dict, info: dict) -> dict:
                 outputs[source][slot].append(link_id)
             kind = definition[0] if not isinstance(definition[0], list) else "COMBO"
             inputs.append({"name": name, "type": kind, "link": link_id})
-        column = level(key)
-        row = rows.get(column, 0)
-        rows[column] = row + 1
-        nodes.append({"id": ids[key], "type": node["class_type"], "pos": [40 + column * COLUMN, 40 + row * 260],
-                      "size": [300, 180], "flags": {}, "order": len(nodes), "mode": 0,
-                      "title": node.get("_meta", {}).get("title", node["class_type"]),
+        column, title = level(key), node.get("_meta", {}).get("title", node["class_type"])
+        size = node_size(node["class_type"], title, spec, len(inputs))
+        top = column_height.get(column, 40)
+        column_height[column] = top + size[1] + GAP_Y
+        column_width[column] = max(column_width.get(column, 0), size[0])
+        nodes.append({"id": ids[key], "type": node["class_type"], "pos": [column, top],
+                      "size": size, "flags": {}, "order": len(nodes), "mode": 0, "title": title,
                       "inputs": inputs, "properties": {"Node name for S&R": node["class_type"]},
                       "widgets_values": widgets, "_key": key})
+    lefts = [40]
+    for column in range(max(column_width)):
+        lefts.append(lefts[-1] + column_width[column] + GAP_X)
+    for ui_node in nodes:
+        ui_node["pos"][0] = lefts[ui_node["pos"][0]]
     for ui_node in nodes:
         spec, key = info[ui_node["type"]], ui_node.pop("_key")
         ui_node["outputs"] = [{"name": name, "type": kind, "links": outputs[key][slot], "slot_index": slot}

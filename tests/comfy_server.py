@@ -19,7 +19,8 @@ from pathlib import Path
 
 from comfy_env import REPO, comfyui_path
 
-PACK_FOLDER = "comfyui-attnseg"
+# The folder a Registry install uses (the node id in pyproject.toml).
+PACK_FOLDER = "attnseg"
 
 
 def free_port() -> int:

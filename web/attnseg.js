@@ -6,6 +6,7 @@ import { api } from "../../scripts/api.js";
 
 const SEED_NODE = "AttnSegSeeds";
 const TEXT_NODE = "AttnSegTextEncode";
+const DEMO_IMAGE_NODE = "AttnSegDemoImage";
 const SEED_COLOURS = ["#ff4d4d", "#4da6ff", "#4dff88", "#ffd24d", "#c44dff", "#ff9a4d"];
 
 function widget(node, name) {
@@ -20,14 +21,16 @@ function setWidget(node, name, value) {
   node.setDirtyCanvas?.(true, true);
 }
 
+// The node feeding an input, through the graph API (an input's own `link` field is deprecated).
 function upstream(node, inputName) {
-  const input = node.inputs?.find((i) => i.name === inputName);
-  if (!input || input.link == null) return null;
-  const link = app.graph.getLink?.(input.link) ?? app.graph.links?.[input.link];
-  return link ? app.graph.getNodeById(link.origin_id) : null;
+  const slot = node.inputs?.findIndex((i) => i.name === inputName) ?? -1;
+  if (slot < 0 || !node.isInputConnected(slot)) return null;
+  const link = node.getInputLink(slot);
+  return link ? node.graph.getNodeById(link.origin_id) : null;
 }
 
-// The image a seeds node segments: attention <- capture node <- its image input <- Load Image.
+// The image a seeds node segments: attention <- capture node <- its image input <- Load Image
+// (the file it shows) or AttnSeg Demo Image (the picture the pack's route draws from its widgets).
 function sourceImageUrl(node) {
   const seen = new Set();
   let frontier = [upstream(node, "attention")];
@@ -44,7 +47,12 @@ function sourceImageUrl(node) {
         const params = new URLSearchParams({ filename, type: "input", subfolder: parts.join("/") });
         return api.apiURL(`/view?${params}`);
       }
-      for (const input of current.inputs ?? []) next.push(upstream(current, input.name));
+      if (current.type === DEMO_IMAGE_NODE) {
+        const params = new URLSearchParams(Object.fromEntries(
+          ["image", "seed", "width", "height"].map((name) => [name, String(widget(current, name)?.value ?? "")])));
+        return api.apiURL(`/attnseg/demo-image?${params}`);
+      }
+      current.inputs?.forEach((input) => next.push(upstream(current, input.name)));
     }
     frontier = next;
   }
@@ -77,8 +85,11 @@ function seedEditor(node) {
   bar.append("Draw:", mode, undo, clear);
   const canvas = document.createElement("canvas");
   canvas.dataset.attnseg = "seed-canvas";
-  // The canvas takes the height the node leaves it (flex basis 0), so the whole image stays in view.
-  canvas.style.cssText = "width:100%;flex:1 1 0;min-height:60px;background:#222;cursor:crosshair;touch-action:none";
+  // The canvas is as wide as the node and as tall as the image's aspect asks
+  // (Nodes 2.0 sizes the widget from its content); a node kept shorter by hand
+  // shrinks it and the image is letterboxed inside.
+  canvas.style.cssText = "width:100%;flex:0 1 auto;min-height:60px;aspect-ratio:3/2;background:#222;" +
+    "cursor:crosshair;touch-action:none";
   const status = document.createElement("div");
   status.dataset.attnseg = "seed-status";
   box.append(bar, canvas, status);
@@ -106,6 +117,23 @@ function seedEditor(node) {
     const x = Math.round((cx - x0) / scale);
     const y = Math.round((cy - y0) / scale);
     return [Math.min(Math.max(x, 0), image.naturalWidth), Math.min(Math.max(y, 0), image.naturalHeight)];
+  }
+  function onImage(event) {
+    const rect = canvas.getBoundingClientRect();
+    const cx = ((event.clientX - rect.left) / rect.width) * canvas.width;
+    const cy = ((event.clientY - rect.top) / rect.height) * canvas.height;
+    const { scale, x0, y0 } = fit();
+    return cx >= x0 && cy >= y0 && cx <= x0 + image.naturalWidth * scale && cy <= y0 + image.naturalHeight * scale;
+  }
+  // A new image: the canvas takes its aspect, and a classic-canvas node grows to show it whole.
+  function matchAspect() {
+    canvas.style.aspectRatio = `${image.naturalWidth} / ${image.naturalHeight}`;
+    const rect = canvas.getBoundingClientRect();
+    const scale = app.canvas?.ds?.scale || 1;
+    if (!rect.width || !node.setSize) return;
+    const wanted = (rect.width * image.naturalHeight) / image.naturalWidth;
+    const missing = (wanted - rect.height) / scale;
+    if (missing > 1) node.setSize([node.size[0], node.size[1] + missing]);
   }
 
   function draw() {
@@ -145,7 +173,8 @@ function seedEditor(node) {
     const next = sourceImageUrl(node);
     if (!next) {
       url = null;
-      status.textContent = "Connect 'attention' to a capture node fed by a Load Image node to place seeds on its image.";
+      status.textContent = "Connect 'attention' to a capture node fed by a Load Image or AttnSeg Demo Image node " +
+        "to place seeds on its image.";
       status.style.color = "#f88";
       draw();
       return;
@@ -161,7 +190,7 @@ function seedEditor(node) {
       ? `${image.naturalWidth}x${image.naturalHeight} px. ${seeds().length} seed(s). Click: point; drag: box or line.`
       : "Loading the image…";
   }
-  image.onload = () => { refresh(); draw(); };
+  image.onload = () => { matchAspect(); refresh(); draw(); };
   image.onerror = () => {
     failed = true;
     status.textContent = "The connected image could not be loaded; run the Load Image node's upload first.";
@@ -172,6 +201,7 @@ function seedEditor(node) {
     event.stopPropagation();
     if (event.button !== 0) return;  // only the primary button places seeds
     if (!url || !image.naturalWidth) { refresh(); return; }
+    if (!onImage(event)) return;  // the letterbox around the image is not part of it
     const start = toImage(event);
     const kind = mode.value;
     drag = { start, seed: kind === "point" ? { point: start } : kind === "box" ? { box: [...start, ...start] } : { line: [start, start] } };
