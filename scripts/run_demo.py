@@ -1,6 +1,7 @@
-"""Runs workflows/api/segment-image.json headless on a real ComfyUI server with
-the embedded demo model (AttnSeg Demo Model Loader) and demo/attnseg-demo.png, and copies the masks and
-the preview to out/demo/ (or --out)."""
+"""Runs workflows/api/segment-image.json headless on a real ComfyUI server as the
+template opens: the embedded demo model (AttnSeg Demo Model Loader) on
+demo/attnseg-demo.png (AttnSeg Demo Image). Copies the masks and the preview to
+out/demo/ (or --out)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ def main() -> None:
     workflow = json.loads((REPO / "workflows" / "api" / "segment-image.json").read_text())
     with tempfile.TemporaryDirectory(prefix="attnseg-demo-") as base:
         with ComfyServer(Path(base)) as server:
-            workflow["2"]["inputs"]["image"] = server.add_input(DEMO_IMAGE)
             print(f"ComfyUI at {server.url}: running segment-image on {DEMO_IMAGE.name} with the demo model")
             outputs = server.output_files(server.run(workflow))
         if args.out.exists():

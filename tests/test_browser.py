@@ -208,6 +208,20 @@ def test_every_template_opens_from_the_template_browser_and_runs_as_opened(brows
     assert severe_errors(browser) == []
 
 
+def test_a_workflow_saved_with_the_old_socket_type_names_loads_and_runs(browser, server):
+    saved = (REPO / "workflows" / "diffsegmenter-segment.json").read_text()
+    graph = json.loads(saved.replace("ATTNSEG_STORE", "ATTN_STORE").replace("ATTNSEG_SCORES", "ATTN_SCORES"))
+    assert {"ATTN_STORE", "ATTN_SCORES"} <= {link[5] for link in graph["links"]}
+    browser.execute_async_script("const done = arguments[1]; app.loadGraphData(arguments[0]).then(() => done(true));",
+                                 graph)
+    types = browser.execute_script("const links = app.graph.links;"
+                                   "return [...(links instanceof Map ? links.values() : Object.values(links))]"
+                                   ".map(l => l.type)")
+    assert {"ATTNSEG_STORE", "ATTNSEG_SCORES"} <= set(types) and not {"ATTN_STORE", "ATTN_SCORES"} & set(types)
+    assert queue_and_wait(browser, server)["outputs"]
+    assert severe_errors(browser) == []
+
+
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_every_workflow_loads_without_frontend_errors(browser, name):
     load(browser, name)
@@ -272,6 +286,35 @@ def test_seed_editor_places_a_point_and_draws_a_box(browser):
     node_screenshot(browser, seeds, ARTIFACTS / "seed-editor.png")
     editor.find_element(By.CSS_SELECTOR, "[data-attnseg=seed-undo]").click()
     assert len(json.loads(widget_value(browser, seeds, "seeds"))) == 1
+    assert severe_errors(browser) == []
+
+
+def canvas_aspect(driver, canvas) -> float:
+    return driver.execute_script("const r = arguments[0].getBoundingClientRect(); return r.width / r.height", canvas)
+
+
+def test_seed_editor_takes_the_image_aspect_and_ignores_clicks_beside_it(browser):
+    load(browser, "iseg-seeds")
+    seeds = node_id(browser, "AttnSegSeeds")
+    focus(browser, seeds, 1.0)
+    canvas = canvas_of(browser, seeds)
+    wait_for(browser, "return arguments[0].closest('[data-attnseg=seed-editor]')"
+                      ".querySelector('[data-attnseg=seed-status]').textContent.includes('192x128')", 30, canvas)
+    time.sleep(1.0)
+    assert canvas_aspect(browser, canvas) == pytest.approx(192 / 128, rel=0.05)
+    editor = browser.execute_script("return arguments[0].closest('[data-attnseg=seed-editor]')", canvas)
+    editor.find_element(By.CSS_SELECTOR, "[data-attnseg=seed-clear]").click()
+    if browser.canvas_kind == "classic":
+        # A node kept shorter than the image asks: the image is letterboxed, its sides are not the image.
+        browser.execute_script("const n = app.graph.getNodeById(arguments[0]); n.setSize([n.size[0], n.size[1] - 120]);"
+                               "app.graph.setDirtyCanvas(true, true);", seeds)
+        time.sleep(1.5)
+        assert canvas_aspect(browser, canvas) > 192 / 128 * 1.2
+        ActionChains(browser).move_to_element_with_offset(canvas, -canvas.size["width"] // 2 + 3, 0).click().perform()
+        assert json.loads(widget_value(browser, seeds, "seeds")) == []
+    ActionChains(browser).move_to_element_with_offset(canvas, 0, 0).click().perform()
+    (point,) = json.loads(widget_value(browser, seeds, "seeds"))
+    assert point["point"] == [pytest.approx(96, abs=3), pytest.approx(64, abs=3)]
     assert severe_errors(browser) == []
 
 

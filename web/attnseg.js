@@ -369,3 +369,27 @@ app.registerExtension({
     };
   },
 });
+
+// Workflows saved before the pack's socket types were prefixed carry the old
+// names on their links and slots; renamed on load, so they connect and run as saved.
+const RENAMED_TYPES = { ATTN_STORE: "ATTNSEG_STORE", ATTN_SCORES: "ATTNSEG_SCORES" };
+
+function renameTypes(graph) {
+  if (!graph || typeof graph !== "object") return;
+  const renamed = (type) => RENAMED_TYPES[type] ?? type;
+  for (const link of graph.links ?? []) {
+    if (Array.isArray(link)) link[5] = renamed(link[5]);  // [id, origin, slot, target, slot, type]
+    else if (link) link.type = renamed(link.type);
+  }
+  for (const node of graph.nodes ?? []) {
+    for (const slot of [...(node.inputs ?? []), ...(node.outputs ?? [])]) slot.type = renamed(slot.type);
+  }
+  for (const subgraph of graph.definitions?.subgraphs ?? []) renameTypes(subgraph);
+}
+
+app.registerExtension({
+  name: "AttnSeg.RenamedTypes",
+  beforeConfigureGraph(graph) {
+    renameTypes(graph);
+  },
+});
