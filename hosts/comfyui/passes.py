@@ -4,6 +4,7 @@ sampler run that captures while it generates."""
 from __future__ import annotations
 
 import math
+import threading
 
 import comfy.model_management
 import comfy.sample
@@ -122,6 +123,7 @@ class LayerProgress:
         self.total = max(1, passes * self.per_pass)
         self.done = self.end = 0
         self.bar = comfy.utils.ProgressBar(self.total)
+        self.lock = threading.Lock()  # branches the host runs on two threads still report in order
 
     def _counted(self, patch):
         def counted(q, k, v, extra):
@@ -133,9 +135,10 @@ class LayerProgress:
         self.end = min(self.total, (index + 1) * self.per_pass)
 
     def layer_called(self) -> None:
-        if self.done < self.end:  # a pass the host splits into several UNet calls counts once
-            self.done += 1
-            self.bar.update_absolute(self.done, self.total)
+        with self.lock:
+            if self.done < self.end:  # a pass the host splits into several UNet calls counts once
+                self.done += 1
+                self.bar.update_absolute(self.done, self.total)
 
     def end_pass(self) -> None:
         if self.done < self.end:  # a captured layer the pass did not call
