@@ -105,7 +105,8 @@ def api_to_ui(api: dict, info: dict) -> dict:
         ui_node["outputs"] = [{"name": name, "type": kind, "links": outputs[key][slot], "slot_index": slot}
                               for slot, (name, kind) in enumerate(zip(spec["output_name"], spec["output"]))]
     return {"last_node_id": max(ids.values()), "last_link_id": len(links), "nodes": nodes, "links": links,
-            "groups": [], "config": {}, "extra": {}, "version": 0.4}
+            # Laid out for the classic canvas: Nodes 2.0 scales the layout as a whole on load.
+            "groups": [], "config": {}, "extra": {"workflowRendererVersion": "LG"}, "version": 0.4}
 
 
 def ui_to_api(ui: dict, info: dict) -> dict:

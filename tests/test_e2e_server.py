@@ -59,9 +59,9 @@ def api_workflow(name: str) -> dict:
 
 def run_on_scene(server, tmp_path, name: str, scene) -> dict:
     """Run a shipped workflow (image in node 2, prompt and classes in node 3) on a scene."""
-    Image.fromarray(scene.image).save(tmp_path / "scene.png")
     workflow = api_workflow(name)
-    workflow["2"]["inputs"]["image"] = server.add_input(tmp_path / "scene.png")
+    workflow["2"]["inputs"].update(image="random scene", seed=scene.seed, width=scene.image.shape[1],
+                                   height=scene.image.shape[0])
     workflow["3"]["inputs"].update(prompt=scene.caption, classes=", ".join(scene.class_names))
     return server.output_files(server.run(workflow))
 
@@ -153,7 +153,6 @@ def test_a_clicked_point_segments_its_object_of_a_demo_scene(server, tmp_path):
     """The seeds workflow on a demo scene: a point inside each object gives that
     object's mask, not a cell."""
     scene = make_scene(SCENE_SEED, width=192, height=128)
-    Image.fromarray(scene.image).save(tmp_path / "scene.png")
     truth = scene.label_map()
     points = []
     for index in range(len(scene.objects)):
@@ -161,7 +160,7 @@ def test_a_clicked_point_segments_its_object_of_a_demo_scene(server, tmp_path):
         middle = len(rows) // 2
         points.append({"point": [int(cols[middle]), int(rows[middle])]})
     workflow = api_workflow("iseg-seeds")
-    workflow["2"]["inputs"]["image"] = server.add_input(tmp_path / "scene.png")
+    workflow["2"]["inputs"].update(image="random scene", seed=scene.seed, width=192, height=128)
     workflow["5"]["inputs"]["seeds"] = json.dumps(points)
     outputs = server.output_files(server.run(workflow))
     ious = [mask_iou(read(path)[..., 0] > 0, truth == index + 1) for index, path in enumerate(outputs["9"])]
@@ -192,7 +191,6 @@ def test_class_picker_reads_with_the_tokenizer_its_node_ran_with_for_that_client
     with SD1's for any other client."""
     client = uuid.uuid4().hex
     workflow = api_workflow("diffsegmenter-segment")
-    workflow["2"]["inputs"]["image"] = server.add_input(REPO / "demo" / "attnseg-demo.png")
     workflow["3"]["inputs"]["class_weight"] = 1.001  # not a cached result: the text node must run
     server.run(workflow, client_id=client)
 
@@ -236,10 +234,9 @@ def test_goca_workflow_with_the_papers_settings_on_an_sdxl_layout(server, object
     decoder's half-resolution reference layer, rescaling, k = 2, a background class."""
     assert SDXL_LAYOUT_CHECKPOINT in object_info["AttnSegDemoModelLoader"]["input"]["optional"]["checkpoint"][0]
     scene = make_scene(SCENE_SEED, width=192, height=128)
-    Image.fromarray(scene.image).save(tmp_path / "scene.png")
     workflow = api_workflow("goca-segment")
     workflow["1"]["inputs"]["checkpoint"] = SDXL_LAYOUT_CHECKPOINT
-    workflow["2"]["inputs"]["image"] = server.add_input(tmp_path / "scene.png")
+    workflow["2"]["inputs"].update(image="random scene", seed=scene.seed, width=192, height=128)
     workflow["3"]["inputs"].update(prompt=scene.caption + " on the ground",
                                    classes=", ".join(scene.class_names) + ", ground")
     workflow["5"]["inputs"].update(layer_weights="auto", rescaling=True, blur=5, propagation_order=2,
@@ -256,7 +253,6 @@ def test_seeds_workflow_segments_the_clicked_and_the_boxed_object(server):
     """The shipped seeds workflow on the demo image: a point on the red circle and a
     box on the blue square, no class words."""
     workflow = api_workflow("iseg-seeds")
-    workflow["2"]["inputs"]["image"] = server.add_input(REPO / "demo" / "attnseg-demo.png")
     outputs = server.output_files(server.run(workflow))
     image = read(REPO / "demo" / "attnseg-demo.png")
     clicked, boxed = (read(p)[..., 0] > 0 for p in outputs["9"])
@@ -292,7 +288,6 @@ def test_p2p_workflow_edits_a_generated_image(server):
 def test_p2p_workflow_edits_an_input_image(server):
     """The demo image's red circle becomes yellow; outside the mask the composite is the input."""
     workflow = api_workflow("p2p-edit-image")
-    workflow["3"]["inputs"]["image"] = server.add_input(REPO / "demo" / "attnseg-demo.png")
     outputs = server.output_files(server.run(workflow))
     composite, mask = read(outputs["11"][0]), read(outputs["9"][0])
     original = read(REPO / "demo" / "attnseg-demo.png")
@@ -304,15 +299,18 @@ def test_p2p_workflow_edits_an_input_image(server):
     assert colour_mask(composite, "yellow")[red].mean() > 0.3
 
 
-def test_generate_and_segment_workflow(server):
-    workflow = api_workflow("generate-and-segment")
-    workflow["4"]["inputs"].update(width=192, height=128)
-    workflow["5"]["inputs"].update(steps=3)
-    outputs = server.output_files(server.run(workflow))
-    generated, = outputs["9"]
-    assert read(generated).shape == (128, 192, 3)
-    masks = outputs["12"]
-    assert len(masks) == 2 and all(read(p).shape == (128, 192, 3) for p in masks)
+def test_generate_and_segment_workflow_masks_what_the_demo_model_drew(server):
+    """The template as it opens: the demo model draws a red circle and a blue
+    square, and each class's mask covers the pixels of its colour."""
+    outputs = server.output_files(server.run(api_workflow("generate-and-segment")))
+    generated = read(outputs["9"][0])
+    assert generated.shape == (128, 128, 3)
+    masks = [read(path)[..., 0] > 0 for path in outputs["12"]]
+    assert len(masks) == 2
+    for mask, colour in zip(masks, ("red", "blue")):
+        drawn = colour_mask(generated, colour)
+        assert drawn.mean() > 0.05, f"the demo model drew no {colour}"
+        assert mask_iou(mask, drawn) > 0.5, colour
 
 
 def test_a_class_missing_from_the_prompt_is_reported_by_name(server):
@@ -385,9 +383,8 @@ def test_soak_fifty_segmentations_do_not_grow_the_servers_memory(server, tmp_pat
     for run in range(50):
         width, height = sizes[run % len(sizes)]
         scene = make_scene(1000 + run, width=width, height=height)
-        Image.fromarray(scene.image).save(tmp_path / f"scene{run % 4}.png")
         workflow = api_workflow("diffsegmenter-segment")
-        workflow["2"]["inputs"]["image"] = server.add_input(tmp_path / f"scene{run % 4}.png")
+        workflow["2"]["inputs"].update(image="random scene", seed=scene.seed, width=width, height=height)
         workflow["3"]["inputs"].update(prompt=scene.caption, classes=", ".join(scene.class_names))
         workflow["4"]["inputs"].update(seed=run, resolution=2 * max(width, height))
         server.run(workflow)
@@ -395,3 +392,37 @@ def test_soak_fifty_segmentations_do_not_grow_the_servers_memory(server, tmp_pat
     settled = max(rss[2:5])
     assert rss[-1] < settled + 50, rss  # MiB (measured: flat within ~10); one leaked store a run adds ~14
     assert server.get("/system_stats")["system"]
+
+
+def get_png(server, query: dict) -> np.ndarray:
+    import io
+    import urllib.parse
+    import urllib.request
+    with urllib.request.urlopen(f"{server.url}/attnseg/demo-image?{urllib.parse.urlencode(query)}", timeout=30) as r:
+        assert r.headers["Content-Type"] == "image/png"
+        return np.asarray(Image.open(io.BytesIO(r.read())).convert("RGB"))
+
+
+def test_the_demo_image_node_and_the_route_the_seed_editor_reads_draw_the_same_picture(server):
+    scene = make_scene(7, width=160, height=96)
+    widgets = {"image": "random scene", "seed": 7, "width": 160, "height": 96}
+    workflow = {"1": {"class_type": "AttnSegDemoImage", "inputs": widgets},
+                "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "attnseg/demo"}}}
+    saved, = server.output_files(server.run(workflow))["2"]
+    assert np.array_equal(read(saved), scene.image)
+    assert np.array_equal(get_png(server, widgets), scene.image)
+    shipped = {"image": "attnseg-demo.png", "seed": 0, "width": 192, "height": 128}
+    assert np.array_equal(get_png(server, shipped), read(REPO / "demo" / "attnseg-demo.png"))
+
+
+@pytest.mark.parametrize("query, reason", [
+    ({"image": "random scene", "width": 5000}, "width: 5000 is outside 64..1024 px"),
+    ({"image": "other.png"}, "image: 'other.png' is not one of"),
+    ({"image": "random scene", "seed": "x"}, "seed, width and height must be integers"),
+    ({"image": "random scene", "seed": -1}, "seed: 0 .. 2^32-1"),
+])
+def test_the_demo_image_route_explains_bad_parameters(server, query, reason):
+    import urllib.error
+    with pytest.raises(urllib.error.HTTPError) as error:
+        get_png(server, query)
+    assert error.value.code == 400 and reason in json.loads(error.value.read())["error"]

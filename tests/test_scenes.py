@@ -162,3 +162,13 @@ def test_many_scenes_run():
     scenes = make_dataset(range(200))
     assert len(scenes) == 200
     assert len({s.caption for s in scenes}) > 50
+
+
+def test_the_demo_image_of_a_random_scene_is_that_scene_with_its_caption_and_classes():
+    from demo.images import SHIPPED, demo_image
+    scene = make_scene(7, width=160, height=96)
+    pixels, caption, classes = demo_image("random scene", 7, 160, 96)
+    assert np.array_equal(pixels, scene.image) and caption == scene.caption and classes == scene.class_names
+    shipped, caption, classes = demo_image(SHIPPED, 0, 64, 64)
+    assert shipped.shape == (128, 192, 3) and classes == ["red circle", "blue square"]
+    assert caption == "a red circle and a blue square"
