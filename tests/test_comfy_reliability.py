@@ -2,7 +2,6 @@
 cannot hold are refused before they start."""
 
 import contextlib
-import threading
 import time
 
 import pytest
@@ -36,26 +35,37 @@ def no_pending_interrupt():
     comfy.model_management.interrupt_current_processing(False)
 
 
-def test_an_interrupt_during_a_long_segment_pass_stops_it_mid_pass(sd15, clip, vae):
+def test_an_interrupt_during_a_long_segment_pass_stops_it_mid_pass(sd15, clip, vae, monkeypatch):
+    """The interrupt lands halfway through the pass's captured layers (read off the
+    progress bar, so no timer races the machine's load): the pass stops at the
+    next layer instead of running the rest."""
     cond, _ = encode_segmentation_prompt(clip, "a cat", "cat")
     image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    updates = []
+    original = comfy.utils.ProgressBar.update_absolute
+
+    def record(self, value, total=None, preview=None):
+        updates.append((value, total, time.perf_counter()))
+        if fire_at is not None and value == fire_at:
+            comfy.model_management.interrupt_current_processing(True)
+        return original(self, value, total, preview)
+
+    monkeypatch.setattr(comfy.utils.ProgressBar, "update_absolute", record)
+    fire_at = None
     began = time.perf_counter()
     segment_image(sd15, vae, image, cond, [100, 200, 300, 400], 0, 512)
     full = time.perf_counter() - began
-    assert full > 2.0  # long enough for the interrupt to land mid-pass
-    fired = {}
-
-    def interrupt():
-        fired["at"] = time.perf_counter()
-        comfy.model_management.interrupt_current_processing(True)
-
-    timer = threading.Timer(0.6 * full, interrupt)  # inside the UNet pass, after the VAE encode
-    timer.start()
+    total = updates[-1][1]
+    assert total >= 4 and updates[-1][0] == total
+    updates.clear()
+    fire_at = total // 2
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         segment_image(sd15, vae, image, cond, [100, 200, 300, 400], 0, 512)
-    # Stopped inside the pass: well before the 40% left of it could run (a bound
-    # relative to this machine's speed, so a loaded 2-core runner holds it too).
-    assert time.perf_counter() - fired["at"] < 0.2 * full
+    fired = next(at for value, _, at in updates if value == fire_at)
+    assert max(value for value, _, _ in updates) == fire_at  # no captured layer ran after it
+    # The rest of the pass (half of it) did not run (a bound relative to this
+    # machine's speed, so a loaded 2-core runner holds it too).
+    assert time.perf_counter() - fired < 0.25 * full
 
 
 def test_a_pass_the_device_cannot_hold_is_refused_with_the_size_it_needs(sd15, clip, vae, monkeypatch):
