@@ -117,3 +117,54 @@ def fold_repeated_tokens(maps: torch.Tensor, token_count: int | None) -> torch.T
     if not token_count or total == token_count or total % token_count:
         return maps
     return maps.unflatten(-1, (total // token_count, token_count)).sum(dim=-2)
+
+
+def joint_attention_maps(q: torch.Tensor, k: torch.Tensor, query_rows: slice,
+                         key_blocks: dict[str, tuple[slice, GridPool | None]],
+                         reducer: HeadReducer = head_mean, keep: slice = slice(None),
+                         mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Blocks of a joint attention softmax without the attention itself.
+
+    ``q``, ``k``: (B, heads, L, d), positional encoding already applied. For the
+    queries ``query_rows`` (contiguous) and each named key block (its key slice, and a pool
+    for both axes or None), returns the head-reduced probabilities (B', n, n_k)
+    in fp32 of the batch rows ``keep``, normalised over *all* keys: each block
+    is exp(q . k_block - lse), with lse the row's log-sum-exp over every key,
+    computed in query chunks. The host's fast kernel still makes the output, so
+    no value product and no (heads x L x L) tensor is ever formed here.
+    ``mask`` is the host's attention mask (boolean: True = attend; else added
+    to the scores), broadcastable to (B, heads, L, L)."""
+    batch, heads, _, dim = q.shape
+    n_k = k.shape[2]
+    rows = range(q.shape[2])[query_rows]
+    kf = k[keep].float().transpose(-1, -2)
+    if mask is not None:
+        mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
+        mask = mask[keep] if mask.shape[0] == batch else mask
+    kept = kf.shape[0]
+    maps = {}
+    for name, (keys, pool) in key_blocks.items():
+        n_cols = len(range(n_k)[keys])
+        if pool is not None and not pool.identity:
+            maps[name] = q.new_zeros((kept, pool.size, pool.size), dtype=torch.float32)
+        else:
+            maps[name] = q.new_zeros((kept, len(rows), n_cols), dtype=torch.float32)
+    step = max(1, CHUNK_ELEMENTS // max(1, kept * heads * n_k))
+    for start in range(0, len(rows), step):
+        stop = min(len(rows), start + step)
+        chunk = slice(rows.start + start, rows.start + stop)
+        scores = torch.matmul(q[keep, :, chunk].float(), kf).mul_(dim ** -0.5)
+        if mask is not None:
+            part = mask[:, :, chunk] if mask.shape[2] > 1 else mask
+            scores = scores.masked_fill(~part, float("-inf")) if part.dtype == torch.bool else scores + part
+        lse = scores.logsumexp(dim=-1, keepdim=True)
+        for name, (keys, pool) in key_blocks.items():
+            reduced = reducer(scores[..., keys].sub(lse).exp_(), None)
+            if pool is not None and not pool.identity:
+                maps[name].index_add_(1, pool.cells[start:stop], pool.pool_keys(reduced))
+            else:
+                maps[name][:, start:stop] = reduced
+    for name, (_, pool) in key_blocks.items():
+        if pool is not None and not pool.identity:
+            maps[name] /= pool.counts.to(torch.float32)[None, :, None]
+    return maps

@@ -12,15 +12,24 @@ from .tokens import SegPrompt
 
 @dataclass(frozen=True, order=True)
 class LayerKey:
-    """One attention layer of a UNet: ``kind`` is "cross" or "self"; ``block`` is
-    "input", "middle" or "output"; ``depth`` indexes the transformer inside the
-    block. ``factor`` is the latent-to-grid downscale (1 = full latent size)."""
+    """One attention layer: ``kind`` is "cross" or "self"; ``factor`` is the
+    latent-to-grid downscale (1 = full latent size).
+
+    A UNet layer: ``block`` is "input", "middle" or "output", ``depth`` indexes
+    the transformer inside the block. A DiT block (see ``dit``): ``block`` is
+    the block type ("double" or "single" on Flux), ``block_id`` its index,
+    depth 0, factor the patch size. On a DiT "cross" means the image-query x
+    text-key part of the joint softmax, "self" its image x image part."""
 
     kind: str
     block: str
     block_id: int
     depth: int
     factor: int
+
+    @classmethod
+    def dit(cls, kind: str, block_type: str, index: int, patch_size: int) -> "LayerKey":
+        return cls(kind, block_type, index, 0, patch_size)
 
     @property
     def name(self) -> str:
