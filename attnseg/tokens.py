@@ -1,7 +1,8 @@
 """Class words -> token positions in the prompt as the text encoder sees it.
 
 Positions index the flattened token sequence of all 77-token chunks (each with
-its own BOS), which is exactly the key axis of the UNet's cross-attention."""
+its own BOS), which is exactly the key axis of the UNet's cross-attention; for a
+T5 (SentencePiece) stream, the T5 token list (no BOS, EOS, then padding)."""
 
 from __future__ import annotations
 
@@ -107,21 +108,93 @@ def locate_classes(prompt_tokens: Sequence, class_tokens: dict[str, Sequence], w
         if len(part) == 0:
             raise AttnSegError(f"{input_name}: '{name}' has no tokens the text encoder can read.")
         start = find_subsequence(content_tokens, part, same)
-        if start < 0 and "(" in name and ":" in name:
-            raise AttnSegError(
-                f"{input_name}: '{name}' carries prompt weight syntax. List the class's words without it "
-                f"(the prompt may keep '{name}'), e.g. '{name.strip('()').rsplit(':', 1)[0].strip()}'.")
-        if start < 0 and input_name != "classes":
-            raise AttnSegError(
-                f"{input_name}: '{name}' is not in the prompt; {input_name} must be words of the prompt, as "
-                f"written there. The prompt the model sees is: {readable(words)}")
         if start < 0:
-            raise AttnSegError(
-                f"{input_name}: the class '{name}' is not in the prompt. Add it to the prompt exactly as "
-                f"written, or leave the prompt empty to use 'a photograph of ...'. The prompt the model "
-                f"sees is: {readable(words)}")
+            raise _not_in_prompt(name, words, input_name)
         found.append(ClassTokens(name, tuple(content[start:start + len(part)])))
     return SegPrompt(text=text, classes=tuple(found), token_count=len(prompt_tokens), words=tuple(words))
+
+
+def _not_in_prompt(name: str, words: Sequence[str], input_name: str) -> AttnSegError:
+    if "(" in name and ":" in name:
+        return AttnSegError(
+            f"{input_name}: '{name}' carries prompt weight syntax. List the class's words without it "
+            f"(the prompt may keep '{name}'), e.g. '{name.strip('()').rsplit(':', 1)[0].strip()}'.")
+    if input_name != "classes":
+        return AttnSegError(
+            f"{input_name}: '{name}' is not in the prompt; {input_name} must be words of the prompt, as "
+            f"written there. The prompt the model sees is: {readable(words)}")
+    return AttnSegError(
+        f"{input_name}: the class '{name}' is not in the prompt. Add it to the prompt exactly as "
+        f"written, or leave the prompt empty to use 'a photograph of ...'. The prompt the model "
+        f"sees is: {readable(words)}")
+
+
+# SentencePiece (T5) writes a space as this mark, at the start of the piece that follows it.
+WORD_START = "\u2581"
+
+
+def _spelled(pieces: Sequence[str | None]) -> tuple[str, list[int]]:
+    """(the lower-cased text ``pieces`` spell, the position of the piece each character
+    came from); None pieces (EOS, padding) spell nothing."""
+    chars, owners = [], []
+    for position, piece in enumerate(pieces):
+        for char in (piece or "").replace(WORD_START, " "):
+            # Per character, so a character that lower-cases to two keeps its owner.
+            lowered = char.lower()
+            chars.append(lowered)
+            owners.extend([position] * len(lowered))
+    return "".join(chars), owners
+
+
+def _whole_word_at(text: str, needle: str) -> int:
+    """First index of ``needle`` in ``text`` not inside a longer word, or -1."""
+    start = text.find(needle)
+    while start >= 0:
+        end = start + len(needle)
+        if (start == 0 or not text[start - 1].isalnum()) and (end == len(text) or not text[end].isalnum()):
+            return start
+        start = text.find(needle, start + 1)
+    return -1
+
+
+def locate_pieces(prompt_pieces: Sequence[str | None], class_pieces: dict[str, Sequence[str]], text: str,
+                  input_name: str = "classes") -> SegPrompt:
+    """``locate_classes`` for SentencePiece tokenizers (T5): positions index ``prompt_pieces``.
+
+    Matched on the text the pieces spell, not on token ids, because SentencePiece
+    splits a word by what surrounds it: 'cat' alone is '▁cat', in 'dog,cat' it is
+    'cat'. A class is found as whole words, case aside, and takes every piece that
+    spells one of its letters; a piece that is only the word-start mark (T5 reads
+    'hummingbird' as '▁' 'h' 'umming' 'bird') spells none and is left out: that
+    one token id stands before many words, so its attention is not the class's.
+    ``prompt_pieces`` holds None for EOS and padding; ``class_pieces`` maps each
+    class name to its pieces as the tokenizer reads it alone, so both sides pass
+    the tokenizer's normalisation (a character it does not know is '<unk>' in both)."""
+    spelled, owners = _spelled(prompt_pieces)
+    words = [(piece or "").replace(WORD_START, "") for piece in prompt_pieces]
+    found = []
+    for name, part in class_pieces.items():
+        needle = _spelled(part)[0].strip()
+        if not needle:
+            raise AttnSegError(f"{input_name}: '{name}' has no tokens the text encoder can read.")
+        start = _whole_word_at(spelled, needle)
+        if start < 0:
+            raise _not_in_prompt(name, words, input_name)
+        span = range(start, start + len(needle))
+        found.append(ClassTokens(name, tuple(sorted({owners[i] for i in span if not spelled[i].isspace()}))))
+    return SegPrompt(text=text, classes=tuple(found), token_count=len(prompt_pieces), words=tuple(words))
+
+
+def joined(first: SegPrompt, second: SegPrompt, from_first: bool = True, from_second: bool = True) -> SegPrompt:
+    """The two prompts' token sequences one after the other (SD3's context: CLIP,
+    then T5), same text and classes; each class takes its positions in the parts
+    asked for, the second's moved past the first's ``token_count``."""
+    offset = first.token_count
+    classes = tuple(
+        ClassTokens(a.name, (a.positions if from_first else ()) + (tuple(p + offset for p in b.positions)
+                                                                  if from_second else ()))
+        for a, b in zip(first.classes, second.classes, strict=True))
+    return SegPrompt(first.text, classes, offset + second.token_count, first.words + second.words)
 
 
 def fuse_ing_words(prompt: SegPrompt) -> SegPrompt:

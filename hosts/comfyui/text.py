@@ -8,8 +8,8 @@ from collections import OrderedDict
 import torch
 
 from ...attnseg.errors import AttnSegError
-from ...attnseg.tokens import (SegPrompt, find_subsequence, fuse_ing_words, iseg_template_prompt, locate_classes,
-                               parse_class_list, template_prompt)
+from ...attnseg.tokens import (SegPrompt, find_subsequence, fuse_ing_words, iseg_template_prompt, joined,
+                               locate_classes, locate_pieces, parse_class_list, template_prompt)
 from .catcross import KeyScale
 
 # The conditioning dict keys that carry the class metadata and Cat-Cross's
@@ -81,6 +81,87 @@ def segmentation_prompt(clip, prompt: str, classes: str, template=template_promp
     names = parse_class_list(classes)
     text = prompt.strip() or template(names)
     meta, tokens = locate_words(clip, text, names)
+    return text, meta, tokens
+
+
+# The token lists a DiT's text sequence can be made of, for ``part`` to choose from.
+DIT_TEXT_PARTS = ("both", "clip", "t5")
+
+
+def _t5_pieces(t5_tokenizer, chunks) -> list[str | None]:
+    """A T5 stream's tokens as SentencePiece pieces ('▁red'); None for EOS and padding."""
+    specials = {t5_tokenizer.end_token, t5_tokenizer.pad_token}
+    pieces = []
+    for entry in (entry for chunk in chunks for entry in chunk):
+        token = entry[0]
+        if isinstance(token, torch.Tensor):
+            pieces.append("<embedding>")
+        else:
+            pieces.append(None if token in specials else t5_tokenizer.tokenizer.convert_ids_to_tokens(int(token)))
+    return pieces
+
+
+def t5_class_prompt(clip, tokens: dict, text: str, names: list[str], input_name: str = "classes") -> SegPrompt:
+    """Class metadata in the T5-XXL stream of ``tokens`` (``clip.tokenize(text)``):
+    positions index that stream's token list (no BOS; EOS, then padding)."""
+    t5 = clip.tokenizer.t5xxl
+    class_pieces = {name: [p for p in _t5_pieces(t5, t5.tokenize_with_weights(name, disable_weights=True)) if p]
+                    for name in names}
+    return locate_pieces(_t5_pieces(t5, tokens["t5xxl"]), class_pieces, text, input_name)
+
+
+def dit_text_parts(clip) -> tuple[str, ...]:
+    """The token lists, in order, that the DiT's text sequence is made of.
+
+    Flux's tokenizer (``FluxTokenizer``: CLIP-L and T5-XXL) feeds T5's tokens alone:
+    CLIP-L gives only the pooled vector. SD3's (``SD3Tokenizer``) context is CLIP-L
+    and -G side by side (one position per CLIP token), then T5's tokens, less what
+    the loaded encoder lacks (SD3 runs without T5, or with T5 alone)."""
+    tokenizer = clip.tokenizer
+    if not hasattr(tokenizer, "t5xxl"):
+        raise AttnSegError(f"clip: {type(tokenizer).__name__} has no T5-XXL tokenizer; a DiT segmentation "
+                           f"prompt needs Flux's or SD3's text encoder. Connect the CLIP loaded with the DiT.")
+    if not hasattr(tokenizer, "clip_g"):
+        return ("t5",)
+    # Tokenizers are built for all three parts whatever was loaded; the encoder says which ran.
+    encoder = getattr(clip, "cond_stage_model", None)
+    has_clip = getattr(encoder, "clip_l", True) is not None or getattr(encoder, "clip_g", True) is not None
+    has_t5 = getattr(encoder, "t5xxl", True) is not None
+    return ("clip",) * has_clip + ("t5",) * has_t5
+
+
+def locate_dit_words(clip, text: str, names: list[str], part: str = "both",
+                     input_name: str = "classes") -> tuple[SegPrompt, dict]:
+    """(class metadata, tokens to encode) for a DiT, positions in the text sequence it attends over.
+
+    Flux: positions index the t5xxl token list (256 tokens at least). SD3: they index
+    the whole context, CLIP's tokens (77 per chunk) first, so T5 positions are moved
+    by the CLIP length; ``part`` "clip" takes each class's CLIP positions, "t5" its T5
+    positions, "both" the two. A part the sequence lacks is refused."""
+    if part not in DIT_TEXT_PARTS:
+        raise AttnSegError(f"part: '{part}' is not one of {', '.join(DIT_TEXT_PARTS)}.")
+    parts = dit_text_parts(clip)
+    if part != "both" and part not in parts:
+        raise AttnSegError(f"part: this text encoder's sequence has no '{part}' tokens (it is made of "
+                           f"{' then '.join(parts)}). Choose {' or '.join(parts + ('both',))}.")
+    if "clip" in parts:
+        clip_meta, tokens = locate_words(clip, text, names, input_name)
+    else:
+        tokens = clip.tokenize(text)
+    if "t5" not in parts:
+        return clip_meta, tokens
+    t5_meta = t5_class_prompt(clip, tokens, text, names, input_name)
+    if "clip" not in parts:
+        return t5_meta, tokens
+    return joined(clip_meta, t5_meta, from_first=part != "t5", from_second=part != "clip"), tokens
+
+
+def dit_segmentation_prompt(clip, prompt: str, classes: str, part: str = "both",
+                            template=template_prompt) -> tuple[str, SegPrompt, dict]:
+    """``segmentation_prompt`` for a DiT's text encoder (Flux, SD3): see ``locate_dit_words``."""
+    names = parse_class_list(classes)
+    text = prompt.strip() or template(names)
+    meta, tokens = locate_dit_words(clip, text, names, part)
     return text, meta, tokens
 
 
