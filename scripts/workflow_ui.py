@@ -19,7 +19,7 @@ WIDTH, GAP_X, GAP_Y = 340, 80, 50
 TITLE, ROW, WIDGET, MULTILINE = 40, 24, 30, 110
 TITLE_CHAR, TITLE_PADDING = 8, 70  # a node is at least as wide as its title
 # Room for what the pack's web extension and the image nodes draw inside a node.
-PANELS = {"AttnSegSeeds": 330, "AttnSegTextEncode": 100}
+PANELS = {"AttnSegSeeds": 520, "AttnSegTextEncode": 100}
 IMAGE_NODES = {"SaveImage", "PreviewImage", "AttnSegMasks", "AttnSegSegment"}
 IMAGE_AREA = 300
 

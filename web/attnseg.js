@@ -125,15 +125,32 @@ function seedEditor(node) {
     const { scale, x0, y0 } = fit();
     return cx >= x0 && cy >= y0 && cx <= x0 + image.naturalWidth * scale && cy <= y0 + image.naturalHeight * scale;
   }
-  // A new image: the canvas takes its aspect, and a classic-canvas node grows to show it whole.
+  // A new image or a new node width: the canvas takes the image's aspect, and a
+  // classic-canvas node grows to show it whole (once per image and width, so a
+  // node the user then makes shorter stays so).
+  let fitted = null;
+  let growths = 0;
   function matchAspect() {
+    if (!image.naturalWidth) return;
     canvas.style.aspectRatio = `${image.naturalWidth} / ${image.naturalHeight}`;
     const rect = canvas.getBoundingClientRect();
     const scale = app.canvas?.ds?.scale || 1;
-    if (!rect.width || !node.setSize) return;
+    if (!rect.width) return;  // not laid out yet: the next tick tries again
+    const key = `${url} ${Math.round(rect.width / scale)}`;
+    if (fitted === key) return;
     const wanted = (rect.width * image.naturalHeight) / image.naturalWidth;
     const missing = (wanted - rect.height) / scale;
-    if (missing > 1) node.setSize([node.size[0], node.size[1] + missing]);
+    // The node shares new height among its widgets (the seeds text takes some):
+    // grow a few times, each after the layout settled, then leave it be.
+    if (missing > 1 && node.setSize && growths < 6) {
+      growths += 1;
+      node.setSize([node.size[0], node.size[1] + missing]);
+      node.setDirtyCanvas?.(true, true);
+      setTimeout(matchAspect, 100);
+      return;
+    }
+    fitted = key;
+    growths = 0;
   }
 
   function draw() {
@@ -201,6 +218,7 @@ function seedEditor(node) {
     event.stopPropagation();
     if (event.button !== 0) return;  // only the primary button places seeds
     if (!url || !image.naturalWidth) { refresh(); return; }
+    draw();  // the element may have been resized since the last draw: map against its size now
     if (!onImage(event)) return;  // the letterbox around the image is not part of it
     const start = toImage(event);
     const kind = mode.value;
@@ -232,7 +250,7 @@ function seedEditor(node) {
   undo.onclick = () => { write(seeds().slice(0, -1)); refresh(); };
   clear.onclick = () => { write([]); refresh(); };
 
-  const timer = setInterval(() => { if (box.isConnected) { refresh(); draw(); } }, 1000);
+  const timer = setInterval(() => { if (box.isConnected) { matchAspect(); refresh(); draw(); } }, 1000);
   const removed = node.onRemoved;
   node.onRemoved = function () { clearInterval(timer); return removed?.apply(this, arguments); };
   setTimeout(() => { refresh(); draw(); }, 0);
