@@ -389,8 +389,11 @@ def test_soak_fifty_segmentations_do_not_grow_the_servers_memory(server, tmp_pat
         workflow["4"]["inputs"].update(seed=run, resolution=2 * max(width, height))
         server.run(workflow)
         rss.append(rss_mib(server.process.pid))
-    settled = max(rss[2:5])
-    assert rss[-1] < settled + 50, rss  # MiB (measured: flat within ~10); one leaked store a run adds ~14
+    # The allocator may take one more step early on (seen: +80 MiB once, at run 5, then
+    # flat); a leak grows every run: one leaked store a run adds ~14 MiB, 490 over the
+    # 35 runs after the settling window.
+    settled = max(rss[10:15])
+    assert rss[-1] < settled + 50, rss  # MiB (measured: flat within ~10 after the window)
     assert server.get("/system_stats")["system"]
 
 
