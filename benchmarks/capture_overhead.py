@@ -116,9 +116,11 @@ def pass_variants(model, positive, size: int, goca: bool):
     return variants
 
 
-def timed(variants: dict, repeats: int) -> dict[str, float]:
-    for run in variants.values():  # warm-up: loads weights, fills caches
-        run()
+def timed(variants: dict, repeats: int, warm_up: bool = True) -> dict[str, float]:
+    """Median seconds of each variant over ``repeats`` interleaved rounds."""
+    if warm_up:
+        for run in variants.values():  # loads weights, fills caches
+            run()
     times = {name: [] for name in variants}
     for _ in range(repeats):
         for name, run in variants.items():

@@ -3,14 +3,13 @@
 The model is ComfyUI's own Flux (supported_models.Flux -> model_base.Flux) at
 Flux-dev width: hidden 3072, 24 heads of 128 (RoPE axes 16 + 56 + 56),
 context_in_dim 4096, vec_in_dim 768, 16 latent channels, but only ``--double``
-double and ``--single`` single blocks, random seeded weights, fp32.
+double and ``--single`` single blocks, random seeded weights (tests/tiny_dit.py's builder), fp32.
 
 Timing: stock sampling (comfy.sample.sample, euler, cfg 1), sampling with the
 DiT capture of I2T on every block, and the same plus pooled I2I of one block,
-interleaved ``--repeats`` rounds after a warm-up, medians. Memory: the peak of
-tracemalloc (Python-level allocations only: torch's CPU tensors are not
-seen by it) and of the process RSS sampled by a thread every 5 ms, during one
-run of each variant after a stock warm-up, each minus the level before it. The naive capture contrast: the full probabilities
+interleaved ``--repeats`` rounds after a warm-up, medians (capture_overhead's
+``timed``). Memory: the peak process RSS during one run of each variant after a
+stock warm-up, minus the RSS before it (capture_overhead's ``peak_rss``). The naive capture contrast: the full probabilities
 softmax(q k^T / sqrt(d)) of one block's q, k (1 x 24 x L x 128), head mean,
 timed per block and multiplied by the block count.
 
@@ -22,22 +21,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from comfy_env import import_pack  # noqa: E402
-
-import_pack()
-
-import comfy.model_management  # noqa: E402
-import comfy.model_patcher  # noqa: E402
-import comfy.sample  # noqa: E402
-import comfy.supported_models  # noqa: E402
-import psutil  # noqa: E402
+from capture_overhead import peak_rss, timed  # noqa: E402  (loads ComfyUI and the pack)
+import tiny_dit  # noqa: E402
 import torch  # noqa: E402
 
 from attnseg_pack.attnseg import AttentionStore  # noqa: E402
@@ -48,24 +39,6 @@ def flux_config(double: int, single: int) -> dict:
     return dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
                 hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=double, depth_single_blocks=single,
                 axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
-
-
-def build(double: int, single: int, seed: int = 0):
-    config = flux_config(double, single)
-    model_config = comfy.supported_models.Flux(config)
-    model_config.unet_config = dict(config)
-    model = model_config.get_model({})
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.diffusion_model.named_parameters():
-            if p.ndim == 1 and ("norm" in name or name.endswith("bias")):
-                p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
-            else:
-                p.normal_(0.0, 1.0 / p[0].numel() ** 0.5 if p.ndim > 1 else 1.0 / p.numel() ** 0.5,
-                          generator=generator)
-    model.diffusion_model.float()
-    device = comfy.model_management.get_torch_device()
-    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
 
 
 def main() -> None:
@@ -79,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    model = build(args.double, args.single)
+    model = tiny_dit.tiny_flux(0, flux_config(args.double, args.single))
     info = describe_flux(model)
     g = torch.Generator().manual_seed(0)
     positive = [[torch.randn(1, args.text, 4096, generator=g),
@@ -89,10 +62,8 @@ def main() -> None:
     image_tokens = (side // 2) ** 2
 
     def sample(patcher):
-        noise = comfy.sample.prepare_noise(lat, 0)
         with torch.no_grad():
-            comfy.sample.sample(patcher, noise, args.steps, 1.0, "euler", "simple", positive, positive, lat,
-                                denoise=1.0, disable_pbar=True, seed=0)
+            tiny_dit.sample(patcher, positive, lat, steps=args.steps)
 
     def store():
         return AttentionStore("flux", 1, (side, side), (args.size, args.size), dtype=torch.float32)
@@ -104,17 +75,12 @@ def main() -> None:
         "capture I2T + I2I": lambda: sample(install_dit_capture(model, store(), DiTCapturePlan(self_blocks=(last,)))),
     }
 
-    times = {name: [] for name in variants}
-    memory = {}
     variants["stock"]()  # warm-up: first-call allocations out of the memory figures
-    for name, run in variants.items():  # each variant's memory once (also its warm-up)
-        memory[name] = peak_memory(run)
-    for _ in range(args.repeats):
-        for name, run in variants.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    med = {name: statistics.median(v) for name, v in times.items()}
+    memory = {}
+    for name, run in variants.items():  # each variant's peak RSS once (also its warm-up)
+        before, peak = peak_rss(run)
+        memory[name] = peak - before
+    med = timed(variants, args.repeats, warm_up=False)
 
     # Naive contrast on the same q, k shapes: full probabilities per block, head mean.
     length = args.text + image_tokens
@@ -137,42 +103,15 @@ def main() -> None:
     print(f"Flux (random weights, fp32) hidden 3072, 24 heads x 128, {info.double} double + {info.single} single "
           f"blocks, {args.size}x{args.size} ({image_tokens} image + {args.text} text tokens), {args.steps} steps "
           f"euler cfg 1, {torch.get_num_threads()} threads, medians of {args.repeats}")
-    print("| variant | seconds | / stock | peak tracemalloc extra (MiB) | peak RSS extra (MiB) |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| variant | seconds | / stock | peak RSS extra (MiB) |")
+    print("| --- | --- | --- | --- |")
     for name in variants:
-        tm, rss = memory[name]
-        print(f"| {name} | {med[name]:.2f} | {med[name] / med['stock']:.3f} | {tm:.1f} | {rss:.0f} |")
+        print(f"| {name} | {med[name]:.2f} | {med[name] / med['stock']:.3f} | {memory[name]:.0f} |")
     print(f"| naive probabilities, all {blocks} blocks x {args.steps} steps (est.) | {naive_total:.2f} | "
-          f"{(med['stock'] + naive_total) / med['stock']:.3f} (stock + naive) | - | "
+          f"{(med['stock'] + naive_total) / med['stock']:.3f} (stock + naive) | "
           f"{24 * length * length * 4 / 2**20:.0f} per block (probs) |")
     print(f"\nper block on (1, 24, {length}, 128): naive softmax(q k^T) + head mean {naive_block * 1000:.1f} ms, "
           f"SDPA {kernel_block * 1000:.1f} ms")
-
-
-def peak_memory(run) -> tuple[float, float]:
-    """(peak tracemalloc - before, peak RSS - before) during ``run``, MiB."""
-    import tracemalloc
-
-    process = psutil.Process()
-    before = process.memory_info().rss
-    peak, done = [before], threading.Event()
-
-    def watch():
-        while not done.is_set():
-            peak[0] = max(peak[0], process.memory_info().rss)
-            time.sleep(0.005)
-
-    watcher = threading.Thread(target=watch)
-    tracemalloc.start()
-    watcher.start()
-    try:
-        run()
-    finally:
-        done.set()
-        watcher.join()
-        _, tm_peak = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
-    return tm_peak / 2**20, (peak[0] - before) / 2**20
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ ComfyUI does: as a package from its folder, so its relative imports resolve."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import subprocess
@@ -41,3 +42,24 @@ def import_pack(name: str = "attnseg_pack"):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def recorded_progress(then=None):
+    """Every (value, total) ComfyUI's progress bars are set to inside the block;
+    ``then(value)`` runs after each (e.g. to interrupt at a chosen point)."""
+    import comfy.utils
+    import pytest
+
+    updates = []
+    original = comfy.utils.ProgressBar.update_absolute
+
+    def record(self, value, total=None, preview=None):
+        updates.append((value, total))
+        original(self, value, total, preview)
+        if then is not None:
+            then(value)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(comfy.utils.ProgressBar, "update_absolute", record)
+        yield updates

@@ -5,7 +5,7 @@ the way a user places them in models/."""
 import pytest
 import torch
 
-from comfy_env import comfyui_path, import_pack
+from comfy_env import comfyui_path, import_pack, recorded_progress
 
 pack = import_pack()
 import folder_paths  # noqa: E402
@@ -139,17 +139,8 @@ def test_the_node_reports_progress_per_generated_token_and_stops_on_the_interrup
     runs (each caption's tokens, one step for CLIP), rising to its total; ComfyUI's
     interrupt is checked before every run and at every token."""
     import comfy.model_management
-    import comfy.utils
 
-    updates = []
-    original = comfy.utils.ProgressBar.update_absolute
-
-    def record(self, value, total=None, preview=None):
-        updates.append((value, total))
-        return original(self, value, total, preview)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(comfy.utils.ProgressBar, "update_absolute", record)
+    with recorded_progress() as updates:
         NODE().build(image(), "cat, dog, sofa", "tiny-blip", "tiny-clip", True, 0.0, 8)
     values = [value for value, _ in updates]
     assert {total for _, total in updates} == {8 + 1 + 8}
@@ -161,18 +152,14 @@ def test_the_node_reports_progress_per_generated_token_and_stops_on_the_interrup
             NODE().build(image(), "cat, dog, sofa", "tiny-blip", "tiny-clip", True, 0.0, 8)
     finally:
         comfy.model_management.interrupt_current_processing(False)
-    stopped = []
-
-    def interrupt_at_the_third_token(self, value, total=None, preview=None):
-        stopped.append(value)
-        if len(stopped) == 3:
+    def interrupt_at_the_third_token(value):
+        if value == 3:
             comfy.model_management.interrupt_current_processing(True)
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(comfy.utils.ProgressBar, "update_absolute", interrupt_at_the_third_token)
+    with recorded_progress(interrupt_at_the_third_token) as stopped:
         try:
             with pytest.raises(comfy.model_management.InterruptProcessingException):
                 NODE().build(image(), "cat, dog, sofa", "tiny-blip", "none", True, 0.0, 8)
         finally:
             comfy.model_management.interrupt_current_processing(False)
-    assert stopped == [1, 2, 3]  # stopped inside the first caption, at the next token
+    assert [value for value, _ in stopped] == [1, 2, 3]  # stopped inside the first caption, at the next token

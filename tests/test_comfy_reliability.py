@@ -1,18 +1,16 @@
 """Long work stops on ComfyUI's interrupt and reports progress; passes the device
 cannot hold are refused before they start."""
 
-import contextlib
 import time
 
 import pytest
 import torch
 
-from comfy_env import import_pack
+from comfy_env import import_pack, recorded_progress
 from tiny_models import SD15_LAYOUT, tiny_unet
 
 pack = import_pack()
 import comfy.model_management  # noqa: E402
-import comfy.utils  # noqa: E402
 
 from attnseg_pack.attnseg import AttnSegError  # noqa: E402
 from attnseg_pack.attnseg.iseg import ent_self, iterate  # noqa: E402
@@ -35,37 +33,33 @@ def no_pending_interrupt():
     comfy.model_management.interrupt_current_processing(False)
 
 
-def test_an_interrupt_during_a_long_segment_pass_stops_it_mid_pass(sd15, clip, vae, monkeypatch):
+def test_an_interrupt_during_a_long_segment_pass_stops_it_mid_pass(sd15, clip, vae):
     """The interrupt lands halfway through the pass's captured layers (read off the
     progress bar, so no timer races the machine's load): the pass stops at the
     next layer instead of running the rest."""
     cond, _ = encode_segmentation_prompt(clip, "a cat", "cat")
     image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
-    updates = []
-    original = comfy.utils.ProgressBar.update_absolute
+    fire_at, fired = None, {}
 
-    def record(self, value, total=None, preview=None):
-        updates.append((value, total, time.perf_counter()))
-        if fire_at is not None and value == fire_at:
+    def interrupt_at(value):
+        if value == fire_at:
+            fired["at"] = time.perf_counter()
             comfy.model_management.interrupt_current_processing(True)
-        return original(self, value, total, preview)
 
-    monkeypatch.setattr(comfy.utils.ProgressBar, "update_absolute", record)
-    fire_at = None
-    began = time.perf_counter()
-    segment_image(sd15, vae, image, cond, [100, 200, 300, 400], 0, 512)
-    full = time.perf_counter() - began
+    with recorded_progress(interrupt_at) as updates:
+        began = time.perf_counter()
+        segment_image(sd15, vae, image, cond, [100, 200, 300, 400], 0, 512)
+        full = time.perf_counter() - began
     total = updates[-1][1]
     assert total >= 4 and updates[-1][0] == total
-    updates.clear()
     fire_at = total // 2
-    with pytest.raises(comfy.model_management.InterruptProcessingException):
-        segment_image(sd15, vae, image, cond, [100, 200, 300, 400], 0, 512)
-    fired = next(at for value, _, at in updates if value == fire_at)
-    assert max(value for value, _, _ in updates) == fire_at  # no captured layer ran after it
+    with recorded_progress(interrupt_at) as updates:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            segment_image(sd15, vae, image, cond, [100, 200, 300, 400], 0, 512)
+    assert max(value for value, _ in updates) == fire_at  # no captured layer ran after it
     # The rest of the pass (half of it) did not run (a bound relative to this
     # machine's speed, so a loaded 2-core runner holds it too).
-    assert time.perf_counter() - fired < 0.25 * full
+    assert time.perf_counter() - fired["at"] < 0.25 * full
 
 
 def test_a_pass_the_device_cannot_hold_is_refused_with_the_size_it_needs(sd15, clip, vae, monkeypatch):
@@ -87,21 +81,6 @@ def test_core_iterations_report_progress_and_stop_on_the_interrupt():
     with pytest.raises(comfy.model_management.InterruptProcessingException), comfy_progress():
         iterate(maps, ent_self(s, 0.015), 5)
     iterate(maps, ent_self(s, 0.015), 5)  # outside a node (no reporter) the core never checks
-
-
-@contextlib.contextmanager
-def recorded_progress():
-    """Every (value, total) ComfyUI's progress bars are set to inside the block."""
-    updates = []
-    original = comfy.utils.ProgressBar.update_absolute
-
-    def record(self, value, total=None, preview=None):
-        updates.append((value, total))
-        return original(self, value, total, preview)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(comfy.utils.ProgressBar, "update_absolute", record)
-        yield updates
 
 
 def captured_layers(model, plan) -> int:

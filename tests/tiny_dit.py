@@ -26,9 +26,10 @@ FLUX_CONFIG = dict(image_model="flux", in_channels=LATENT_CHANNELS, out_channels
                    qkv_bias=True, guidance_embed=True)
 
 
-def tiny_flux(seed: int = 0):
-    model_config = comfy.supported_models.Flux(FLUX_CONFIG)
-    model_config.unet_config = dict(FLUX_CONFIG)  # keep our layout, as a detected checkpoint's config would be
+def tiny_flux(seed: int = 0, config: dict = FLUX_CONFIG):
+    """A ModelPatcher of a random Flux with ``config`` (the benchmark passes a full-width one)."""
+    model_config = comfy.supported_models.Flux(config)
+    model_config.unet_config = dict(config)  # keep our layout, as a detected checkpoint's config would be
     model = model_config.get_model({})
     init_weights(model.diffusion_model, seed)
     device = comfy.model_management.get_torch_device()

@@ -146,6 +146,26 @@ def fallback_attention(previous):
     return fast
 
 
+def wanted_rows(transformer_options: dict, batch: int, branches) -> list[tuple[str, slice]]:
+    """The batch rows of each captured branch in this call (its first chunk)."""
+    chunks = transformer_options.get("cond_or_uncond") or [0]
+    per_chunk = batch // len(chunks)
+    rows = {}
+    for i, code in enumerate(chunks):
+        branch = BRANCH_NAMES.get(code)
+        if branch in branches and branch not in rows:
+            rows[branch] = slice(i * per_chunk, (i + 1) * per_chunk)
+    return list(rows.items())
+
+
+def grid_pool(pools: dict, h: int, w: int, max_tokens: int, device) -> GridPool:
+    """The install's pool for an h x w grid on ``device``, made on first use."""
+    key = (h, w, device)
+    if key not in pools:
+        pools[key] = GridPool(h, w, max_tokens, device)
+    return pools[key]
+
+
 def step_index(sample_sigmas: torch.Tensor | None, sigma: torch.Tensor) -> tuple[int, int]:
     """(step, total steps) of the running UNet call: the last schedule sigma at
     or above the current one (so a second-order sampler's midpoint counts to
@@ -177,17 +197,6 @@ def install_capture(model, info: UNetInfo, store: AttentionStore, plan: CaptureP
     fold_lengths = {"cond": store.prompt.token_count if store.prompt else None, "uncond": None}
     pools: dict[tuple, GridPool] = {}
 
-    def wanted_rows(extra: dict, batch: int) -> list[tuple[str, slice]]:
-        """The batch rows of each captured branch in this call (its first chunk)."""
-        chunks = extra.get("cond_or_uncond") or [0]
-        per_chunk = batch // len(chunks)
-        rows = {}
-        for i, code in enumerate(chunks):
-            branch = BRANCH_NAMES.get(code)
-            if branch in plan.branches and branch not in rows:
-                rows[branch] = slice(i * per_chunk, (i + 1) * per_chunk)
-        return list(rows.items())
-
     def make_patch(layer: AttentionLayer, kind: str, previous):
         key = LayerKey(kind, layer.block, layer.block_id, layer.depth, layer.factor)
         some_heads = picked_heads.get((layer, kind))
@@ -207,16 +216,11 @@ def install_capture(model, info: UNetInfo, store: AttentionStore, plan: CaptureP
             # patched layer (a flag read, no device sync).
             comfy.model_management.throw_exception_if_processing_interrupted()
             flags = extra.get(flags_key)
-            rows = wanted_rows(extra, q.shape[0]) if flags and flags[kind] else None
+            rows = wanted_rows(extra, q.shape[0], plan.branches) if flags and flags[kind] else None
             if not rows:
                 return fast(q, k, v, extra)
             h, w = extra["activations_shape"][-2:]
-            pool = None
-            if kind == "self":
-                pool_key = (h, w, q.device)
-                pool = pools.get(pool_key)
-                if pool is None:
-                    pool = pools[pool_key] = GridPool(h, w, plan.self_max_tokens, q.device)
+            pool = grid_pool(pools, h, w, plan.self_max_tokens, q.device) if kind == "self" else None
             # One captured branch: only its rows get maps. Several: all rows, split after.
             keep = rows[0][1] if len(rows) == 1 else slice(None)
             reducer = head_reducer

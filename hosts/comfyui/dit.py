@@ -32,7 +32,7 @@ import comfy.model_management
 
 from ...attnseg import AttentionStore, AttnSegError, LayerKey
 from ...attnseg.attention import GridPool, fold_repeated_tokens, head_mean, joint_attention_maps
-from .capture import BRANCH_NAMES, StepRange, step_index
+from .capture import StepRange, grid_pool, step_index, wanted_rows
 
 OVERRIDE = "optimized_attention_override"
 BLOCK_TYPES = ("double", "single")
@@ -113,20 +113,10 @@ def install_dit_capture(model, store: AttentionStore, plan: DiTCapturePlan):
     pools: dict[tuple, GridPool] = {}
     fold_cond = store.prompt.token_count if store.prompt else None
 
-    def wanted_rows(transformer_options: dict, batch: int) -> list[tuple[str, slice]]:
-        chunks = transformer_options.get("cond_or_uncond") or [0]
-        per_chunk = batch // len(chunks)
-        rows = {}
-        for i, code in enumerate(chunks):
-            branch = BRANCH_NAMES.get(code)
-            if branch in plan.branches and branch not in rows:
-                rows[branch] = slice(i * per_chunk, (i + 1) * per_chunk)
-        return list(rows.items())
-
     def record(call: dict, block: tuple[str, int], kinds: list[str], args: tuple, kwargs: dict,
                transformer_options: dict) -> None:
         q, k, heads = _qkv_heads(args, kwargs)
-        rows = wanted_rows(transformer_options, q.shape[0])
+        rows = wanted_rows(transformer_options, q.shape[0], plan.branches)
         if not rows:
             return
         comfy.model_management.throw_exception_if_processing_interrupted()
@@ -140,11 +130,7 @@ def install_dit_capture(model, store: AttentionStore, plan: DiTCapturePlan):
         if "cross" in kinds:
             key_blocks["cross"] = (slice(0, txt), None)
         if "self" in kinds:
-            pool_key = (gh, gw, q.device)
-            pool = pools.get(pool_key)
-            if pool is None:
-                pool = pools[pool_key] = GridPool(gh, gw, plan.self_max_tokens, q.device)
-            key_blocks["self"] = (image, pool)
+            key_blocks["self"] = (image, grid_pool(pools, gh, gw, plan.self_max_tokens, q.device))
         keep = rows[0][1] if len(rows) == 1 else slice(None)
         maps = joint_attention_maps(q, k, image, key_blocks, head_mean, keep, kwargs.get("mask"))
         for kind, block_maps in maps.items():
