@@ -186,20 +186,24 @@ def _split_classes(prompt: SegPrompt, background_classes: list[str], what: str):
 
 def goca(store: AttentionStore, layer_weighting: str = "auto", rescaling: bool = True, blur: int = GOCA_BLUR,
          order: int = GOCA_ORDER, background_classes: list[str] = (), what: str = "attention",
-         propagation_layers=None, aggregate_factor: int = 1, preset: str = "custom") -> ScoreMaps:
+         propagation_layers=None, aggregate_factor: int = 1, preset: str = "custom",
+         expected_heads: str | None = None) -> ScoreMaps:
     """GoCA's class maps from a store. Heads were reduced at capture time (the
     store's ``head_reduction``); ``background_classes`` (some of the prompt's
     classes) give the background map instead of classes of their own.
     ``propagation_layers``: layer picks whose mean self-attention propagates
     (None: every finest layer); ``aggregate_factor``: the maps are aggregated at
-    the latent size divided by it (GoCA on SDXL: 2, i.e. 64x64 at 1024 px)."""
+    the latent size divided by it (GoCA on SDXL: 2, i.e. 64x64 at 1024 px);
+    ``expected_heads``: the head reduction a preset was captured with ("auto"
+    or "mean"), refused when the store holds the other one."""
     if aggregate_factor < 1:
         raise AttnSegError(f"aggregate_factor: {aggregate_factor} must be 1 or more.")
-    if preset != "custom" and store.head_reduction != "auto":
+    if expected_heads is not None and store.head_reduction != expected_heads:
+        held = {"auto": "output-weighted heads", "mean": "the head mean"}
         raise AttnSegError(
-            f"{what}: '{preset}' weighs each head by its share of the attention output, but this store holds the "
-            f"head mean. On the capture node set preset to '{preset}' (custom: heads 'auto (GoCA)'); for the "
-            f"head-mean ablation set this node's preset to custom.")
+            f"{what}: '{preset}' reads {held.get(expected_heads, expected_heads)}, but this store holds "
+            f"{held.get(store.head_reduction, store.head_reduction)}. On the capture node set preset to '{preset}'; "
+            f"for the other head reduction (the ablation) set this node's preset to custom.")
     if store.prompt is None:
         raise AttnSegError(f"{what}: the store has no class list. Encode the prompt with an AttnSeg text encoder.")
     if layer_weighting not in LAYER_WEIGHTINGS:

@@ -84,12 +84,15 @@ def iseg_cross_maps(store: AttentionStore, factors=ISEG_CROSS_FACTORS, weights=I
     map L1-normalised over space and upsampled to ``target_grid``; weighted sum;
     optionally the KL k-means smoothing of the fused token maps (every token,
     as the released code runs it); each class the mean of its tokens. Returns
-    (B, C, h, w)."""
+    (B, C, h, w). On a DiT store the blocks' one resolution is used whatever the
+    factors say."""
     if store.prompt is None:
         raise AttnSegError(f"{what}: the store has no class list. Encode the prompt with an AttnSeg text encoder.")
     entries = store.require("cross", what=what)
     levels = mean_by_resolution(entries)
     by_factor = {key.factor: stored.grid[0] * stored.grid[1] for key, stored in entries}
+    if store.architecture == "dit":  # every block is one resolution, the patch grid: it alone, weight 1
+        factors, weights = tuple(by_factor), (1.0,)
     fused = None
     for factor, weight in zip(factors, weights):
         if factor not in by_factor:

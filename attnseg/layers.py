@@ -10,6 +10,9 @@ from typing import Protocol, Sequence
 from .errors import AttnSegError
 
 BLOCKS = ("input", "middle", "output")
+# A DiT's blocks: Flux's double- and single-stream blocks, SD3's joint blocks. A DiT
+# has one resolution, so its picks are level 0 and ``index`` is the block's index.
+DIT_BLOCKS = ("double", "single", "joint")
 
 
 class Located(Protocol):
@@ -34,8 +37,14 @@ class LayerPick:
     index: int | None = None
 
     def __str__(self) -> str:
+        if self.block in DIT_BLOCKS:
+            return f"every {self.block} block" if self.index is None else f"{self.block} block {self.index}"
         which = "every layer" if self.index is None else f"layer {self.index + 1}"
         return f"{self.block} level {self.level} (0 = finest), {which}"
+
+    @classmethod
+    def dit(cls, block: str, index: int | None = None) -> "LayerPick":
+        return cls(block, 0, index)
 
 
 def levels_of(layers: Sequence[Located]) -> list[int]:
@@ -49,8 +58,15 @@ def resolve(layers: Sequence[Located], picks: Sequence[LayerPick], preset: str, 
     factors = levels_of(layers)
     chosen = []
     for pick in picks:
-        if pick.block not in BLOCKS:
-            raise AttnSegError(f"{input_name}: '{preset}' names a '{pick.block}' block; blocks are {', '.join(BLOCKS)}.")
+        if pick.block not in BLOCKS + DIT_BLOCKS:
+            raise AttnSegError(f"{input_name}: '{preset}' names a '{pick.block}' block; blocks are "
+                               f"{', '.join(BLOCKS + DIT_BLOCKS)}.")
+        present = {layer.block for layer in layers}
+        if (pick.block in DIT_BLOCKS) != bool(present & set(DIT_BLOCKS)):
+            kinds = "DiT" if pick.block in DIT_BLOCKS else "UNet"
+            raise AttnSegError(
+                f"{input_name}: '{preset}' reads {kinds} layers ({pick}) but this model's layers are "
+                f"{', '.join(sorted(present))} blocks. Choose a preset made for this model, or 'custom'.")
         if pick.level >= len(factors):
             raise AttnSegError(
                 f"{input_name}: '{preset}' reads attention level {pick.level} (0 = finest) but this model has "
@@ -62,6 +78,10 @@ def resolve(layers: Sequence[Located], picks: Sequence[LayerPick], preset: str, 
             found = [at_level[pick.index]]
         else:
             found = []
+        if not found and pick.block in DIT_BLOCKS:
+            raise AttnSegError(
+                f"{input_name}: '{preset}' reads {pick}, but this model has {len(at_level)} {pick.block} blocks "
+                f"(0 to {len(at_level) - 1}). Choose a preset made for this model, or 'custom'.")
         if not found:
             have = f"{len(at_level)} {pick.block} layers there" if at_level else f"no {pick.block} layer there"
             raise AttnSegError(
@@ -82,15 +102,23 @@ def check_heads(heads: Sequence[int], count: int, layer_name: str, preset: str, 
 
 def parse_picks(text: str, input_name: str) -> tuple[LayerPick, ...] | None:
     """'output 0 1; input 0 *' -> layer picks (block, level from the finest, index
-    among that block's layers there or * for all); empty -> None."""
+    among that block's layers there or * for all); a DiT's blocks as 'double 12;
+    single *' (type and index); empty -> None."""
     picks = []
     for part in text.replace(",", ";").split(";"):
         words = part.split()
         if not words:
             continue
+        if words[0] in DIT_BLOCKS:
+            if len(words) != 2 or not (words[1] == "*" or words[1].isdigit()):
+                raise AttnSegError(f"{input_name}: '{part.strip()}' is not 'TYPE INDEX' (TYPE one of "
+                                   f"{', '.join(DIT_BLOCKS)}, INDEX from 0 or *), e.g. 'double 12'.")
+            picks.append(LayerPick.dit(words[0], None if words[1] == "*" else int(words[1])))
+            continue
         if len(words) != 3 or words[0] not in BLOCKS:
             raise AttnSegError(f"{input_name}: '{part.strip()}' is not 'BLOCK LEVEL INDEX' (BLOCK one of "
-                               f"{', '.join(BLOCKS)}, LEVEL 0 for the finest, INDEX from 0 or *), e.g. 'output 0 1'.")
+                               f"{', '.join(BLOCKS)}, LEVEL 0 for the finest, INDEX from 0 or *), e.g. 'output 0 1'; "
+                               f"on a DiT 'TYPE INDEX' (TYPE one of {', '.join(DIT_BLOCKS)}), e.g. 'double 12'.")
         try:
             level = int(words[1])
             index = None if words[2] == "*" else int(words[2])

@@ -140,6 +140,7 @@ class Preset:
     capture: CaptureSetup = field(default_factory=CaptureSetup)
     threshold: float = 0.5
     background: str = "threshold"  # the Masks node's rule
+    family: str = "unet"  # the models it was made for: "unet" (SD1.x/2.x/XL), "flux" or "sd3"
 
 
 _ISEG_CAPTURE = CaptureSetup(seed=1101, self_layers=ISEG_SELF_LAYER, self_heads=ISEG_SELF_HEADS,
@@ -196,6 +197,45 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            threshold=0.0),
 )}
 
+# GoCA on Flux: cross maps of all 57 blocks (19 double, then 38 single), head mean, layer
+# weights against block 27's attention output, propagation with blocks 12 and 18.
+FLUX_DOUBLE, FLUX_SINGLE = 19, 38
+GOCA_FLUX_PROPAGATION = (LayerPick.dit("double", 12), LayerPick.dit("double", 18))
+GOCA_FLUX_REFERENCE = LayerPick.dit("single", 27 - FLUX_DOUBLE)
+# Its low-memory configuration keeps blocks 12, 18 and 27-29.
+GOCA_FLUX_LOW_MEMORY = GOCA_FLUX_PROPAGATION + tuple(LayerPick.dit("single", b - FLUX_DOUBLE) for b in (27, 28, 29))
+# Seg4Diff reads SD3's block 9 at the 8th-last of 28 steps: on SD3's shift-3 schedule
+# (sigmas linear from 1 to 1/1000, then shifted) step 20 is sigma 0.513, t = 513.
+SEG4DIFF_BLOCK = (LayerPick.dit("joint", 9),)
+SEG4DIFF_TIMESTEP = 513
+
+PRESETS.update({p.name: p for p in (
+    Preset("GoCA Flux (released code)", "goca",
+           Source("Darkbblue/goca", "src-main/configs/config-model/config_model_flux.py",
+                  "VOC 70.7 / Context 51.1 / COCO-Object 48.1 mIoU (Flux.1-dev, 1024 px, maps at 64x64, t = 150)"),
+           GoCASettings(propagation_layers=GOCA_FLUX_PROPAGATION, aggregate_factor=2),
+           TextSetup("goca", fuse_ing=False),
+           CaptureSetup(timesteps=(150,), resolution=1024, heads="mean", self_every_layer=True,
+                        reference=GOCA_FLUX_REFERENCE),
+           threshold=0.0, family="flux"),
+    Preset("GoCA Flux low memory (released code)", "goca",
+           Source("Darkbblue/goca", "src-main/configs/config-model/config_model_flux.py (the commented 'vram' "
+                  "layer list: blocks 12, 18, 27, 28, 29)", "no number reported for this configuration"),
+           GoCASettings(propagation_layers=GOCA_FLUX_PROPAGATION, aggregate_factor=2),
+           TextSetup("goca", fuse_ing=False),
+           CaptureSetup(timesteps=(150,), resolution=1024, heads="mean", cross_layers=GOCA_FLUX_LOW_MEMORY,
+                        self_layers=GOCA_FLUX_LOW_MEMORY, reference=GOCA_FLUX_REFERENCE),
+           threshold=0.0, family="flux"),
+    Preset("Seg4Diff SD3 (paper)", "diffsegmenter",
+           Source("Seg4Diff (NeurIPS 2025)", "paper: I2T probabilities of joint block 9, head mean, one pass at "
+                  "1024 px at the 8th-last of 28 steps (t = 513 on SD3's schedule); no refinement",
+                  "VOC20 89.2 mIoU with only the ground-truth classes prompted (its protocol)"),
+           DiffSegmenterSettings(weights=(1.0,), self_completion=False),
+           TextSetup("diffsegmenter", fuse_ing=False),
+           CaptureSetup(timesteps=(SEG4DIFF_TIMESTEP,), resolution=1024, cross_layers=SEG4DIFF_BLOCK),
+           family="sd3"),
+)})
+
 # Not an author's configuration: the shipped demo model's settings, tuned on its
 # tuning scenes by benchmarks/segmentation_quality.py (coarse and fine level 0.7 /
 # 0.3, one joint prompt, twice the scene's size).
@@ -220,6 +260,20 @@ PRESETS["S-CFG (released code)"] = Preset(
     SCFGPresetSettings())
 SEGMENTERS = ("diffsegmenter", "iseg", "goca")
 CAPTURE_METHODS = SEGMENTERS + ("seeds",)  # the presets that say what a capture pass records
+
+
+FAMILY_NAMES = {"unet": "UNet models (SD1.x, SD2.x, SDXL)", "flux": "Flux", "sd3": "SD3/SD3.5"}
+
+
+def check_family(preset: str, family: str, model_name: str, methods=CAPTURE_METHODS,
+                 input_name: str = "preset") -> None:
+    """Refuse a preset made for another model family, naming those made for this one."""
+    chosen = PRESETS.get(preset)
+    if chosen is None or chosen.family == family:
+        return
+    fitting = [n for n, p in PRESETS.items() if p.family == family and p.method in methods]
+    raise AttnSegError(f"{input_name}: '{preset}' is made for {FAMILY_NAMES[chosen.family]}, but the model is "
+                       f"{model_name}. Choose {', '.join(repr(n) for n in fitting + [CUSTOM])}.")
 
 
 def _methods(method: str | tuple[str, ...] | None) -> tuple[str, ...] | None:

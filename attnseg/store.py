@@ -74,6 +74,8 @@ class AttentionStore:
     prompt: SegPrompt | None = None
     dtype: torch.dtype = torch.float16
     head_reduction: str = "mean"
+    # "unet", or "dit": every layer is a block of one resolution (the patch grid).
+    architecture: str = "unet"
     # Batch rows per image batch in the running pass: a pass that stacks k
     # timesteps (timestep-major) sets k, and add() sums the k copies in place.
     stacked_timesteps: int = 1

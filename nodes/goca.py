@@ -69,7 +69,8 @@ class AttnSegGoCA:
         else:
             settings = chosen.settings
             args = (settings.layer_weights, settings.rescaling, settings.blur, settings.order, backgrounds,
-                    "attention", settings.propagation_layers, settings.aggregate_factor, chosen.name)
+                    "attention", settings.propagation_layers, settings.aggregate_factor, chosen.name,
+                    chosen.capture.heads)
         with comfy_progress():
             return (goca(store, *args),)
 

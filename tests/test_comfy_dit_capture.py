@@ -11,8 +11,10 @@ from tiny_models import SD15_LAYOUT, tiny_unet
 
 import_pack()
 from attnseg_pack.attnseg import AttentionStore, AttnSegError, LayerKey, attention  # noqa: E402
-from attnseg_pack.hosts.comfyui.capture import StepRange  # noqa: E402
-from attnseg_pack.hosts.comfyui.dit import DiTCapturePlan, describe_flux, install_dit_capture  # noqa: E402
+from attnseg_pack.attnseg.layers import LayerPick  # noqa: E402
+from attnseg_pack.hosts.comfyui.capture import CapturePlan, StepRange  # noqa: E402
+from attnseg_pack.hosts.comfyui.dit import describe_dit, install_dit_capture  # noqa: E402
+from attnseg_pack.hosts.comfyui.models import describe_model  # noqa: E402
 
 TOKENS = 5
 BLOCKS = [("double", 0), ("double", 1), ("single", 0), ("single", 1)]
@@ -22,6 +24,23 @@ SELF_BLOCKS = (("double", 1), ("single", 0))
 @pytest.fixture(scope="module")
 def flux():
     return tiny_flux(seed=3)
+
+
+def picks(blocks):
+    return tuple(LayerPick.dit(kind, index) for kind, index in blocks)
+
+
+def plan(cross=None, self_blocks=(), **changes):
+    """A capture plan naming DiT blocks (cross None: every block)."""
+    return CapturePlan(cross_layers=None if cross is None else picks(cross), self_layers=picks(self_blocks),
+                       **changes)
+
+
+def captured(model, store, capture_plan, key_scale=None):
+    """A clone of ``model`` with the DiT capture installed."""
+    clone = model.clone()
+    install_dit_capture(clone, describe_dit(clone), store, capture_plan, key_scale)
+    return clone
 
 
 def recording_override(model, scale=1.0):
@@ -68,8 +87,8 @@ def test_maps_equal_a_naive_joint_softmax_of_the_same_q_and_k(flux, monkeypatch,
     lat = latent(batch, h, w, seed=1)
     chained, calls = recording_override(flux)
     store = new_store(lat)
-    plan = DiTCapturePlan(self_blocks=SELF_BLOCKS, self_max_tokens=6)
-    sample(install_dit_capture(chained, store, plan), conditioning(TOKENS), lat, steps=2)
+    sample(captured(chained, store, plan(self_blocks=SELF_BLOCKS, self_max_tokens=6)), conditioning(TOKENS), lat,
+           steps=2)
 
     assert len(calls) == 2 * len(BLOCKS)  # the earlier override ran on every attention call
     assert store.steps == {0, 1}
@@ -93,8 +112,8 @@ def test_cfg_records_each_branch_from_its_own_rows(flux):
     lat = latent(1, 6, 8, seed=2)
     chained, calls = recording_override(flux)
     store = new_store(lat)
-    plan = DiTCapturePlan(cross_blocks=(("single", 1),), branches=frozenset({"cond", "uncond"}))
-    sample(install_dit_capture(chained, store, plan), conditioning(TOKENS, seed=1), lat, steps=1, cfg=2.0,
+    both = plan(cross=(("single", 1),), branches=frozenset({"cond", "uncond"}))
+    sample(captured(chained, store, both), conditioning(TOKENS, seed=1), lat, steps=1, cfg=2.0,
            negative=conditioning(TOKENS, seed=2))
     (call,) = [c for c in calls if c["block"] == ("single", 1)]
     i2t, _ = naive_maps(call["q"], call["k"], (3, 4), cells((3, 4), 1))
@@ -106,26 +125,29 @@ def test_cfg_records_each_branch_from_its_own_rows(flux):
 def test_the_sample_is_the_previous_overrides(flux):
     lat, cond = latent(1, 8, 12, seed=4), conditioning(TOKENS)
     stock = sample(flux, cond, lat)
-    idle = DiTCapturePlan(cross_steps=StepRange(5, 5), self_steps=None)
-    assert torch.equal(sample(install_dit_capture(flux, new_store(lat), idle), cond, lat), stock)
-    capturing = DiTCapturePlan(self_blocks=SELF_BLOCKS)
-    torch.testing.assert_close(sample(install_dit_capture(flux, new_store(lat), capturing), cond, lat), stock,
+    idle = plan(cross_steps=StepRange(5, 5), self_steps=None)
+    assert torch.equal(sample(captured(flux, new_store(lat), idle), cond, lat), stock)
+    capturing = plan(self_blocks=SELF_BLOCKS)
+    torch.testing.assert_close(sample(captured(flux, new_store(lat), capturing), cond, lat), stock,
                                atol=1e-6, rtol=0)
     # An override that changes the attention output keeps doing so under the capture.
     scaled, _ = recording_override(flux, scale=0.5)
     expected = sample(scaled, cond, lat)
     assert not torch.equal(expected, stock)
-    torch.testing.assert_close(sample(install_dit_capture(scaled, new_store(lat), capturing), cond, lat),
+    torch.testing.assert_close(sample(captured(scaled, new_store(lat), capturing), cond, lat),
                                expected, atol=1e-6, rtol=0)
     assert "optimized_attention_override" not in flux.model_options.get("transformer_options", {})
 
 
-def test_refuses_missing_blocks_and_other_models(flux):
-    assert describe_flux(flux).blocks() == BLOCKS
-    with pytest.raises(AttnSegError, match="single blocks 0-1"):
-        install_dit_capture(flux, new_store(latent()), DiTCapturePlan(cross_blocks=(("single", 2),)))
-    with pytest.raises(AttnSegError, match="not a Flux model"):
-        install_dit_capture(tiny_unet(SD15_LAYOUT), new_store(latent()), DiTCapturePlan())
+def test_refuses_missing_blocks_and_unet_layers(flux):
+    assert describe_dit(flux).blocks() == BLOCKS
+    with pytest.raises(AttnSegError, match="has 2 single blocks"):
+        captured(flux, new_store(latent()), plan(cross=(("single", 2),)))
+    with pytest.raises(AttnSegError, match="reads UNet layers"):
+        captured(flux, new_store(latent()), CapturePlan(self_layers=(LayerPick("output", 0, 1),)))
+    with pytest.raises(AttnSegError, match="head mean"):
+        captured(flux, new_store(latent()), plan(cross_heads="auto"))
+    assert describe_model(tiny_unet(SD15_LAYOUT)).model_id.startswith("SD15")
 
 
 def test_a_masked_key_gets_no_probability_and_the_rest_renormalise():

@@ -81,9 +81,10 @@ def test_unsupported_model_family_is_refused(models):
 
     _, clip, vae = models
     dit = tiny_unet(SD15_LAYOUT)
-    dit.model.diffusion_model = torch.nn.Identity()  # stands in for a DiT: not a UNetModel
+    dit.model.diffusion_model = torch.nn.Identity()  # stands in for a family AttnSeg does not know
     cond, _ = encode(clip, "a cat", "cat")
-    with pytest.raises(AttnSegError, match="model: SD15 \\(Identity\\) is not supported yet.*DiT"):
+    with pytest.raises(AttnSegError, match="model: SD15 \\(Identity\\) is not a model AttnSeg can capture. "
+                                           "Supported: UNet models .* Flux .* SD3"):
         NODES["AttnSegSegmentImage"]().segment(dit, vae, torch.rand(1, 64, 64, 3), cond, "100", 0, 128)
     assert isinstance(dit, comfy.model_patcher.ModelPatcher)
 

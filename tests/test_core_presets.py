@@ -58,7 +58,8 @@ def test_every_preset_names_its_source_and_custom_is_no_preset():
         assert preset.source.repository and preset.source.script and preset.source.reported, name
         assert find_preset(name) is preset
     assert find_preset(CUSTOM) is None
-    assert names("goca") == ["GoCA SD1.5 (released code)", "GoCA SDXL (released code)", CUSTOM]
+    assert names("goca") == ["GoCA SD1.5 (released code)", "GoCA SDXL (released code)", "GoCA Flux (released code)",
+                             "GoCA Flux low memory (released code)", CUSTOM]
     with pytest.raises(AttnSegError, match="preset: 'GoCA SD1.5 \\(released code\\)' is not one of"):
         find_preset("GoCA SD1.5 (released code)", "iseg")
 

@@ -25,7 +25,8 @@ from ...attnseg import AttentionStore, AttnSegError, LayerKey
 from ...attnseg.attention import GridPool, attention_with_maps, chosen_heads_mean, fold_repeated_tokens, head_mean
 from ...attnseg.goca import output_weighted_heads
 from ...attnseg.layers import LayerPick, check_heads, resolve
-from .unet import AttentionLayer, UNetInfo, attention_module, reference_layer
+from ...attnseg.presets import check_family
+from .unet import AttentionLayer, UNetInfo, attention_module
 
 BRANCH_NAMES = {0: "cond", 1: "uncond"}
 HEAD_REDUCTIONS = ("mean", "auto")
@@ -91,12 +92,13 @@ class CapturePlan:
     reference: LayerPick | None = None  # GoCA's reference layer by place (wins over reference_factor)
     source: str = "custom"
 
-    def reference_layer(self, info: UNetInfo) -> AttentionLayer | None:
+    def reference_layer(self, info) -> AttentionLayer | None:
+        """``info``: a UNetInfo or a DiTInfo (both list their layers and defaults)."""
         if self.reference is not None:
             return resolve(info.layers, (self.reference,), self.source)[0]
-        return reference_layer(info, self.reference_factor) if self.reference_factor else None
+        return info.reference_at(self.reference_factor) if self.reference_factor else None
 
-    def layers(self, info: UNetInfo, kind: str) -> list[AttentionLayer]:
+    def layers(self, info, kind: str) -> list[AttentionLayer]:
         """The layers whose ``kind`` attention this plan records."""
         if kind == "cross":
             if self.cross_steps is None:
@@ -108,17 +110,22 @@ class CapturePlan:
             return []
         if self.self_layers is not None:
             return resolve(info.layers, self.self_layers, self.source)
-        factors = self.self_factors if self.self_factors is not None else {info.finest_factor}
-        return [la for la in info.layers if self.self_every_layer or la.factor in factors]
+        if self.self_every_layer:
+            return list(info.layers)
+        if self.self_factors is None:
+            return info.default_self_layers()
+        return [la for la in info.layers if la.factor in self.self_factors]
 
-    def check(self, info: UNetInfo, model) -> None:
-        """Refuse layers or heads the model lacks (before any work is spent)."""
+    def check(self, info, model) -> None:
+        """Refuse a preset of another model family, layers or heads the model lacks
+        (before any work is spent)."""
+        check_family(self.source, getattr(info, "family", "unet"), info.model_id)
         self.layers(info, "cross")
         self.layers(info, "self")
         self.reference_layer(info)
         self.heads(info, model)
 
-    def heads(self, info: UNetInfo, model) -> dict[tuple[AttentionLayer, str], tuple[int, ...]]:
+    def heads(self, info, model) -> dict[tuple[AttentionLayer, str], tuple[int, ...]]:
         """{(layer, kind): heads} for the layers that keep some heads only, checked
         against each layer's head count."""
         chosen = {}
@@ -129,8 +136,11 @@ class CapturePlan:
             for layer in resolve(info.layers, (pick,), self.source):
                 chosen[(layer, "cross")] = heads
         for (layer, kind), heads in chosen.items():
-            module = attention_module(model, layer, "attn2" if kind == "cross" else "attn1")
-            check_heads(heads, module.heads, f"the {kind}-attention of {layer.block} block {layer.block_id} "
+            if hasattr(info, "head_count"):  # a DiT: every block has the model's head count
+                count = info.head_count(layer)
+            else:
+                count = attention_module(model, layer, "attn2" if kind == "cross" else "attn1").heads
+            check_heads(heads, count, f"the {kind}-attention of {layer.block} block {layer.block_id} "
                         f"(depth {layer.depth})", self.source)
         return chosen
 

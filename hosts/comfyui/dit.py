@@ -1,24 +1,26 @@
-"""Attention capture on Flux (DiT) models through ComfyUI's attention override.
+"""Attention capture on DiT models (Flux, SD3/SD3.5) through ComfyUI's attention override.
 
-Every Flux attention call goes through ``wrap_attn``, which hands it to
+Every Flux and MMDiT attention call goes through ``wrap_attn``, which hands it to
 ``transformer_options["optimized_attention_override"]`` when one is set
 (ComfyUI >= 0.3.60). The capture installs such an override on a clone, chained
 to the override that was there before (never replacing it, never patching a
 block class), and a model-function wrapper that tells it, per model call, the
 step, the text length and the image grid.
 
-Which block is calling: Flux's ``forward_orig`` (0.3.75) writes
-``block_type`` ("double"/"single") and ``block_index`` into the call's
-transformer_options before each block, and the blocks pass that dict down to
-the attention, so the override reads the block from it: no call counting, which
-a skipped or replaced block would throw off.
+Which block is calling: Flux's ``forward_orig`` (0.3.75) writes ``block_type``
+("double"/"single") and ``block_index`` into the call's transformer_options
+before each block, and the blocks pass that dict down to the attention. SD3's
+MMDiT sets neither, so each captured joint block gets a ``patches_replace["dit"]``
+block wrapper (chained to one already there) that puts them in a copy of the
+block's options: no call counting, which a skipped or replaced block would throw off.
 
-The joint sequence is [txt, img(, reference latents)] in both block types; the
-text length is the conditioning's (``c_crossattn``, after the host's repeat to a
-common length), the image grid is the latent's over the patch size (padded up).
-The output always comes from the previous override or the fast kernel; a
-captured block adds the probabilities of its image queries from q . k and each
-row's log-sum-exp (attnseg core), reduced over heads inside the hook."""
+The joint sequence is [txt, img] on both families (Flux: then any reference
+latents; SD3: txt is the register tokens and the context); the text length is
+the conditioning's (``c_crossattn``, after the host's repeat to a common
+length), the image grid the latent's over the patch size (padded up). The output
+always comes from the previous override or the fast kernel; a captured block adds
+the probabilities of its image queries from q . k and each row's log-sum-exp
+(attnseg core), reduced over heads inside the hook."""
 
 from __future__ import annotations
 
@@ -28,67 +30,114 @@ import threading
 from dataclasses import dataclass
 
 import comfy.ldm.flux.model
+import comfy.ldm.modules.diffusionmodules.mmdit
 import comfy.model_management
+import torch
 
 from ...attnseg import AttentionStore, AttnSegError, LayerKey
-from ...attnseg.attention import GridPool, fold_repeated_tokens, head_mean, joint_attention_maps
-from .capture import StepRange, grid_pool, step_index, wanted_rows
+from ...attnseg.attention import GridPool, chosen_heads_mean, fold_repeated_tokens, head_mean, joint_attention_maps
+from .capture import CapturePlan, grid_pool, step_index, wanted_rows
+from .catcross import COND
+from .unet import AttentionLayer
 
 OVERRIDE = "optimized_attention_override"
-BLOCK_TYPES = ("double", "single")
+SUPPORTED = "Flux (Flux.1 dev/schnell and models of its layout) and SD3/SD3.5 (MMDiT)"
+# GoCA's Flux choices, as (type, index): propagation self-attention of blocks 12 and 18 of
+# 57, and block 27's attention output as the layer-weight reference (single block 8).
+FLUX_SELF_BLOCKS = (("double", 12), ("double", 18))
+FLUX_REFERENCE = ("single", 8)
+# Seg4Diff's SD3 block: its I2T maps segment best (SD3-medium, 24 joint blocks).
+SD3_BLOCK = ("joint", 9)
 # Each install's transformer_options key: captures stacked on one model each read their own call info.
 _INSTALLS = itertools.count()
 
 
 @dataclass(frozen=True)
-class FluxInfo:
-    """The layout the capture needs: block counts, heads and patch size."""
+class DiTInfo:
+    """What the capture needs to know about a DiT: its blocks as layers (block
+    type, index, depth 0, factor = the patch size, one resolution for all), heads,
+    the text width its context has and what comes before the context in the text
+    part of the sequence (SD3's register tokens)."""
 
-    double: int
-    single: int
+    family: str  # "flux" or "sd3"
+    model_id: str
+    context_dim: int
+    layers: tuple[AttentionLayer, ...]
     heads: int
     patch_size: int
+    latent_channels: int
+    text_prefix: int = 0
+
+    @property
+    def finest_factor(self) -> int:
+        return self.patch_size
 
     def blocks(self) -> list[tuple[str, int]]:
-        return [("double", i) for i in range(self.double)] + [("single", i) for i in range(self.single)]
+        return [(layer.block, layer.block_id) for layer in self.layers]
+
+    def layer(self, block: tuple[str, int]) -> AttentionLayer | None:
+        return next((la for la in self.layers if (la.block, la.block_id) == block), None)
+
+    def _middle(self) -> AttentionLayer:
+        return self.layers[len(self.layers) // 2]
+
+    def default_self_layers(self) -> list[AttentionLayer]:
+        """Self-attention recorded unless a plan names blocks: GoCA's propagation blocks
+        on Flux, Seg4Diff's block on SD3; the middle block where the model lacks them."""
+        wanted = FLUX_SELF_BLOCKS if self.family == "flux" else (SD3_BLOCK,)
+        found = [la for la in map(self.layer, wanted) if la is not None]
+        return found or [self._middle()]
+
+    def reference_at(self, factor: int) -> AttentionLayer:
+        """GoCA's reference block (Flux: block 27 of 57); the factor means nothing on a DiT."""
+        return (self.layer(FLUX_REFERENCE) if self.family == "flux" else None) or self._middle()
+
+    def head_count(self, layer: AttentionLayer) -> int:
+        return self.heads
+
+    def describe_blocks(self) -> str:
+        counts = {}
+        for layer in self.layers:
+            counts[layer.block] = counts.get(layer.block, 0) + 1
+        return " and ".join(f"{kind} blocks 0-{n - 1}" for kind, n in counts.items())
 
 
-def describe_flux(model) -> FluxInfo:
-    """The Flux layout of a ModelPatcher; other models are refused."""
-    net = model.model.diffusion_model
-    if not isinstance(net, comfy.ldm.flux.model.Flux):
-        raise AttnSegError(f"DiT capture: the model is a {type(net).__name__}, not a Flux model; "
-                           f"only Flux is supported so far.")
-    return FluxInfo(len(net.double_blocks), len(net.single_blocks), net.num_heads, net.patch_size)
+def dit_family(model) -> str | None:
+    """"flux", "sd3", or None for a model that is not a supported DiT."""
+    net = model.get_model_object("diffusion_model")
+    if isinstance(net, comfy.ldm.flux.model.Flux):
+        return "flux"
+    if isinstance(net, comfy.ldm.modules.diffusionmodules.mmdit.MMDiT):
+        return "sd3"
+    return None
 
 
-@dataclass(frozen=True)
-class DiTCapturePlan:
-    """Which joint attention to record.
+def describe_dit(model, input_name: str = "model") -> DiTInfo:
+    """The layout of a supported DiT ModelPatcher."""
+    net = model.get_model_object("diffusion_model")
+    family = dit_family(model)
+    name = type(getattr(model.model, "model_config", model.model)).__name__
+    channels = model.model.latent_format.latent_channels
+    if family == "flux":
+        layers = [AttentionLayer("double", i, 0, net.patch_size) for i in range(len(net.double_blocks))]
+        layers += [AttentionLayer("single", i, 0, net.patch_size) for i in range(len(net.single_blocks))]
+        return DiTInfo("flux", f"{name} (Flux, {len(net.double_blocks)} double + {len(net.single_blocks)} single "
+                       f"blocks)", net.txt_in.in_features, tuple(layers), net.num_heads, net.patch_size, channels)
+    if family == "sd3":
+        layers = tuple(AttentionLayer("joint", i, 0, net.patch_size) for i in range(len(net.joint_blocks)))
+        heads = net.joint_blocks[0].x_block.attn.num_heads
+        context_dim = net.context_embedder.in_features if net.context_embedder is not None else 0
+        return DiTInfo("sd3", f"{name} (MMDiT, {len(layers)} joint blocks)", context_dim, layers, heads,
+                       net.patch_size, channels, net.register_length)
+    raise unsupported(model, input_name)
 
-    ``cross_blocks``: the (block type, index) pairs whose image x text
-    probabilities (I2T) are stored, None = every block; ``self_blocks``: those
-    whose image x image probabilities (I2I) are stored, pooled to at most
-    ``self_max_tokens`` cells. Steps as on the UNet capture."""
 
-    cross_blocks: tuple[tuple[str, int], ...] | None = None
-    self_blocks: tuple[tuple[str, int], ...] = ()
-    cross_steps: StepRange | None = StepRange()
-    self_steps: StepRange | None = StepRange()
-    branches: frozenset[str] = frozenset({"cond"})
-    self_max_tokens: int = 64 * 64
-
-    def selected(self, info: FluxInfo) -> dict[str, frozenset[tuple[str, int]]]:
-        """{kind: blocks}, each block checked against the model."""
-        every = info.blocks()
-        chosen = {"cross": every if self.cross_blocks is None else self.cross_blocks, "self": self.self_blocks}
-        for kind, blocks in chosen.items():
-            for block in blocks:
-                if block not in every:
-                    raise AttnSegError(
-                        f"DiT capture: {kind} block {block} does not exist; the model has double blocks "
-                        f"0-{info.double - 1} and single blocks 0-{info.single - 1}.")
-        return {kind: frozenset(blocks) for kind, blocks in chosen.items()}
+def unsupported(model, input_name: str) -> AttnSegError:
+    """The error for a model family the capture cannot hook: it names the model and what is supported."""
+    net = model.get_model_object("diffusion_model")
+    name = type(getattr(model.model, "model_config", model.model)).__name__
+    return AttnSegError(f"{input_name}: {name} ({type(net).__name__}) is not a model AttnSeg can capture. "
+                        f"Supported: UNet models (SD1.x, SD2.x, SDXL) and the DiTs {SUPPORTED}.")
 
 
 def _qkv_heads(args: tuple, kwargs: dict):
@@ -99,11 +148,46 @@ def _qkv_heads(args: tuple, kwargs: dict):
     return q, k, heads
 
 
-def install_dit_capture(model, store: AttentionStore, plan: DiTCapturePlan):
-    """A clone of the Flux ``model`` whose runs fill ``store``; ``model`` is untouched."""
-    info = describe_flux(model)
-    selected = plan.selected(info)
-    model = model.clone()
+def _scaled_keys(args: tuple, kwargs: dict, weights: torch.Tensor) -> tuple:
+    """The call's arguments with the keys multiplied by (B, L) ``weights`` along the sequence."""
+    k = args[1]
+    w = weights.to(k)
+    k = k * (w[:, None, :, None] if kwargs.get("skip_reshape") else w[:, :, None])
+    return (args[0], k, *args[2:])
+
+
+def _install_block_identity(model, info: DiTInfo, blocks) -> None:
+    """SD3: a dit block wrapper per captured block that names the block in a copy of
+    its transformer_options (MMDiT sets no block_type / block_index itself)."""
+    replaces = model.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
+
+    def make_wrapper(index: int, previous):
+        def wrapper(args, extra):
+            options = {**args["transformer_options"], "block_type": "joint", "block_index": index}
+            args = {**args, "transformer_options": options}
+            return previous(args, extra) if previous is not None else extra["original_block"](args)
+        return wrapper
+
+    for block_type, index in blocks:
+        model.set_model_patch_replace(make_wrapper(index, replaces.get(("double_block", index))), "dit",
+                                      "double_block", index)
+
+
+def install_dit_capture(model, info: DiTInfo, store: AttentionStore, plan: CapturePlan, key_scale=None) -> None:
+    """Patch ``model`` (a clone the caller owns) so its runs fill ``store``. ``key_scale``
+    (Cat-Cross "keys") multiplies the cond rows' class-token keys inside every joint
+    attention, captured or not, so the sample and the maps see the weighted attention."""
+    if plan.cross_heads != "mean":
+        raise AttnSegError(f"heads: '{plan.cross_heads}' (GoCA's output-weighted heads) is for UNet models; on "
+                           f"{info.model_id} GoCA uses the head mean, as its Flux configuration does. Set heads "
+                           f"to mean.")
+    store.head_reduction = plan.cross_heads
+    store.architecture = "dit"
+    selected = {kind: {(la.block, la.block_id) for la in plan.layers(info, kind)} for kind in ("cross", "self")}
+    picked = {(layer.block, layer.block_id, kind): heads for (layer, kind), heads in plan.heads(info, model).items()}
+    reducers = {key: chosen_heads_mean(heads) for key, heads in picked.items()}
+    reference = plan.reference_layer(info)
+    reference = (reference.block, reference.block_id) if reference is not None else None
     options = model.model_options.setdefault("transformer_options", {})
     previous = options.get(OVERRIDE)
     call_key = f"attnseg_dit_capture_{next(_INSTALLS)}"
@@ -111,51 +195,92 @@ def install_dit_capture(model, store: AttentionStore, plan: DiTCapturePlan):
     # (the lock is held while kernels are queued, no device sync), as on the UNet capture.
     adding = threading.Lock()
     pools: dict[tuple, GridPool] = {}
-    fold_cond = store.prompt.token_count if store.prompt else None
+    fold = {"cond": store.prompt.token_count if store.prompt else None, "uncond": None}
+    weight_cache: dict[tuple, torch.Tensor] = {}
+
+    def key_weights(transformer_options: dict, batch: int, length: int, txt: int, device) -> torch.Tensor | None:
+        """(B, L) key weights: the cond rows' class tokens scaled, 1 elsewhere (built once per layout)."""
+        chunks = tuple(transformer_options.get("cond_or_uncond") or [COND])
+        if COND not in chunks:
+            return None
+        cache_key = (chunks, batch, length, txt, device)
+        if cache_key not in weight_cache:
+            cond = torch.ones(length, device=device)
+            # The prompt's tokens follow SD3's register tokens; a tiled context repeats the prompt.
+            cond[info.text_prefix:txt] = key_scale.weights(txt - info.text_prefix, device, cond.dtype)
+            rows = [cond if code == COND else torch.ones_like(cond) for code in chunks]
+            weight_cache[cache_key] = torch.stack(rows).repeat_interleave(batch // len(chunks), dim=0)
+        return weight_cache[cache_key]
 
     def record(call: dict, block: tuple[str, int], kinds: list[str], args: tuple, kwargs: dict,
-               transformer_options: dict) -> None:
+               transformer_options: dict, out: torch.Tensor | None) -> None:
         q, k, heads = _qkv_heads(args, kwargs)
         rows = wanted_rows(transformer_options, q.shape[0], plan.branches)
         if not rows:
             return
-        comfy.model_management.throw_exception_if_processing_interrupted()
         txt, (gh, gw) = call["txt"], call["grid"]
         image = slice(txt, txt + gh * gw)
-        if image.stop > q.shape[2]:
-            raise AttnSegError(f"DiT capture: {block[0]} block {block[1]} attends over {q.shape[2]} tokens, "
-                               f"fewer than the {txt} text + {gh}x{gw} image tokens the conditioning and "
-                               f"latent imply (a patch changed the sequence).")
         key_blocks = {}
         if "cross" in kinds:
-            key_blocks["cross"] = (slice(0, txt), None)
+            key_blocks["cross"] = (slice(info.text_prefix, txt), None)
         if "self" in kinds:
             key_blocks["self"] = (image, grid_pool(pools, gh, gw, plan.self_max_tokens, q.device))
         keep = rows[0][1] if len(rows) == 1 else slice(None)
-        maps = joint_attention_maps(q, k, image, key_blocks, head_mean, keep, kwargs.get("mask"))
+        maps = {}
+        by_reducer = {}  # one pass over the keys per head selection (usually one: the head mean)
+        for kind in key_blocks:
+            by_reducer.setdefault(reducers.get(block + (kind,), head_mean), []).append(kind)
+        for reducer, group in by_reducer.items():
+            maps.update(joint_attention_maps(q, k, image, {kind: key_blocks[kind] for kind in group}, reducer,
+                                             keep, kwargs.get("mask")))
         for kind, block_maps in maps.items():
             key = LayerKey.dit(kind, block[0], block[1], info.patch_size)
             grid = key_blocks[kind][1].grid if kind == "self" else (gh, gw)
+            stored_heads = len(picked.get(block + (kind,), ())) or heads
             for branch, part in rows:
                 branch_maps = block_maps if len(rows) == 1 else block_maps[part]
                 if kind == "cross":
-                    branch_maps = fold_repeated_tokens(branch_maps, fold_cond if branch == "cond" else None)
+                    branch_maps = fold_repeated_tokens(branch_maps, fold[branch])
                 with adding:
-                    store.add(key, branch, grid, branch_maps, heads)
+                    store.add(key, branch, grid, branch_maps, stored_heads)
+        if out is not None:  # GoCA's reference: the image tokens' attention output, in the self steps
+            key = LayerKey.dit("query", block[0], block[1], info.patch_size)
+            for branch, part in rows:
+                with adding:
+                    store.add(key, branch, (gh, gw), out[part, image])
 
     def override(func, *args, **kwargs):
         transformer_options = kwargs.get("transformer_options") or {}
         call = transformer_options.get(call_key)
+        kinds = []
         if call is not None:
             block = (transformer_options.get("block_type"), transformer_options.get("block_index"))
             kinds = [kind for kind in ("cross", "self") if call[kind] and block in selected[kind]]
-            if kinds:
-                record(call, block, kinds, args, kwargs, transformer_options)
-        if previous is not None:
-            return previous(func, *args, **kwargs)
-        return func(*args, **kwargs)
+            length = args[1].shape[2 if kwargs.get("skip_reshape") else 1]
+            txt, (gh, gw) = call["txt"], call["grid"]
+            if key_scale is not None and length >= txt:
+                weights = key_weights(transformer_options, args[1].shape[0], length, txt, args[1].device)
+                if weights is not None:
+                    args = _scaled_keys(args, kwargs, weights)
+            if kinds and length < txt + gh * gw:
+                if info.family == "sd3" and length == gh * gw:
+                    kinds = []  # MMDiT-X's second, image-only attention: the joint call was recorded
+                else:
+                    raise AttnSegError(
+                        f"DiT capture: {block[0]} block {block[1]} attends over {length} tokens, fewer than the "
+                        f"{txt} text + {gh}x{gw} image tokens the conditioning and latent imply (a patch "
+                        f"changed the sequence).")
+        if kinds:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+        out = previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
+        if kinds:
+            wants_output = block == reference and call["self"] and not kwargs.get("skip_output_reshape")
+            record(call, block, kinds, args, kwargs, transformer_options, out if wants_output else None)
+        return out
 
     options[OVERRIDE] = override
+    if info.family == "sd3":
+        _install_block_identity(model, info, sorted(selected["cross"] | selected["self"]))
     previous_wrapper = model.model_options.get("model_function_wrapper")
 
     def wrapper(apply_model, args):
@@ -165,7 +290,7 @@ def install_dit_capture(model, store: AttentionStore, plan: DiTCapturePlan):
         h, w = args["input"].shape[-2:]
         call = {"cross": plan.cross_steps is not None and plan.cross_steps.contains(step, total),
                 "self": plan.self_steps is not None and plan.self_steps.contains(step, total),
-                "txt": c["c_crossattn"].shape[1],
+                "txt": info.text_prefix + c["c_crossattn"].shape[1],
                 "grid": (math.ceil(h / info.patch_size), math.ceil(w / info.patch_size))}
         if call["cross"] or call["self"]:
             store.steps.add(step)
@@ -176,4 +301,15 @@ def install_dit_capture(model, store: AttentionStore, plan: DiTCapturePlan):
         return apply_model(args["input"], args["timestep"], **args["c"])
 
     model.set_model_unet_function_wrapper(wrapper)
-    return model
+
+
+def check_dit_conditioning(info: DiTInfo, conditioning, input_name: str) -> None:
+    """Refuse conditioning from another text encoder before torch does, cryptically."""
+    if not conditioning:
+        raise AttnSegError(f"{input_name}: the conditioning is empty. Connect a text encoder's output.")
+    dim = conditioning[0][0].shape[-1]
+    if info.context_dim and dim != info.context_dim:
+        raise AttnSegError(f"{input_name}: this conditioning has {dim}-wide text embeddings but {info.model_id} "
+                           f"expects {info.context_dim}. Encode the prompt with the text encoder loaded for "
+                           f"this model (Flux: DualCLIPLoader type flux; SD3: TripleCLIPLoader).")
+

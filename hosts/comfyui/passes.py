@@ -7,6 +7,7 @@ import math
 import threading
 
 import comfy.model_management
+import comfy.model_sampling
 import comfy.sample
 import comfy.samplers
 import comfy.utils
@@ -14,12 +15,12 @@ import latent_preview
 import torch
 
 from ...attnseg import AttentionStore, AttnSegError
-from .capture import CapturePlan, install_capture
-from .catcross import install_key_scale
+from .capture import CapturePlan
+from .dit import OVERRIDE, DiTInfo
+from .models import ModelInfo, checked_model, install_model_capture
 from .text import key_scale_of, prompt_of
-from .unet import UNetInfo, check_conditioning, describe_unet
 
-LATENT_TO_PIXELS = 8  # SD1.x / SD2.x / SDXL VAEs
+LATENT_TO_PIXELS = 8  # the VAEs of SD1.x / SD2.x / SDXL, Flux and SD3
 ADAPTIVE_SAMPLERS = frozenset({"dpm_adaptive"})
 
 
@@ -44,7 +45,8 @@ def check_memory(model, image: torch.Tensor, resolution: int, input_name: str = 
     """Refuse a pass the device cannot hold, before any work: the UNet forward's own
     estimate for the latent at the working size, plus the model when it is not loaded."""
     height, width = working_size(*image.shape[1:3], resolution)
-    shape = [image.shape[0], 4, height // LATENT_TO_PIXELS, width // LATENT_TO_PIXELS]
+    channels = model.model.latent_format.latent_channels
+    shape = [image.shape[0], channels, height // LATENT_TO_PIXELS, width // LATENT_TO_PIXELS]
     needed = model.model.memory_required(shape) + model.model_size()
     free = comfy.model_management.get_free_memory(model.load_device)
     if needed > free:
@@ -65,19 +67,14 @@ def encode_image(vae, image: torch.Tensor, resolution: int) -> torch.Tensor:
     return vae.encode(pixels)
 
 
-def checked_unet(model, positive, input_name: str) -> UNetInfo:
-    """The model's layout, after refusing an unsupported model or foreign conditioning."""
-    info = describe_unet(model)
-    check_conditioning(info, positive, input_name)
-    return info
-
-
-def apply_key_scale(model, info: UNetInfo, positive) -> None:
-    """Cat-Cross "keys": weight the class tokens' keys of ``model`` (a clone), around
-    the capture patches so the store records the weighted attention."""
-    scale = key_scale_of(positive)
-    if scale is not None:
-        install_key_scale(model, info, scale)
+def timestep_sigma(sampling, timestep: float) -> torch.Tensor:
+    """The model's sigma at ``timestep`` of 1000. Flow-matching models (Flux, SD3:
+    ``x_t = (1 - sigma) x_0 + sigma eps``) read it as sigma = t / 1000, the noise level
+    diffusers' flow schedulers name t (GoCA's Flux t = 150 is sigma 0.15); other models
+    through their own schedule."""
+    if isinstance(sampling, comfy.model_sampling.CONST):
+        return torch.tensor(timestep / 1000.0)
+    return sampling.sigma(torch.tensor(float(timestep)))
 
 
 class OneForwardPass(comfy.samplers.Sampler):
@@ -110,20 +107,39 @@ class LayerProgress:
     pass ends at its share (one step per pass when a plan captures nothing). A
     Python counter and ComfyUI's bar update per call, no device sync."""
 
-    def __init__(self, model, info: UNetInfo, plan: CapturePlan, passes: int):
-        """Wrap the capture patches of ``model`` (a clone with :func:`install_capture`
-        run with ``plan``) so each call of a captured layer advances the bar."""
-        replaces = model.model_options["transformer_options"].get("patches_replace", {})
+    def __init__(self, model, info: ModelInfo, plan: CapturePlan, passes: int):
+        """Wrap the capture patches of ``model`` (a clone with the capture installed
+        with ``plan``) so each call of a captured layer advances the bar."""
         self.layers = 0
-        for kind, slot in (("cross", "attn2"), ("self", "attn1")):
-            for key in dict.fromkeys(layer.patch_key for layer in plan.layers(info, kind)):
-                model.set_model_patch_replace(self._counted(replaces[slot][key]), slot, *key)
-                self.layers += 1
+        if isinstance(info, DiTInfo):
+            self._count_dit_blocks(model, info, plan)
+        else:
+            replaces = model.model_options["transformer_options"].get("patches_replace", {})
+            for kind, slot in (("cross", "attn2"), ("self", "attn1")):
+                for key in dict.fromkeys(layer.patch_key for layer in plan.layers(info, kind)):
+                    model.set_model_patch_replace(self._counted(replaces[slot][key]), slot, *key)
+                    self.layers += 1
         self.per_pass = max(1, self.layers)
         self.total = max(1, passes * self.per_pass)
         self.done = self.end = 0
         self.bar = comfy.utils.ProgressBar(self.total)
         self.lock = threading.Lock()  # branches the host runs on two threads still report in order
+
+    def _count_dit_blocks(self, model, info: DiTInfo, plan: CapturePlan) -> None:
+        """A DiT's captured blocks are counted at the attention override, by the block
+        its options name."""
+        blocks = {(la.block, la.block_id) for kind in ("cross", "self") for la in plan.layers(info, kind)}
+        options = model.model_options["transformer_options"]
+        override = options[OVERRIDE]
+
+        def counted(func, *args, **kwargs):
+            block_options = kwargs.get("transformer_options") or {}
+            if (block_options.get("block_type"), block_options.get("block_index")) in blocks:
+                self.layer_called()
+            return override(func, *args, **kwargs)
+
+        options[OVERRIDE] = counted
+        self.layers = len(blocks)
 
     def _counted(self, patch):
         def counted(q, k, v, extra):
@@ -148,14 +164,14 @@ class LayerProgress:
 
 def capture_pass(model, latent: torch.Tensor, positive, timesteps: list[int], seed: int,
                  image_size: tuple[int, int], plan: CapturePlan | None = None,
-                 info: UNetInfo | None = None, per_pass: int | None = None,
+                 info: ModelInfo | None = None, per_pass: int | None = None,
                  keep_timesteps: bool = False) -> AttentionStore:
     """Noise ``latent`` to each timestep (one noise draw for all) and run
     cond-only UNet passes, ``per_pass`` timesteps stacked in a batch (None: as
     many as memory allows), capturing into a new store (maps averaged over the
     timesteps; with ``keep_timesteps`` and several timesteps, also one store per
     timestep in ``store.per_timestep``)."""
-    info = info or checked_unet(model, positive, "conditioning")
+    info = info or checked_model(model, positive, "conditioning")
     new_store = lambda: AttentionStore(info.model_id, latent.shape[0], tuple(latent.shape[-2:]),  # noqa: E731
                                        image_size, prompt_of(positive))
     store = new_store()
@@ -163,8 +179,7 @@ def capture_pass(model, latent: torch.Tensor, positive, timesteps: list[int], se
         store.per_timestep = [new_store() for _ in timesteps]
     plan = plan or CapturePlan()
     patched = model.clone()
-    install_capture(patched, info, store, plan)
-    apply_key_scale(patched, info, positive)
+    install_model_capture(patched, info, store, plan, key_scale_of(positive))
     sampling = patched.get_model_object("model_sampling")
     # Timestep ranges and ControlNets are checked against one sigma per call:
     # such conditioning gets one pass per timestep.
@@ -177,8 +192,7 @@ def capture_pass(model, latent: torch.Tensor, positive, timesteps: list[int], se
         comfy.model_management.throw_exception_if_processing_interrupted()
         progress.start_pass(index)
         group = timesteps[start:start + per_pass]
-        row_sigmas = torch.cat([sampling.sigma(torch.tensor(float(t))).reshape(1).expand(latent.shape[0])
-                                for t in group])
+        row_sigmas = torch.cat([timestep_sigma(sampling, t).reshape(1).expand(latent.shape[0]) for t in group])
         sigmas = torch.stack([row_sigmas.max(), torch.zeros(())])
         store.stacked_timesteps, store.first_timestep = len(group), start
         try:
@@ -196,7 +210,7 @@ def capture_pass(model, latent: torch.Tensor, positive, timesteps: list[int], se
 def segment_image(model, vae, image: torch.Tensor, positive, timesteps: list[int], seed: int,
                   resolution: int, plan: CapturePlan | None = None, keep_timesteps: bool = False) -> AttentionStore:
     """The segmentation front end: encode ``image``, then :func:`capture_pass`."""
-    info = checked_unet(model, positive, "conditioning")  # refuse bad input before spending a VAE encode
+    info = checked_model(model, positive, "conditioning")  # refuse bad input before spending a VAE encode
     plan = plan or CapturePlan()
     plan.check(info, model)  # a preset's layers and heads are refused before the encode too
     check_memory(model, image, resolution)
@@ -225,14 +239,13 @@ def capture_sample(model, seed: int, steps: int, cfg: float, sampler_name: str, 
     store = None
     sampling_model = model
     if plan is not None or key_scale_of(positive) is not None:
-        info = checked_unet(model, positive, "positive")
+        info = checked_model(model, positive, "positive")
         sampling_model = model.clone()
         if plan is not None:
             height, width = latent_image.shape[-2:]
             store = AttentionStore(info.model_id, latent_image.shape[0], (height, width),
                                    (height * LATENT_TO_PIXELS, width * LATENT_TO_PIXELS), prompt_of(positive))
-            install_capture(sampling_model, info, store, plan)
-        apply_key_scale(sampling_model, info, positive)
+        install_model_capture(sampling_model, info, store, plan, key_scale_of(positive))
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     callback = latent_preview.prepare_callback(sampling_model, steps)
     samples = comfy.sample.sample(sampling_model, noise, steps, cfg, sampler_name, scheduler, positive, negative,

@@ -17,7 +17,8 @@ from ...attnseg.presets import CaptureSetup, Preset, TextSetup
 from ...attnseg.scores import ScoreMaps
 from ...attnseg.tokens import GOCA_BACKGROUND, goca_template_prompt, parse_class_list, template_prompt
 from .capture import CapturePlan
-from .passes import capture_pass, check_memory, checked_unet, encode_image
+from .models import checked_model
+from .passes import capture_pass, check_memory, encode_image
 from .text import encode_cat_cross, encode_segmentation_prompt
 
 
@@ -59,7 +60,8 @@ def run_method(store, chosen: Preset) -> ScoreMaps:
     if chosen.method == "goca":
         backgrounds = [GOCA_BACKGROUND] if chosen.text.template == "goca" else []
         return goca(store, settings.layer_weights, settings.rescaling, settings.blur, settings.order, backgrounds,
-                    "attention", settings.propagation_layers, settings.aggregate_factor, chosen.name)
+                    "attention", settings.propagation_layers, settings.aggregate_factor, chosen.name,
+                    chosen.capture.heads)
     raise AttnSegError(f"preset: '{chosen.name}' is a {chosen.method} preset, which this node does not run.")
 
 
@@ -71,7 +73,7 @@ def segment_with_preset(model, clip, vae, image: torch.Tensor, classes: str, cho
     setup = chosen.capture
     plan = capture_plan(setup, chosen.name)
     prompts = encode(clip, chosen.text, prompt, names)
-    info = checked_unet(model, prompts[0], "clip")
+    info = checked_model(model, prompts[0], "clip")
     plan.check(info, model)  # a preset's layers and heads are refused before any work is spent
     propagation = getattr(chosen.settings, "propagation_layers", None)
     if propagation:

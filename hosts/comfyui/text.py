@@ -75,13 +75,22 @@ def locate_words(clip, text: str, names: list[str], input_name: str = "classes")
     return locate_classes(flat, class_tokens, words, text, same=_same, input_name=input_name), tokens
 
 
-def segmentation_prompt(clip, prompt: str, classes: str, template=template_prompt) -> tuple[str, SegPrompt, dict]:
+def segmentation_prompt(clip, prompt: str, classes: str, template=template_prompt,
+                        part: str = "both") -> tuple[str, SegPrompt, dict]:
     """(text, class metadata, tokens to encode) for a prompt and class list;
-    ``template(names)`` builds the prompt when ``prompt`` is empty."""
+    ``template(names)`` builds the prompt when ``prompt`` is empty. A DiT's text
+    encoder (a T5 tokenizer: Flux, SD3) gets positions in the sequence the DiT
+    attends over, ``part`` choosing SD3's CLIP or T5 tokens (see ``locate_dit_words``)."""
+    if is_dit_text_encoder(clip):
+        return dit_segmentation_prompt(clip, prompt, classes, part, template)
     names = parse_class_list(classes)
     text = prompt.strip() or template(names)
     meta, tokens = locate_words(clip, text, names)
     return text, meta, tokens
+
+
+def is_dit_text_encoder(clip) -> bool:
+    return hasattr(clip.tokenizer, "t5xxl")
 
 
 # The token lists a DiT's text sequence can be made of, for ``part`` to choose from.
@@ -158,14 +167,15 @@ def locate_dit_words(clip, text: str, names: list[str], part: str = "both",
 
 def dit_segmentation_prompt(clip, prompt: str, classes: str, part: str = "both",
                             template=template_prompt) -> tuple[str, SegPrompt, dict]:
-    """``segmentation_prompt`` for a DiT's text encoder (Flux, SD3): see ``locate_dit_words``."""
+    """The DiT branch of ``segmentation_prompt`` (Flux, SD3): see ``locate_dit_words``."""
     names = parse_class_list(classes)
     text = prompt.strip() or template(names)
     meta, tokens = locate_dit_words(clip, text, names, part)
     return text, meta, tokens
 
 
-def encode_segmentation_prompt(clip, prompt: str, classes: str, class_weight: float = 1.0, fuse_ing: bool = False):
+def encode_segmentation_prompt(clip, prompt: str, classes: str, class_weight: float = 1.0, fuse_ing: bool = False,
+                               part: str = "both"):
     """CONDITIONING for ``prompt`` whose entries carry the class metadata.
 
     ``class_weight`` != 1 re-weights the class tokens as DiffSegmenter's "class++"
@@ -174,7 +184,7 @@ def encode_segmentation_prompt(clip, prompt: str, classes: str, class_weight: fl
     "-ing" word's token to its class."""
     if not class_weight > 0:
         raise AttnSegError(f"class_weight: {class_weight} must be positive (1 = off, DiffSegmenter 1.21).")
-    _, meta, tokens = segmentation_prompt(clip, prompt, classes)
+    _, meta, tokens = segmentation_prompt(clip, prompt, classes, part=part)
     if fuse_ing:
         meta = fuse_ing_words(meta)
     conditioning = clip.encode_from_tokens_scheduled(tokens)
@@ -191,7 +201,8 @@ def encode_segmentation_prompt(clip, prompt: str, classes: str, class_weight: fl
     return [[c, {**extras, PROMPT_KEY: meta}] for c, extras in conditioning], meta
 
 
-def encode_cat_cross(clip, prompt: str, classes: str, gamma: float, mode: str, background_words: str = ""):
+def encode_cat_cross(clip, prompt: str, classes: str, gamma: float, mode: str, background_words: str = "",
+                     part: str = "both"):
     """iSeg's Cat-Cross: the class tokens weighted by ``gamma``, either on the
     keys inside the attention ("keys", the paper; applied by AttnSeg's capture
     nodes) or on the text embedding, which scales keys and values ("embedding",
@@ -202,7 +213,7 @@ def encode_cat_cross(clip, prompt: str, classes: str, gamma: float, mode: str, b
         raise AttnSegError(f"mode: '{mode}' is not one of {', '.join(CAT_CROSS_MODES)}.")
     extra_words = [w.strip() for w in background_words.split(",") if w.strip()]
     _, meta, tokens = segmentation_prompt(clip, prompt, classes,
-                                          template=lambda names: iseg_template_prompt(names, extra_words))
+                                          template=lambda names: iseg_template_prompt(names, extra_words), part=part)
     positions = meta.class_positions
     conditioning = []
     for cond, extras in clip.encode_from_tokens_scheduled(tokens):

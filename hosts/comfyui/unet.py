@@ -35,6 +35,13 @@ class UNetInfo:
     def finest_factor(self) -> int:
         return min(layer.factor for layer in self.layers)
 
+    def default_self_layers(self) -> list["AttentionLayer"]:
+        """The self-attention a plan records unless it names layers: the finest level's."""
+        return [layer for layer in self.layers if layer.factor == self.finest_factor]
+
+    def reference_at(self, factor: int) -> "AttentionLayer":
+        return reference_layer(self, factor)
+
 
 def _transformers(block):
     return [m for m in block if isinstance(m, SpatialTransformer)]
@@ -48,8 +55,8 @@ def describe_unet(model, input_name: str = "model") -> UNetInfo:
     family = type(getattr(model.model, "model_config", model.model)).__name__
     if not isinstance(diffusion_model, UNetModel):
         raise AttnSegError(
-            f"{input_name}: {family} ({type(diffusion_model).__name__}) is not supported yet. AttnSeg "
-            f"captures UNet models (SD1.x, SD2.x, SDXL); DiT models such as Flux and SD3 come later.")
+            f"{input_name}: {family} ({type(diffusion_model).__name__}) is not a UNet model (SD1.x, SD2.x, "
+            f"SDXL), which this takes.")
     layers = []
     factor = 1
     for block_id, block in enumerate(diffusion_model.input_blocks):
