@@ -32,7 +32,9 @@ import tiny_dit  # noqa: E402
 import torch  # noqa: E402
 
 from attnseg_pack.attnseg import AttentionStore  # noqa: E402
-from attnseg_pack.hosts.comfyui.dit import DiTCapturePlan, describe_flux, install_dit_capture  # noqa: E402
+from attnseg_pack.attnseg.layers import LayerPick  # noqa: E402
+from attnseg_pack.hosts.comfyui.capture import CapturePlan  # noqa: E402
+from attnseg_pack.hosts.comfyui.dit import describe_dit, install_dit_capture  # noqa: E402
 
 
 def flux_config(double: int, single: int) -> dict:
@@ -53,7 +55,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = tiny_dit.tiny_flux(0, flux_config(args.double, args.single))
-    info = describe_flux(model)
+    info = describe_dit(model)
     g = torch.Generator().manual_seed(0)
     positive = [[torch.randn(1, args.text, 4096, generator=g),
                  {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 3.5}]]
@@ -68,11 +70,16 @@ def main() -> None:
     def store():
         return AttentionStore("flux", 1, (side, side), (args.size, args.size), dtype=torch.float32)
 
-    last = ("single", info.single - 1)
+    def captured(plan):
+        clone = model.clone()
+        install_dit_capture(clone, info, store(), plan)
+        return clone
+
+    last = (LayerPick.dit("single", args.single - 1),)
     variants = {
         "stock": lambda: sample(model),
-        "capture I2T": lambda: sample(install_dit_capture(model, store(), DiTCapturePlan())),
-        "capture I2T + I2I": lambda: sample(install_dit_capture(model, store(), DiTCapturePlan(self_blocks=(last,)))),
+        "capture I2T": lambda: sample(captured(CapturePlan(self_steps=None))),
+        "capture I2T + I2I": lambda: sample(captured(CapturePlan(self_layers=last))),
     }
 
     variants["stock"]()  # warm-up: first-call allocations out of the memory figures
@@ -97,10 +104,10 @@ def main() -> None:
         kernel_times.append(time.perf_counter() - start)
     naive_block = statistics.median(naive_times[1:])
     kernel_block = statistics.median(kernel_times[1:])
-    blocks = info.double + info.single
+    blocks = args.double + args.single
     naive_total = naive_block * blocks * args.steps
 
-    print(f"Flux (random weights, fp32) hidden 3072, 24 heads x 128, {info.double} double + {info.single} single "
+    print(f"Flux (random weights, fp32) hidden 3072, 24 heads x 128, {args.double} double + {args.single} single "
           f"blocks, {args.size}x{args.size} ({image_tokens} image + {args.text} text tokens), {args.steps} steps "
           f"euler cfg 1, {torch.get_num_threads()} threads, medians of {args.repeats}")
     print("| variant | seconds | / stock | peak RSS extra (MiB) |")
