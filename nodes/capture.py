@@ -32,7 +32,8 @@ def goca_inputs(what: str):
             "custom: the self-attention layers to record instead of self_layers, as 'BLOCK LEVEL INDEX' separated "
             "by ';' (BLOCK input, middle or output; LEVEL 0 = the finest resolution with attention; INDEX the "
             "layer's place among that block's layers there, from 0, or * for all). iSeg's layer on SD1.5/2.1: "
-            "'output 0 1'. Empty: self_layers decides.")}),
+            "'output 0 1'. On a DiT 'TYPE INDEX' (double, single or joint), e.g. 'double 12; double 18'. "
+            "Empty: self_layers decides (a DiT: GoCA's blocks 12 and 18 on Flux, block 9 on SD3).")}),
         "self_heads": ("STRING", {"default": "", "tooltip": (
             "custom: the heads (from 0) whose mean is kept for those self-attention layers, e.g. '1, 2' "
             "(iSeg); chosen inside the hook, the others are never stored. Empty: every head.")}),
@@ -62,7 +63,9 @@ class AttnSegSegmentImage:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The diffusion model whose attention is recorded (SD1.x, SD2.x, SDXL); "
+            "model": ("MODEL", {"tooltip": "The diffusion model whose attention is recorded (SD1.x, SD2.x, SDXL, "
+                                           "Flux, SD3/SD3.5; on a DiT the image x text and image x image parts of "
+                                           "its joint attention); "
                                            "it is patched on a clone, never modified."}),
             "vae": ("VAE", {"tooltip": "The model's VAE: the image is encoded to a latent (posterior mean)."}),
             "image": ("IMAGE", {"tooltip": "Any size and aspect ratio; a batch is segmented image by image "
@@ -74,7 +77,7 @@ class AttnSegSegmentImage:
                              "tooltip": "The noise draw added to the latent (one draw for all timesteps)."}),
             "resolution": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 64,
                                    "tooltip": "Longer side of the image the model sees (aspect kept); "
-                                              "512 for SD1.x/2.x, 1024 for SDXL."}),
+                                              "512 for SD1.x/2.x, 1024 for SDXL, Flux and SD3."}),
         }, "optional": goca_inputs("what the pass records (layers, heads, timesteps, resolution, seed)")}
 
     RETURN_TYPES = (ATTNSEG_STORE,)

@@ -1,13 +1,13 @@
 """One node for the common case: image + classes -> masks, with a method's
 published configuration."""
 
-from ..attnseg.presets import PRESETS, SEGMENTERS, find_preset
+from ..attnseg.presets import ONE_PASS_METHODS, PRESETS, find_preset
 from ..hosts.comfyui.presets import segment_with_preset
 from ..hosts.comfyui.progress import comfy_progress
 from .masks import mask_outputs
 from .types import ATTNSEG_SCORES, SEGMENT
 
-SEGMENT_PRESETS = [name for name, p in PRESETS.items() if p.method in SEGMENTERS]
+SEGMENT_PRESETS = [name for name, p in PRESETS.items() if p.method in ONE_PASS_METHODS]
 DEFAULT = "DiffSegmenter (released code)"
 
 
@@ -22,7 +22,8 @@ class AttnSegSegment:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The diffusion model (SD1.x, SD2.x, SDXL) whose attention segments; "
+            "model": ("MODEL", {"tooltip": "The diffusion model (SD1.x, SD2.x, SDXL; Flux, SD3/SD3.5 with a preset "
+                                           "made for them) whose attention segments; "
                                            "patched on a clone, never modified."}),
             "clip": ("CLIP", {"tooltip": "The checkpoint's text encoder: encodes the preset's prompt."}),
             "vae": ("VAE", {"tooltip": "The checkpoint's VAE: encodes the image to a latent."}),
@@ -36,7 +37,8 @@ class AttnSegSegment:
                 "Empty: the preset's template ('a photograph of {c1} and {c2}' ...). A prompt of your own must name "
                 "every class; it is one prompt for all classes, even where the preset prompts each class alone.")}),
             "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 64, "tooltip": (
-                "Longer side of the image the model sees; 0 = the preset's (512 for SD1.x/2.x, 1024 for SDXL). "
+                "Longer side of the image the model sees; 0 = the preset's (512 for SD1.x/2.x, 1024 for SDXL, Flux "
+                "and SD3). "
                 "Small models like the demo model want about twice the image's size.")}),
         }}
 

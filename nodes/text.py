@@ -1,5 +1,5 @@
 from ..attnseg.presets import CUSTOM, find_preset
-from ..hosts.comfyui.text import encode_segmentation_prompt, remember_tokenizer
+from ..hosts.comfyui.text import DIT_TEXT_PARTS, encode_segmentation_prompt, remember_tokenizer
 from .presets import preset_input
 from .types import TEXT
 
@@ -15,7 +15,8 @@ class AttnSegTextEncode:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "clip": ("CLIP", {"tooltip": "The checkpoint's text encoder (SD1.x/2.x, or SDXL's two encoders)."}),
+            "clip": ("CLIP", {"tooltip": "The checkpoint's text encoder (SD1.x/2.x, SDXL's two encoders, Flux's "
+                                         "CLIP-L + T5 or SD3's CLIP-L + CLIP-G + T5)."}),
             "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "",
                                   "tooltip": "Describes the image and names every class. Empty: "
                                              "'a photograph of {class1} and {class2} ...'."}),
@@ -26,8 +27,13 @@ class AttnSegTextEncode:
                                                   "(DiffSegmenter's class++: 1.21; 1 = off)."}),
             "fuse_ing_word": ("BOOLEAN", {"default": True, "tooltip": "A word ending in -ing right after a class "
                                           "word joins the class (DiffSegmenter: 'dog running')."}),
-        }, "optional": preset_input("diffsegmenter", TEXT_PRESET, "DiffSegmenter's prompt design (class++ 1.21, "
-                                    "-ing fusion); for generation or other methods choose custom"),
+        }, "optional": {
+            **preset_input("diffsegmenter", TEXT_PRESET, "DiffSegmenter's prompt design (class++ 1.21, -ing "
+                           "fusion); for generation or other methods choose custom"),
+            "dit_text": (DIT_TEXT_PARTS, {"default": "both", "tooltip": (
+                "SD3 only (its sequence is CLIP-L+G's 77 tokens, then T5's): which copy of each class word the "
+                "maps read, 'clip', 't5' or 'both' (their mean). Flux's sequence is T5 alone; UNets ignore it.")}),
+        },
             "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("CONDITIONING", "STRING")
@@ -38,14 +44,15 @@ class AttnSegTextEncode:
     FUNCTION = "encode"
     CATEGORY = TEXT
 
-    def encode(self, clip, prompt, classes, class_weight=1.0, fuse_ing_word=True, preset=CUSTOM, unique_id=None):
+    def encode(self, clip, prompt, classes, class_weight=1.0, fuse_ing_word=True, preset=CUSTOM, dit_text="both",
+               unique_id=None):
         chosen = find_preset(preset, "diffsegmenter")
         if chosen is not None:
             class_weight, fuse_ing_word = chosen.text.class_weight, chosen.text.fuse_ing
         if clip is None:
             raise RuntimeError("clip: no CLIP model is connected; connect a checkpoint loader's CLIP output.")
         remember_tokenizer(unique_id, clip)  # the class picker then reads the prompt with this CLIP's tokenizer
-        conditioning, meta = encode_segmentation_prompt(clip, prompt, classes, class_weight, fuse_ing_word)
+        conditioning, meta = encode_segmentation_prompt(clip, prompt, classes, class_weight, fuse_ing_word, dit_text)
         report = meta.readable + "\n" + "\n".join(f"{c.name}: tokens {list(c.positions)}" for c in meta.classes)
         return (conditioning, report)
 

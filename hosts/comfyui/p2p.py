@@ -27,6 +27,7 @@ from ...attnseg.p2p import (TokenAlignment, align_tokens, blend_mask, check_frac
 from ...attnseg.tokens import parse_class_list
 from .capture import CapturePlan, fallback_attention, install_capture, step_index
 from .text import locate_words, tokenized
+from .dit import dit_family
 from .unet import UNetInfo, check_conditioning, describe_unet
 
 # P2P shares the self-attention of layers up to 32 x 32 tokens (SD at 512 px: all but the finest).
@@ -274,6 +275,9 @@ def edit_sample(model, clip, source_prompt: str, edit_prompt: str, negative, lat
     metas = _blend_words(clip, (source_prompt, edit_prompt), settings) if blend_names else None
     positive = clip.encode_from_tokens_scheduled(pair.source_tokens)
     edit_context = clip.encode_from_tokens_scheduled(pair.edit_tokens)[0][0]
+    if dit_family(model) is not None:
+        raise AttnSegError("model: Prompt-to-Prompt runs on UNet models (SD1.x, SD2.x, SDXL) so far; editing a Flux "
+                           "or SD3 model (MM-DiT attention control) is not supported yet.")
     info = describe_unet(model)
     if blend_names:  # refused before sampling, not after
         levels = len({layer.factor for layer in info.layers})

@@ -13,11 +13,12 @@ from ...attnseg.fusion import diffsegmenter
 from ...attnseg.goca import goca
 from ...attnseg.iseg import iseg
 from ...attnseg.layers import resolve
-from ...attnseg.presets import CaptureSetup, Preset, TextSetup
+from ...attnseg.presets import ONE_PASS_METHODS, CaptureSetup, Preset, TextSetup, check_family
 from ...attnseg.scores import ScoreMaps
 from ...attnseg.tokens import GOCA_BACKGROUND, goca_template_prompt, parse_class_list, template_prompt
 from .capture import CapturePlan
-from .models import checked_model
+from .concept import segment_concepts
+from .models import checked_model, describe_model
 from .passes import capture_pass, check_memory, encode_image
 from .text import encode_cat_cross, encode_segmentation_prompt
 
@@ -71,6 +72,8 @@ def segment_with_preset(model, clip, vae, image: torch.Tensor, classes: str, cho
     overrides the preset's (None: the preset's)."""
     names = parse_class_list(classes)
     setup = chosen.capture
+    if chosen.method == "concept":
+        return concept_with_preset(model, clip, vae, image, classes, chosen, prompt, resolution)
     plan = capture_plan(setup, chosen.name)
     prompts = encode(clip, chosen.text, prompt, names)
     info = checked_model(model, prompts[0], "clip")
@@ -90,3 +93,16 @@ def segment_with_preset(model, clip, vae, image: torch.Tensor, classes: str, cho
         return parts[0]
     # One pass per class: each pass's map is its class's.
     return dataclasses.replace(parts[0], maps=torch.cat([p.maps for p in parts], dim=1), class_names=names)
+
+
+def concept_with_preset(model, clip, vae, image: torch.Tensor, classes: str, chosen: Preset, prompt: str = "",
+                        resolution: int | None = None) -> ScoreMaps:
+    """ConceptAttention as its preset runs it: the image's prompt (the template when
+    empty) as the conditioning, the class words as concepts."""
+    check_family(chosen.name, getattr(describe_model(model), "family", "unet"), describe_model(model).model_id,
+                 ONE_PASS_METHODS)
+    text = prompt.strip() or template_prompt(parse_class_list(classes))
+    positive = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    settings = chosen.settings
+    return segment_concepts(model, clip, vae, image, positive, classes, settings.blocks, settings.timestep,
+                            chosen.capture.seed, resolution or chosen.capture.resolution)

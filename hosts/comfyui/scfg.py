@@ -13,8 +13,11 @@ import torch.nn.functional as F
 from ...attnseg import AttentionStore, AttnSegError
 from ...attnseg.scfg import (RATE_LIMITS, RELEASED_BLUR, foreground_mask, foreground_maps, guidance_rate,
                               refined_token_maps, rescale_cfg, spatial_cfg, token_regions)
-from .capture import CapturePlan, install_capture
-from .unet import UNetInfo, describe_unet
+from ...attnseg.layers import LayerPick
+from .capture import CapturePlan
+from .dit import DiTInfo
+from .models import describe_model, install_model_capture
+from .unet import UNetInfo
 
 # Self-attention is pooled to at most this many tokens: S-CFG works on 16x16
 # maps (SD1.5 at 512 px), and this bounds memory on SDXL at 1024 px.
@@ -38,6 +41,25 @@ class SCFGSettings:
 def scfg_factors(info: UNetInfo) -> frozenset[int]:
     """The two coarsest attention resolutions (SD1.5: 16x16 and 8x8 at 512 px)."""
     return frozenset(sorted({layer.factor for layer in info.layers})[-2:])
+
+
+def scfg_plan(info) -> CapturePlan:
+    """What S-CFG records each step, both CFG halves. A UNet: its two coarsest
+    resolutions. SD3: the I2T and I2I of Seg4Diff's block (the middle one on a model
+    without it), pooled to 16x16 as S-CFG's maps are. Flux is refused: guidance-
+    distilled Flux samples at cfg 1, and its T5 sequence has no start token for
+    S-CFG's foreground rule."""
+    both = frozenset({"cond", "uncond"})
+    if isinstance(info, DiTInfo):
+        if info.family != "sd3":
+            raise AttnSegError(
+                f"model: S-CFG needs real classifier-free guidance and a start token (BOS) in the text sequence; "
+                f"{info.model_id} samples guidance-distilled at cfg 1 and its T5 sequence has no BOS. Use S-CFG on "
+                f"SD1.x, SD2.x, SDXL or SD3/SD3.5.")
+        picks = tuple(LayerPick.dit(la.block, la.block_id) for la in info.default_self_layers())
+        return CapturePlan(cross_layers=picks, self_layers=picks, branches=both, self_max_tokens=SELF_TOKENS)
+    factors = scfg_factors(info)
+    return CapturePlan(cross_factors=factors, self_factors=factors, branches=both, self_max_tokens=SELF_TOKENS)
 
 
 def _layers(store: AttentionStore, branch: str):
@@ -86,12 +108,9 @@ def install_scfg(model, settings: SCFGSettings) -> None:
         raise AttnSegError(f"rescale_multiplier: {settings.rescale} must be between 0 (off) and 1 (RescaleCFG: 0.7).")
     if settings.blur > 1 and settings.blur % 2 == 0:
         raise AttnSegError(f"blur: {settings.blur} must be odd (or 0 to turn blurring off).")
-    info = describe_unet(model)
-    factors = scfg_factors(info)
+    info = describe_model(model)
     store = AttentionStore(info.model_id, 0, (0, 0), (0, 0))
-    plan = CapturePlan(cross_factors=factors, self_factors=factors, branches=frozenset({"cond", "uncond"}),
-                       self_max_tokens=SELF_TOKENS)
-    install_capture(model, info, store, plan)
+    install_model_capture(model, info, store, scfg_plan(info))
     sampling = model.get_model_object("model_sampling")
     sigma_range = (float(sampling.percent_to_sigma(settings.start_percent)),
                    float(sampling.percent_to_sigma(settings.end_percent)))
