@@ -76,6 +76,7 @@ class AttentionStore:
     head_reduction: str = "mean"
     # "unet", or "dit": every layer is a block of one resolution (the patch grid).
     architecture: str = "unet"
+    family: str = "unet"  # the presets' model family: "unet", "flux" or "sd3"
     # Batch rows per image batch in the running pass: a pass that stacks k
     # timesteps (timestep-major) sets k, and add() sums the k copies in place.
     stacked_timesteps: int = 1

@@ -21,6 +21,8 @@ from comfy_env import REPO, comfyui_path
 
 # The folder a Registry install uses (the node id in pyproject.toml).
 PACK_FOLDER = "attnseg"
+# The test-only node package (tests/e2e_nodes), installed with test_nodes=True.
+TEST_NODES = REPO / "tests" / "e2e_nodes" / "attnseg_test_nodes"
 
 
 def free_port() -> int:
@@ -35,8 +37,10 @@ class WorkflowError(RuntimeError):
 
 class ComfyServer:
     def __init__(self, base: Path, checkpoints: list[Path] = (), log: Path | None = None,
-                 extra_args: list[str] = ()):
-        """``extra_args`` go to main.py after the pack's own (e.g. --lowvram, --front-end-root DIR)."""
+                 extra_args: list[str] = (), test_nodes: bool = False, models: dict[str, list[Path]] | None = None):
+        """``extra_args`` go to main.py after the pack's own (e.g. --lowvram, --front-end-root DIR).
+        ``test_nodes`` also installs tests/e2e_nodes' package; ``models`` links files into
+        models/<subfolder>/ ({"diffusion_models": [...], "vae": [...], "text_encoders": [...]})."""
         self.base = Path(base)
         self.extra_args = list(extra_args)
         self.port = free_port()
@@ -47,10 +51,15 @@ class ComfyServer:
         link = self.base / "custom_nodes" / PACK_FOLDER
         if not link.exists():
             link.symlink_to(REPO, target_is_directory=True)
-        for ckpt in checkpoints:
-            target = self.base / "models" / "checkpoints" / Path(ckpt).name
-            if not target.exists():
-                target.symlink_to(Path(ckpt).resolve())
+        test_link = self.base / "custom_nodes" / TEST_NODES.name
+        if test_nodes and not test_link.exists():
+            test_link.symlink_to(TEST_NODES, target_is_directory=True)
+        for subfolder, files in [("checkpoints", checkpoints), *(models or {}).items()]:
+            (self.base / "models" / subfolder).mkdir(parents=True, exist_ok=True)
+            for file in files:
+                target = self.base / "models" / subfolder / Path(file).name
+                if not target.exists():
+                    target.symlink_to(Path(file).resolve())
         self.process: subprocess.Popen | None = None
 
     def __enter__(self):

@@ -31,20 +31,9 @@ NAMES = ["cat", "dog", "sky"]
 DOUBLE, SINGLE = 3, 2  # three double blocks: a chosen block 1 leaves block 2 unwrapped
 
 
-def with_qk_norms(model):
-    """``model`` with its q/k RMSNorm scales at 1, as a checkpoint's are near: the
-    tiny builder leaves them at 0, which makes every q and k zero and every
-    attention uniform (each concept map would be 1 / C, whatever the code does)."""
-    with torch.no_grad():
-        for name, param in model.model.diffusion_model.named_parameters():
-            if name.endswith(("query_norm.scale", "key_norm.scale")):
-                param.fill_(1.0)
-    return model
-
-
 @pytest.fixture(scope="module")
 def flux():
-    return with_qk_norms(tiny_flux(seed=3, config=dict(FLUX_CONFIG, depth=DOUBLE)))
+    return tiny_flux(seed=3, config=dict(FLUX_CONFIG, depth=DOUBLE))
 
 
 def concept_states(seed=0, width=FLUX_CONFIG["context_in_dim"]):
@@ -187,8 +176,8 @@ def test_install_refuses_other_models_missing_blocks_and_bad_concepts(flux):
 # The image path: a Flux as wide as tiny_dit's Flux text encoders, and a 16-channel VAE.
 @pytest.fixture(scope="module")
 def image_models():
-    model = with_qk_norms(tiny_flux(seed=5, config=dict(FLUX_CONFIG, depth=DOUBLE, context_in_dim=T5_WIDTH,
-                                                        vec_in_dim=CLIP_L_WIDTH)))
+    model = tiny_flux(seed=5, config=dict(FLUX_CONFIG, depth=DOUBLE, context_in_dim=T5_WIDTH,
+                                                        vec_in_dim=CLIP_L_WIDTH))
     params = {**TINY_VAE, "embed_dim": LATENT_CHANNELS,
               "ddconfig": {**TINY_VAE["ddconfig"], "z_channels": LATENT_CHANNELS}}
     autoencoder = AutoencoderKL(**params)

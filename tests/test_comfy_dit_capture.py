@@ -160,3 +160,11 @@ def test_a_masked_key_gets_no_probability_and_the_rest_renormalise():
     expected = scores.softmax(-1).mean(1)[:, 3:, :3]
     assert torch.all(maps["cross"][..., 1] == 0)
     torch.testing.assert_close(maps["cross"], expected, atol=1e-6, rtol=0)
+
+
+def test_the_tiny_models_attention_is_not_uniform(flux):
+    """Zero q/k norm gains would make every map uniform and every comparison above trivial."""
+    chained, calls = recording_override(flux)
+    sample(chained, conditioning(TOKENS), latent(1, 8, 12, seed=1), steps=1)
+    i2t, _ = naive_maps(calls[0]["q"], calls[0]["k"], (4, 6), cells((4, 6), 2))
+    assert float(i2t.std()) > 1e-3

@@ -28,12 +28,20 @@ SDXL_LAYOUT = dict(channel_mult=[1, 2, 4], num_res_blocks=[1, 1, 1], transformer
                    use_linear_in_transformer=True)
 
 
+# Bumped whenever init_weights changes, so files built from it are rebuilt.
+INIT_VERSION = 2
+
+
 def init_weights(module: torch.nn.Module, seed: int) -> None:
+    """Seeded random weights; norm gains (``weight``, or ``scale`` as Flux's q/k
+    RMSNorms name theirs) 1 and biases 0. A zero q/k gain would make every
+    attention uniform, which no capture test could tell from a right one."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
             if p.ndim == 1 and ("norm" in name or name.endswith("bias")):
-                p.copy_(torch.ones_like(p) if "norm" in name and name.endswith("weight") else torch.zeros_like(p))
+                gain = "norm" in name and (name.endswith("weight") or name.endswith("scale"))
+                p.copy_(torch.ones_like(p) if gain else torch.zeros_like(p))
             else:
                 fan_in = p[0].numel() if p.ndim > 1 else p.numel()
                 p.copy_(torch.randn(p.shape, generator=generator) / fan_in ** 0.5)

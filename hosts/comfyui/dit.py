@@ -182,7 +182,7 @@ def install_dit_capture(model, info: DiTInfo, store: AttentionStore, plan: Captu
                            f"{info.model_id} GoCA uses the head mean, as its Flux configuration does. Set heads "
                            f"to mean.")
     store.head_reduction = plan.cross_heads
-    store.architecture = "dit"
+    store.architecture, store.family = "dit", info.family
     selected = {kind: {(la.block, la.block_id) for la in plan.layers(info, kind)} for kind in ("cross", "self")}
     picked = {(layer.block, layer.block_id, kind): heads for (layer, kind), heads in plan.heads(info, model).items()}
     reducers = {key: chosen_heads_mean(heads) for key, heads in picked.items()}
