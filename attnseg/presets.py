@@ -280,12 +280,14 @@ CAPTURE_METHODS = SEGMENTERS + ("seeds",)  # the presets that say what a capture
 FAMILY_NAMES = {"unet": "UNet models (SD1.x, SD2.x, SDXL)", "flux": "Flux", "sd3": "SD3/SD3.5"}
 
 
-def check_family(preset: str, family: str, model_name: str, methods=CAPTURE_METHODS,
+def check_family(preset: str, family: str, model_name: str, methods: tuple[str, ...] | None = None,
                  input_name: str = "preset") -> None:
-    """Refuse a preset made for another model family, naming those made for this one."""
+    """Refuse a preset made for another model family, naming those of ``methods``
+    (None: the preset's own method) made for this one."""
     chosen = PRESETS.get(preset)
     if chosen is None or chosen.family == family:
         return
+    methods = methods or (chosen.method,)
     fitting = [n for n, p in PRESETS.items() if p.family == family and p.method in methods]
     raise AttnSegError(f"{input_name}: '{preset}' is made for {FAMILY_NAMES[chosen.family]}, but the model is "
                        f"{model_name}. Choose {', '.join(repr(n) for n in fitting + [CUSTOM])}.")

@@ -60,7 +60,7 @@ class AttnSegGoCA:
 
     def segment(self, attention, layer_weights, rescaling, blur, propagation_order, background_classes,
                 propagation_layers="", aggregate_factor=1, preset=CUSTOM):
-        store = require_store(attention)
+        store = require_store(attention, preset=preset)
         backgrounds = parse_class_list(background_classes, "background_classes") if background_classes.strip() else []
         chosen = find_preset(preset, "goca")
         if chosen is None:

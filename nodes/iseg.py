@@ -105,7 +105,7 @@ class AttnSegISegCrossAttention:
     CATEGORY = SEGMENT
 
     def segment(self, attention, factors, weights, smoothing_iterations=0, preset=CUSTOM):
-        store = require_store(attention)
+        store = require_store(attention, preset=preset)
         chosen = find_preset(preset, "iseg")
         if chosen is not None:
             settings = chosen.settings
@@ -151,7 +151,7 @@ class AttnSegEntSelf:
         if chosen is not None:
             lam, iterations, variant = chosen.settings.lam, chosen.settings.iterations, chosen.settings.variant
         with comfy_progress():
-            return (ent_self_refine(scores, require_store(attention), lam, iterations, variant),)
+            return (ent_self_refine(scores, require_store(attention, preset=preset), lam, iterations, variant),)
 
 
 class AttnSegSeeds:
@@ -186,7 +186,7 @@ class AttnSegSeeds:
     CATEGORY = REFINE
 
     def segment(self, attention, seeds, lam, iterations, variant, clamp_max=0.0, preset=CUSTOM):
-        store = require_store(attention)
+        store = require_store(attention, preset=preset)
         chosen = find_preset(preset, "seeds")
         if chosen is not None:
             settings = chosen.settings

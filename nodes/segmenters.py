@@ -3,15 +3,18 @@ import math
 
 from ..attnseg import AttnSegError
 from ..attnseg.fusion import DIFFSEGMENTER_WEIGHTS, TIMESTEP_AVERAGES, diffsegmenter
-from ..attnseg.presets import CUSTOM, find_preset
+from ..attnseg.presets import CUSTOM, check_family, find_preset
 from .presets import preset_input
 from .types import ATTNSEG_SCORES, ATTNSEG_STORE, SEGMENT
 
 
-def require_store(store, input_name: str = "attention"):
+def require_store(store, input_name: str = "attention", preset: str = CUSTOM):
+    """The connected store; a preset made for another model family than the store's is refused."""
     if store is None:
         raise AttnSegError(f"{input_name}: no attention was captured (capture is off on the sampler). "
                            f"Turn capture on.")
+    if preset != CUSTOM:
+        check_family(preset, store.family, f"{store.model_id}, whose attention this store holds")
     return store
 
 
@@ -58,7 +61,7 @@ class AttnSegDiffSegmenter:
     CATEGORY = SEGMENT
 
     def segment(self, attention, weights, self_completion, timestep_average="attention", preset=CUSTOM):
-        store = require_store(attention)
+        store = require_store(attention, preset=preset)
         chosen = find_preset(preset, "diffsegmenter")
         if chosen is not None:
             settings = chosen.settings

@@ -25,7 +25,7 @@ from ...attnseg import AttentionStore, AttnSegError, LayerKey
 from ...attnseg.attention import GridPool, attention_with_maps, chosen_heads_mean, fold_repeated_tokens, head_mean
 from ...attnseg.goca import output_weighted_heads
 from ...attnseg.layers import LayerPick, check_heads, resolve
-from ...attnseg.presets import check_family
+from ...attnseg.presets import CAPTURE_METHODS, check_family
 from .unet import AttentionLayer, UNetInfo, attention_module
 
 BRANCH_NAMES = {0: "cond", 1: "uncond"}
@@ -119,7 +119,7 @@ class CapturePlan:
     def check(self, info, model) -> None:
         """Refuse a preset of another model family, layers or heads the model lacks
         (before any work is spent)."""
-        check_family(self.source, getattr(info, "family", "unet"), info.model_id)
+        check_family(self.source, getattr(info, "family", "unet"), info.model_id, CAPTURE_METHODS)
         self.layers(info, "cross")
         self.layers(info, "self")
         self.reference_layer(info)

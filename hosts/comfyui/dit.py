@@ -142,7 +142,8 @@ def unsupported(model, input_name: str) -> AttnSegError:
 
 def _qkv_heads(args: tuple, kwargs: dict):
     """(q, k, heads) of an optimized_attention call, q and k as (B, heads, L, d)."""
-    q, k, _, heads = args[:4]
+    q, k = args[:2]
+    heads = args[3] if len(args) > 3 else kwargs["heads"]  # MMDiT passes heads by keyword
     if not kwargs.get("skip_reshape"):
         q, k = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k))
     return q, k, heads
@@ -258,13 +259,15 @@ def install_dit_capture(model, info: DiTInfo, store: AttentionStore, plan: Captu
             kinds = [kind for kind in ("cross", "self") if call[kind] and block in selected[kind]]
             length = args[1].shape[2 if kwargs.get("skip_reshape") else 1]
             txt, (gh, gw) = call["txt"], call["grid"]
-            if key_scale is not None and length >= txt:
+            # MMDiT-X's second attention is over the image tokens only: no text keys to scale or record.
+            image_only = info.family == "sd3" and length == gh * gw
+            if key_scale is not None and length >= txt and not image_only:
                 weights = key_weights(transformer_options, args[1].shape[0], length, txt, args[1].device)
                 if weights is not None:
                     args = _scaled_keys(args, kwargs, weights)
             if kinds and length < txt + gh * gw:
-                if info.family == "sd3" and length == gh * gw:
-                    kinds = []  # MMDiT-X's second, image-only attention: the joint call was recorded
+                if image_only:
+                    kinds = []  # the joint call of the block was recorded
                 else:
                     raise AttnSegError(
                         f"DiT capture: {block[0]} block {block[1]} attends over {length} tokens, fewer than the "

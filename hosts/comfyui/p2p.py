@@ -265,6 +265,9 @@ def edit_sample(model, clip, source_prompt: str, edit_prompt: str, negative, lat
     if samples.shape[0] != 1:
         raise AttnSegError(f"latent_image: {samples.shape[0]} latents; the editor edits one image per run.")
     latent_image = comfy.sample.fix_empty_latent_channels(model, samples)
+    if dit_family(model) is not None:
+        raise AttnSegError("model: Prompt-to-Prompt runs on UNet models (SD1.x, SD2.x, SDXL) so far; editing a Flux "
+                           "or SD3 model (MM-DiT attention control) is not supported yet.")
     pair = pair_prompts(clip, source_prompt, edit_prompt, settings)
     if settings.keep_outside == "input latent" and not bool(samples.any()):
         raise AttnSegError("keep_outside: 'input latent' keeps the input outside the mask, but latent_image is empty "
@@ -275,9 +278,6 @@ def edit_sample(model, clip, source_prompt: str, edit_prompt: str, negative, lat
     metas = _blend_words(clip, (source_prompt, edit_prompt), settings) if blend_names else None
     positive = clip.encode_from_tokens_scheduled(pair.source_tokens)
     edit_context = clip.encode_from_tokens_scheduled(pair.edit_tokens)[0][0]
-    if dit_family(model) is not None:
-        raise AttnSegError("model: Prompt-to-Prompt runs on UNet models (SD1.x, SD2.x, SDXL) so far; editing a Flux "
-                           "or SD3 model (MM-DiT attention control) is not supported yet.")
     info = describe_unet(model)
     if blend_names:  # refused before sampling, not after
         levels = len({layer.factor for layer in info.layers})

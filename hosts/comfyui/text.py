@@ -283,8 +283,20 @@ def sd1_tokenizer():
 
 def prompt_words(tokenizer, text: str, classes: list[str]) -> dict:
     """The prompt's words as the tokenizer reads them, each with its token
-    positions, and the classes that are not in it."""
+    positions, and the classes that are not in it.
+
+    A DiT's tokenizer (one with a T5-XXL part: Flux, SD3) gets the words of the
+    sequence the DiT attends over, at their positions in it, as ``locate_dit_words``
+    places classes: see ``_dit_prompt_words``."""
     tokens = tokenizer.tokenize_with_weights(text, return_word_ids=True)
+    if hasattr(tokenizer, "t5xxl"):
+        return _dit_prompt_words(tokenizer, tokens, text, classes)
+    words, missing, token_count = _clip_prompt_words(tokenizer, tokens, classes)
+    return {"words": words, "missing": missing, "token_count": token_count}
+
+
+def _clip_prompt_words(tokenizer, tokens: dict, classes: list[str]) -> tuple[list[dict], list[str], int]:
+    """(words, missing classes, token count) of a CLIP stream of ``tokens`` (CLIP-L where present)."""
     stream = _stream(tokens)
     stream_tokenizer = getattr(tokenizer, f"clip_{stream}", None)
     vocab = getattr(stream_tokenizer, "inv_vocab", None) or {}
@@ -313,4 +325,122 @@ def prompt_words(tokenizer, text: str, classes: list[str]) -> dict:
         part = [entry[0] for chunk in own for entry in chunk if entry[2] != 0]
         if not part or find_subsequence(ids, part, _same) < 0:
             missing.append(name)
-    return {"words": words, "missing": missing, "token_count": len(flat)}
+    return words, missing, len(flat)
+
+
+class _TokenizerOnly:
+    """A CLIP as ``dit_text_parts`` reads one, holding a tokenizer and no encoder:
+    its sequence is then every part the tokenizer has."""
+
+    cond_stage_model = None
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+
+def _dit_prompt_words(tokenizer, tokens: dict, text: str, classes: list[str]) -> dict:
+    """``prompt_words`` for a DiT: the parts of its text sequence in order, each
+    word at its position in the whole sequence (Flux: T5's tokens; SD3: CLIP-L's
+    77-token chunks, then T5's, moved by the CLIP length as ``joined`` does).
+
+    The picker gets the tokenizer alone, not which encoders were loaded, so SD3
+    shows every part its tokenizer has, the sequence of an SD3 with CLIP-L/G and
+    T5 (an SD3 run without T5 attends over the CLIP words alone; one with T5
+    alone over the T5 words at their unmoved positions). A class is missing where
+    the encode would refuse it: not found in one of the parts."""
+    parts = dit_text_parts(_TokenizerOnly(tokenizer))
+    words, missing, offset = [], set(), 0
+    if "clip" in parts:
+        words, clip_missing, offset = _clip_prompt_words(tokenizer, tokens, classes)
+        missing.update(clip_missing)
+    t5 = tokenizer.t5xxl
+    pieces = _t5_pieces(t5, tokens["t5xxl"])
+    for word in _t5_words(t5, text, tokens["t5xxl"], pieces):
+        words.append({"text": word["text"], "positions": [offset + p for p in word["positions"]]})
+    for name in classes:  # one by one, with t5_class_prompt's matching: each missing class is named
+        own = [p for p in _t5_pieces(t5, t5.tokenize_with_weights(name, disable_weights=True)) if p]
+        try:
+            locate_pieces(pieces, {name: own}, text)
+        except AttnSegError:
+            missing.add(name)
+    return {"words": words, "missing": [name for name in classes if name in missing],
+            "token_count": offset + len(pieces)}
+
+
+_T5_UNKNOWN = "<unk>"
+
+
+def _t5_words(t5_tokenizer, text: str, chunks, pieces: list[str | None]) -> list[dict]:
+    """The words of a T5 stream (``pieces`` = ``_t5_pieces`` of its ``chunks``), each
+    with its positions in that stream's token list.
+
+    A piece starting with the word-start mark '▁' starts a word; the pieces after
+    it, up to the next mark, are that word's ('▁photo' 'real' 'istic'). A piece of
+    punctuation alone (',' in 'dog,cat') is a word by itself, as ``locate_pieces``
+    takes a class only as whole words. The bare mark (T5 reads 'hummingbird' as
+    '▁' 'h' 'umming' 'bird') spells nothing and ``locate_pieces`` leaves it out of
+    a class: it is in no word. EOS and padding are not words. A word spelled with
+    '<unk>' (a character T5 has no piece for: 'ï', an emoji) reads as the prompt
+    writes it, where the tokenizer can say, so a click on it names a class the
+    encode finds."""
+    from ...attnseg.tokens import WORD_START
+
+    words, open_word = [], False
+    for position, piece in enumerate(pieces):
+        if piece is None:
+            open_word = False
+            continue
+        starts = piece.startswith(WORD_START)
+        body = piece[len(WORD_START):] if starts else piece
+        if not body:
+            open_word = False
+            continue
+        alone = piece == "<embedding>" or not any(char.isalnum() for char in body)
+        if open_word and not starts and not alone:
+            words[-1]["text"] += body
+            words[-1]["positions"].append(position)
+        else:
+            words.append({"text": body, "positions": [position]})
+        open_word = not alone
+    unknown = [word for word in words if _T5_UNKNOWN in word["text"]]
+    written = _t5_written(t5_tokenizer, text, chunks, pieces) if unknown else None
+    for word in unknown if written else ():
+        spans = [written[p] for p in word["positions"]]
+        if all(chunk is spans[0][0] for chunk, _, _ in spans):
+            as_written = spans[0][0][spans[0][1]:spans[-1][2]]
+        else:
+            as_written = "".join(chunk[start:end] for chunk, start, end in spans)
+        word["text"] = as_written.strip() or word["text"]
+    return words
+
+
+def _t5_written(t5_tokenizer, text: str, chunks, pieces: list[str | None]) -> list | None:
+    """Per position of a T5 stream, (text, start, end): the text its piece was read
+    from (None for EOS and padding); None where the tokenizer cannot say.
+
+    ComfyUI's tokenizer reads each weighted segment of the prompt ('(red cat:1.2)'
+    is the segment 'red cat') with one call of the SentencePiece tokenizer: the
+    same calls, asked for character offsets, give each piece's characters. The
+    tokens must come out the same as the stream's (no embedding, a tokenizer that
+    gives offsets), else None."""
+    try:
+        from comfy.sd1_clip import escape_important, token_weights, unescape_important
+
+        start = t5_tokenizer.tokens_start
+        end = -1 if t5_tokenizer.tokenizer_adds_end_token else None
+        ids, spans = [], []
+        for segment, _ in token_weights(escape_important(text), 1.0):
+            segment = unescape_important(segment)
+            if not segment:
+                continue
+            encoded = t5_tokenizer.tokenizer(segment, return_offsets_mapping=True)
+            ids += encoded["input_ids"][start:end]
+            spans += [(segment, a, b) for a, b in encoded["offset_mapping"][start:end]]
+    except Exception:  # a tokenizer without offsets, or ComfyUI's prompt parsing changed
+        return None
+    read = [entry[0] for chunk in chunks for entry in chunk]
+    read = [token for token, piece in zip(read, pieces) if piece is not None]
+    if len(read) != len(ids) or not all(_same(a, b) for a, b in zip(read, ids)):
+        return None
+    spans = iter(spans)
+    return [None if piece is None else next(spans) for piece in pieces]
