@@ -29,6 +29,8 @@ import math
 import threading
 from dataclasses import dataclass
 
+import comfy.ldm.chroma.model
+import comfy.ldm.chroma_radiance.model
 import comfy.ldm.flux.model
 import comfy.ldm.modules.diffusionmodules.mmdit
 import comfy.model_management
@@ -41,7 +43,7 @@ from .catcross import COND
 from .unet import AttentionLayer
 
 OVERRIDE = "optimized_attention_override"
-SUPPORTED = "Flux (Flux.1 dev/schnell and models of its layout) and SD3/SD3.5 (MMDiT)"
+SUPPORTED = "Flux (Flux.1 dev/schnell, Chroma and models of that layout) and SD3/SD3.5 (MMDiT)"
 # GoCA's Flux choices, as (type, index): propagation self-attention of blocks 12 and 18 of
 # 57, and block 27's attention output as the layer-weight reference (single block 8).
 FLUX_SELF_BLOCKS = (("double", 12), ("double", 18))
@@ -102,10 +104,19 @@ class DiTInfo:
         return " and ".join(f"{kind} blocks 0-{n - 1}" for kind, n in counts.items())
 
 
+def _flux_layout(net) -> bool:
+    """Flux and the models built on its blocks that name them the same way (Chroma;
+    not Chroma Radiance, which works on pixels, not latents)."""
+    if isinstance(net, comfy.ldm.flux.model.Flux):
+        return True
+    return isinstance(net, comfy.ldm.chroma.model.Chroma) and not isinstance(
+        net, comfy.ldm.chroma_radiance.model.ChromaRadiance)
+
+
 def dit_family(model) -> str | None:
     """"flux", "sd3", or None for a model that is not a supported DiT."""
     net = model.get_model_object("diffusion_model")
-    if isinstance(net, comfy.ldm.flux.model.Flux):
+    if _flux_layout(net):
         return "flux"
     if isinstance(net, comfy.ldm.modules.diffusionmodules.mmdit.MMDiT):
         return "sd3"
