@@ -7,8 +7,8 @@ pack down."""
 import importlib
 import logging
 
-MODULES = ("demo", "demo_image", "text", "captions", "capture", "segment", "segmenters", "iseg", "goca", "concept", "masks",
-           "guidance", "editing")
+MODULES = ("demo", "demo_image", "text", "captions", "capture", "segment", "segmenters", "iseg", "goca", "concept",
+           "masks", "guidance", "editing")
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

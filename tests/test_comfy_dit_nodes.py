@@ -93,6 +93,17 @@ def test_every_segmenter_runs_on_a_flux_capture(flux, vae):
         assert mask.shape == (2, 64, 96) and labels.shape == (1, 64, 96), name
 
 
+def test_seeds_run_on_a_flux_capture(flux, vae):
+    model, clip = flux
+    store = capture(model, vae, encode(clip), image(), self_layer_picks="double 1")
+    seeds = '[{"point": [10, 10]}, {"box": [60, 30, 95, 63]}]'
+    scores = NODES["AttnSegSeeds"]().segment(store, seeds, 0.1, 3, "code", 1.0, preset="custom")[0]
+    assert scores.maps.shape == (1, 2, 4, 8) and scores.class_names == ["point 1", "box 2"]
+    torch.testing.assert_close(scores.maps.amax((2, 3)), torch.ones(1, 2))  # each map divided by its maximum
+    with pytest.raises(AttnSegError, match="'iSeg interactive \\(released UI\\)' is made for UNet models"):
+        NODES["AttnSegSeeds"]().segment(store, seeds, 0.1, 3, "code", 1.0, preset="iSeg interactive (released UI)")
+
+
 def test_unet_presets_are_refused_on_a_dit_by_name(flux, vae):
     model, clip = flux
     cond, picture = encode(clip), image()
