@@ -168,3 +168,14 @@ def test_the_tiny_models_attention_is_not_uniform(flux):
     sample(chained, conditioning(TOKENS), latent(1, 8, 12, seed=1), steps=1)
     i2t, _ = naive_maps(calls[0]["q"], calls[0]["k"], (4, 6), cells((4, 6), 2))
     assert float(i2t.std()) > 1e-3
+
+
+def test_a_reference_block_outside_the_captured_ones_still_records_its_output(flux):
+    chained, calls = recording_override(flux)
+    lat = latent(1, 8, 12, seed=5)
+    store = new_store(lat)
+    sample(captured(chained, store, plan(cross=(("double", 0),), reference=LayerPick.dit("single", 1))),
+           conditioning(TOKENS), lat, steps=1)
+    assert {(key.kind, key.block, key.block_id) for key, _ in store.entries} == {
+        ("cross", "double", 0), ("query", "single", 1)}
+    assert store.entries[(LayerKey.dit("query", "single", 1, 2), "cond")].total.shape == (1, 24, 64)

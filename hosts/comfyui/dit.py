@@ -264,10 +264,12 @@ def install_dit_capture(model, info: DiTInfo, store: AttentionStore, plan: Captu
     def override(func, *args, **kwargs):
         transformer_options = kwargs.get("transformer_options") or {}
         call = transformer_options.get(call_key)
-        kinds = []
+        kinds, wants_output = [], False
         if call is not None:
             block = (transformer_options.get("block_type"), transformer_options.get("block_index"))
             kinds = [kind for kind in ("cross", "self") if call[kind] and block in selected[kind]]
+            # GoCA's reference: the image tokens' attention output, in the self steps
+            wants_output = block == reference and call["self"] and not kwargs.get("skip_output_reshape")
             length = args[1].shape[2 if kwargs.get("skip_reshape") else 1]
             txt, (gh, gw) = call["txt"], call["grid"]
             # MMDiT-X's second attention is over the image tokens only: no text keys to scale or record.
@@ -276,25 +278,24 @@ def install_dit_capture(model, info: DiTInfo, store: AttentionStore, plan: Captu
                 weights = key_weights(transformer_options, args[1].shape[0], length, txt, args[1].device)
                 if weights is not None:
                     args = _scaled_keys(args, kwargs, weights)
-            if kinds and length < txt + gh * gw:
+            if (kinds or wants_output) and length < txt + gh * gw:
                 if image_only:
-                    kinds = []  # the joint call of the block was recorded
+                    kinds, wants_output = [], False  # the joint call of the block was recorded
                 else:
                     raise AttnSegError(
                         f"DiT capture: {block[0]} block {block[1]} attends over {length} tokens, fewer than the "
                         f"{txt} text + {gh}x{gw} image tokens the conditioning and latent imply (a patch "
                         f"changed the sequence).")
-        if kinds:
+        if kinds or wants_output:
             comfy.model_management.throw_exception_if_processing_interrupted()
         out = previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
-        if kinds:
-            wants_output = block == reference and call["self"] and not kwargs.get("skip_output_reshape")
+        if kinds or wants_output:
             record(call, block, kinds, args, kwargs, transformer_options, out if wants_output else None)
         return out
 
     options[OVERRIDE] = override
     if info.family == "sd3":
-        _install_block_identity(model, info, sorted(selected["cross"] | selected["self"]))
+        _install_block_identity(model, info, sorted(selected["cross"] | selected["self"] | {reference} - {None}))
     previous_wrapper = model.model_options.get("model_function_wrapper")
 
     def wrapper(apply_model, args):
