@@ -131,8 +131,7 @@ def test_a_workflow_ending_in_the_masks_node_runs_it_and_returns_its_previews(se
         assert picture["type"] == "temp" and read(path).shape[2] == 3
 
 
-@pytest.mark.parametrize("name", ["segment-image", "diffsegmenter-segment", "generate-and-segment", "iseg-segment", "iseg-seeds",
-                                  "goca-segment", "scfg-generate", "p2p-edit-generated", "p2p-edit-image"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in WORKFLOWS.glob("*.json")))
 def test_ui_workflows_match_their_api_form(object_info, name):
     ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
     assert ui_to_api(ui, object_info) == strip_meta(api_workflow(name))
