@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .diffseg import DIFFSEG_TIMESTEP, DiffSegSettings
 from .errors import AttnSegError
 from .layers import LayerPick
 from .scfg import RATE_LIMITS, RELEASED_BLUR
@@ -272,9 +273,38 @@ PRESETS["S-CFG (released code)"] = Preset(
     Source("SmilesDZgk/S-CFG", "sd/utils.py (get_mask) and sd/sd.py (the rate)",
            "COCO-30k FID and CLIP score across CFG scales (SD1.5)"),
     SCFGPresetSettings())
+
+# DiffSeg (unsupervised, no text) and iSeg's unsupervised mode on its proposals: every
+# layer's self-attention at t = 300, 512 px (AttnSeg Unsupervised Segments).
+
+_DIFFSEG_CAPTURE = CaptureSetup(timesteps=(DIFFSEG_TIMESTEP,), self_every_layer=True)
+_DIFFSEG_CODE = "diffseg/segmentor.py with {} (KL_THRESHOLD [{}]*3, NUM_POINTS 16, REFINEMENT {}, timestep 300)"
+PRESETS.update({p.name: p for p in (
+    Preset("DiffSeg COCO-Stuff (released code)", "diffseg",
+           Source("google/diffseg", _DIFFSEG_CODE.format("benchmarks.ipynb", 1.1, False),
+                  "COCO-Stuff-27 unsupervised: 43.6 mIoU / 72.5 pixel accuracy (Hungarian matching, SD1.4)"),
+           DiffSegSettings(tau=1.1), capture=_DIFFSEG_CAPTURE),
+    Preset("DiffSeg Cityscapes (released code)", "diffseg",
+           Source("google/diffseg", _DIFFSEG_CODE.format("benchmarks.ipynb", 0.9, False),
+                  "Cityscapes unsupervised: 21.2 mIoU / 76.0 pixel accuracy (Hungarian matching)"),
+           DiffSegSettings(tau=0.9), capture=_DIFFSEG_CAPTURE),
+    Preset("DiffSeg demo notebook (released code)", "diffseg",
+           Source("google/diffseg", _DIFFSEG_CODE.format("diffseg.ipynb", 0.9, True) + "; k-means up to 300 rounds",
+                  "the authors' demo notebook (no reported number)"),
+           DiffSegSettings(tau=0.9, kmeans_iterations=300), capture=_DIFFSEG_CAPTURE),
+    Preset("iSeg unsupervised COCO-Stuff (paper)", "diffseg",
+           Source("linsun449/iseg.code", "paper: unsupervised mode, DiffSeg's COCO-Stuff proposals as the initial "
+                  "maps, Ent-Self paper form, lambda 0.01, N 10 (no released code for this mode)",
+                  "COCO-Stuff-27 unsupervised: 45.2 mIoU / 74.5 pixel accuracy"),
+           DiffSegSettings(tau=1.1, refinement="paper", lam=0.01, iterations=10), capture=_DIFFSEG_CAPTURE),
+    Preset("iSeg unsupervised Cityscapes (paper)", "diffseg",
+           Source("linsun449/iseg.code", "paper: as COCO-Stuff with DiffSeg's Cityscapes proposals (tau 0.9)",
+                  "Cityscapes unsupervised: 25.0 mIoU / 78.7 pixel accuracy"),
+           DiffSegSettings(tau=0.9, refinement="paper", lam=0.01, iterations=10), capture=_DIFFSEG_CAPTURE),
+)})
 SEGMENTERS = ("diffsegmenter", "iseg", "goca")
 ONE_PASS_METHODS = SEGMENTERS + ("concept",)  # what the one-node segmenter runs
-CAPTURE_METHODS = SEGMENTERS + ("seeds",)  # the presets that say what a capture pass records
+CAPTURE_METHODS = SEGMENTERS + ("seeds", "diffseg")  # the presets that say what a capture pass records
 
 
 FAMILY_NAMES = {"unet": "UNet models (SD1.x, SD2.x, SDXL)", "flux": "Flux", "sd3": "SD3/SD3.5"}

@@ -8,7 +8,7 @@ import importlib
 import logging
 
 MODULES = ("demo", "demo_image", "text", "captions", "capture", "segment", "segmenters", "iseg", "goca", "concept",
-           "masks", "guidance", "editing")
+           "masks", "guidance", "editing", "unsupervised")
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
