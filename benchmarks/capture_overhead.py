@@ -6,6 +6,11 @@ override) run interleaved in one process, ``--repeats`` rounds, medians.
 Memory: each variant samples once in a fresh process; a thread samples the RSS.
 
     python benchmarks/capture_overhead.py [--steps 4 --size 512 --repeats 3] [--variants stock,scfg]
+    python benchmarks/capture_overhead.py --dit [dit_capture_overhead.py's options]
+
+``--dit``: the DiT rows instead (Flux and SD3 at full width, reduced depth):
+benchmarks/dit_capture_overhead.py's ``main``, which reuses ``timed`` and
+``peak_rss`` from here; the other options are then its own.
 
 Variants: stock KSampler, capture sampler, naive capture, S-CFG (the AttnSeg
 S-CFG patch on the stock KSampler), goca (the capture sampler recording what
@@ -169,7 +174,12 @@ def memory(steps: int, size: int, variants) -> dict[str, dict]:
 
 
 def main() -> None:
+    if "--dit" in sys.argv[1:]:  # the DiT rows: their own models and options
+        from dit_capture_overhead import main as dit_main
+        return dit_main([arg for arg in sys.argv[1:] if arg != "--dit"])
     parser = argparse.ArgumentParser()
+    parser.add_argument("--dit", action="store_true",
+                        help="run the DiT rows (benchmarks/dit_capture_overhead.py; its options follow)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
