@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import torch
 
 
 def install_naive_capture(model, keep_maps: bool = True):
@@ -33,3 +34,21 @@ def install_naive_capture(model, keep_maps: bool = True):
 
     model.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
     return record
+
+
+def naive_joint_maps(q, k, txt, prefix, grid, cell_of):
+    """A DiT's full joint softmax (B, heads, L, L) over [prefix tokens, text, image]
+    keys, head mean: the image queries' I2T over the text after ``prefix`` (SD3's
+    register tokens), and their I2I pooled to the cells ``cell_of`` names."""
+    probs = torch.softmax(q.double() @ k.double().transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1).mean(1)
+    n = grid[0] * grid[1]
+    image = probs[:, txt:txt + n]
+    i2t, i2i = image[:, :, prefix:txt], image[:, :, txt:txt + n]
+    member = torch.nn.functional.one_hot(cell_of, int(cell_of.max()) + 1).double()  # (N, cells)
+    return i2t, member.T @ i2i @ member / member.sum(0)[:, None]
+
+
+def pooled_cells(grid, factor):
+    """Each token's cell when an (h, w) grid is pooled ``factor`` x ``factor`` (floor mapping)."""
+    rows, cols = torch.arange(grid[0]) // factor, torch.arange(grid[1]) // factor
+    return (rows[:, None] * -(-grid[1] // factor) + cols[None, :]).reshape(-1)

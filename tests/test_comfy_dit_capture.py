@@ -7,6 +7,7 @@ import torch
 
 from comfy_env import import_pack
 from tiny_dit import conditioning, latent, sample, tiny_flux
+from reference_capture import naive_joint_maps, pooled_cells as cells
 from tiny_models import SD15_LAYOUT, tiny_unet
 
 import_pack()
@@ -60,18 +61,8 @@ def recording_override(model, scale=1.0):
 
 
 def naive_maps(q, k, grid, cell_of):
-    """Full joint softmax (B, heads, L, L): I2T and the pooled I2I of the head mean."""
-    probs = torch.softmax(q.double() @ k.double().transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1).mean(1)
-    n = grid[0] * grid[1]
-    image = probs[:, TOKENS:TOKENS + n]
-    i2t, i2i = image[:, :, :TOKENS], image[:, :, TOKENS:TOKENS + n]
-    member = torch.nn.functional.one_hot(cell_of, int(cell_of.max()) + 1).double()  # (N, cells)
-    return i2t, member.T @ i2i @ member / member.sum(0)[:, None]
-
-
-def cells(grid, factor):
-    rows, cols = torch.arange(grid[0]) // factor, torch.arange(grid[1]) // factor
-    return (rows[:, None] * -(-grid[1] // factor) + cols[None, :]).reshape(-1)
+    """Full joint softmax over [txt, img]: I2T and the pooled I2I of the head mean."""
+    return naive_joint_maps(q, k, TOKENS, 0, grid, cell_of)
 
 
 def new_store(lat):

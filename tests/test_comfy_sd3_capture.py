@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from comfy_env import import_pack
+from reference_capture import naive_joint_maps as naive_maps, pooled_cells as cells
 from tiny_dit import SD3_CONFIG, latent, sample, sd3_conditioning, tiny_sd3
 
 import_pack()
@@ -74,22 +75,6 @@ def recording_override(model, scale=1.0):
 
     model.model_options.setdefault("transformer_options", {})[OVERRIDE] = override
     return model, calls
-
-
-def naive_maps(q, k, txt, prefix, grid, cell_of):
-    """Full joint softmax over [registers, context, image] keys, head mean: the
-    image queries' I2T over the context only, and their pooled I2I."""
-    probs = torch.softmax(q.double() @ k.double().transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1).mean(1)
-    n = grid[0] * grid[1]
-    image = probs[:, txt:txt + n]
-    i2t, i2i = image[:, :, prefix:txt], image[:, :, txt:txt + n]
-    member = torch.nn.functional.one_hot(cell_of, int(cell_of.max()) + 1).double()  # (N, cells)
-    return i2t, member.T @ i2i @ member / member.sum(0)[:, None]
-
-
-def cells(grid, factor):
-    rows, cols = torch.arange(grid[0]) // factor, torch.arange(grid[1]) // factor
-    return (rows[:, None] * -(-grid[1] // factor) + cols[None, :]).reshape(-1)
 
 
 def new_store(lat):

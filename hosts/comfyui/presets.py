@@ -99,8 +99,8 @@ def concept_with_preset(model, clip, vae, image: torch.Tensor, classes: str, cho
                         resolution: int | None = None) -> ScoreMaps:
     """ConceptAttention as its preset runs it: the image's prompt (the template when
     empty) as the conditioning, the class words as concepts."""
-    check_family(chosen.name, getattr(describe_model(model), "family", "unet"), describe_model(model).model_id,
-                 ONE_PASS_METHODS)
+    info = describe_model(model)
+    check_family(chosen.name, getattr(info, "family", "unet"), info.model_id, ONE_PASS_METHODS)
     text = prompt.strip() or template_prompt(parse_class_list(classes))
     positive = clip.encode_from_tokens_scheduled(clip.tokenize(text))
     settings = chosen.settings
