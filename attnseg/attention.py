@@ -122,18 +122,21 @@ def fold_repeated_tokens(maps: torch.Tensor, token_count: int | None) -> torch.T
 def joint_attention_maps(q: torch.Tensor, k: torch.Tensor, query_rows: slice,
                          key_blocks: dict[str, tuple[slice, GridPool | None]],
                          reducer: HeadReducer = head_mean, keep: slice = slice(None),
-                         mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                         mask: torch.Tensor | None = None, lse: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Blocks of a joint attention softmax without the attention itself.
 
     ``q``, ``k``: (B, heads, L, d), positional encoding already applied. For the
     queries ``query_rows`` (contiguous) and each named key block (its key slice, and a pool
     for both axes or None), returns the head-reduced probabilities (B', n, n_k)
     in fp32 of the batch rows ``keep``, normalised over *all* keys: each block
-    is exp(q . k_block - lse), with lse the row's log-sum-exp over every key,
-    computed in query chunks. The host's fast kernel still makes the output, so
-    no value product and no (heads x L x L) tensor is ever formed here.
-    ``mask`` is the host's attention mask (boolean: True = attend; else added
-    to the scores), broadcastable to (B, heads, L, L)."""
+    is exp(q . k_block - lse), with lse each row's log-sum-exp over every key.
+    ``lse`` (B, heads, L), when the kernel that made the block's output returned
+    it, saves the pass over all keys: only the key blocks' scores are formed.
+    Without it the row sums come from the scores over every key, in query
+    chunks. The host's kernel still makes the output, so no value product and no
+    (heads x L x L) tensor is ever formed here. ``mask`` is the host's attention
+    mask (boolean: True = attend; else added to the scores), broadcastable to
+    (B, heads, L, L); it is only read on the path without ``lse``."""
     batch, heads, _, dim = q.shape
     n_k = k.shape[2]
     rows = range(q.shape[2])[query_rows]
@@ -149,17 +152,27 @@ def joint_attention_maps(q: torch.Tensor, k: torch.Tensor, query_rows: slice,
             maps[name] = q.new_zeros((kept, pool.size, pool.size), dtype=torch.float32)
         else:
             maps[name] = q.new_zeros((kept, len(rows), n_cols), dtype=torch.float32)
-    step = max(1, CHUNK_ELEMENTS // max(1, kept * heads * n_k))
+    widest = max(len(range(n_k)[keys]) for keys, _ in key_blocks.values()) if lse is not None else n_k
+    step = max(1, CHUNK_ELEMENTS // max(1, kept * heads * widest))
     for start in range(0, len(rows), step):
         stop = min(len(rows), start + step)
         chunk = slice(rows.start + start, rows.start + stop)
-        scores = torch.matmul(q[keep, :, chunk].float(), kf).mul_(dim ** -0.5)
-        if mask is not None:
-            part = mask[:, :, chunk] if mask.shape[2] > 1 else mask
-            scores = scores.masked_fill(~part, float("-inf")) if part.dtype == torch.bool else scores + part
-        lse = scores.logsumexp(dim=-1, keepdim=True)
-        for name, (keys, pool) in key_blocks.items():
-            reduced = reducer(scores[..., keys].sub(lse).exp_(), None)
+        q_chunk = q[keep, :, chunk].float()
+        if lse is not None:
+            row_lse = lse[keep, :, chunk, None]
+            blocks = {name: torch.matmul(q_chunk, kf[..., keys]).mul_(dim ** -0.5).sub_(row_lse).exp_()
+                      for name, (keys, _) in key_blocks.items()}
+        else:
+            scores = torch.matmul(q_chunk, kf).mul_(dim ** -0.5)
+            if mask is not None:
+                part = mask[:, :, chunk] if mask.shape[2] > 1 else mask
+                scores = scores.masked_fill(~part, float("-inf")) if part.dtype == torch.bool else scores + part
+            # softmax in place: the row sums divide only the key blocks that are kept
+            scores = scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
+            totals = scores.sum(dim=-1, keepdim=True)
+            blocks = {name: scores[..., keys] / totals for name, (keys, _) in key_blocks.items()}
+        for name, (_, pool) in key_blocks.items():
+            reduced = reducer(blocks[name], None)
             if pool is not None and not pool.identity:
                 maps[name].index_add_(1, pool.cells[start:stop], pool.pool_keys(reduced))
             else:
@@ -168,3 +181,54 @@ def joint_attention_maps(q: torch.Tensor, k: torch.Tensor, query_rows: slice,
         if pool is not None and not pool.identity:
             maps[name] /= pool.counts.to(torch.float32)[None, :, None]
     return maps
+
+
+# (device type, dtype, head dim) -> whether the fused kernel's log-sum-exp was checked and agreed
+_FUSED_LSE: dict[tuple, bool] = {}
+
+
+def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's fused attention kernels that return the softmax's log-sum-exp beside the
+    output: the ones scaled_dot_product_attention dispatches to without a mask."""
+    ops = torch.ops.aten
+    if q.device.type == "cpu":
+        out, lse = ops._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
+        return out, lse
+    if q.device.type == "cuda":
+        if q.dtype in (torch.float16, torch.bfloat16):
+            try:
+                out, lse = ops._scaled_dot_product_flash_attention(q, k, v)[:2]
+                return out, lse
+            except RuntimeError:  # head size or GPU the flash kernel does not take
+                pass
+        out, lse = ops._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
+        return out, lse[..., :q.shape[2]]  # some torch versions pad the rows to a multiple of 32
+    raise NotImplementedError(q.device.type)
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """(out, lse) of softmax attention on (B, heads, L, d) tensors from a fused kernel, or
+    None where this device, dtype or shape has none (the caller then uses its own kernel).
+
+    The first use per device type, dtype and head size compares the kernel's
+    log-sum-exp with one computed directly on a few rows (one device sync, once per
+    process): a kernel whose log-sum-exp means something else is never used."""
+    key = (q.device.type, q.dtype, q.shape[-1])
+    if _FUSED_LSE.get(key) is False:
+        return None
+    try:
+        out, lse = _fused_attention(q, k, v)
+    except (RuntimeError, NotImplementedError):
+        _FUSED_LSE[key] = False
+        return None
+    if lse.shape != q.shape[:3]:
+        _FUSED_LSE[key] = False
+        return None
+    if key not in _FUSED_LSE:
+        rows = q[:1, :, :8].float() @ k[:1].float().transpose(-1, -2) * q.shape[-1] ** -0.5
+        tolerance = 1e-4 if q.dtype in (torch.float32, torch.float64) else 2e-2
+        _FUSED_LSE[key] = bool(torch.allclose(rows.logsumexp(-1), lse[:1, :, :8].float(), atol=tolerance,
+                                              rtol=tolerance))
+        if not _FUSED_LSE[key]:
+            return None
+    return out, lse

@@ -27,14 +27,20 @@ beside them, which other jobs on a shared machine inflate less):
 3. memory: the peak process RSS during each timed run (``peak_rss``, sampled
    every 5 ms; glibc's freed pages trimmed before each run, so no variant runs on
    pages an earlier one left resident), medians; after a one-step stock warm-up;
-4. per block, on random q, k of the model's shapes: ComfyUI's attention kernel,
-   the capture's ``joint_attention_maps`` (I2T) and its parts (the scores of the
-   image rows over all keys, their log-sum-exp, the text block's exp + head
-   mean), and the naive capture (the full softmax(q k^T / sqrt(d)) of every row,
-   head mean), timed and with its peak RSS extra; the naive one extrapolated to
-   every block of every step.
+4. per block, on random q, k, v of the model's shapes: ComfyUI's attention kernel, the
+   fused kernel with its log-sum-exp (attention_with_lse), the capture's
+   ``joint_attention_maps`` (I2T) from that log-sum-exp and without it (its own
+   pass over all keys), and the naive capture (the full softmax(q k^T / sqrt(d))
+   of every row, head mean), timed and with its peak RSS extra; the naive one
+   extrapolated to every block of every step.
 
-    python benchmarks/dit_capture_overhead.py [--models flux,sd3 --size 512 --steps 2 --repeats 2]
+``--attention`` picks ComfyUI's attention kernel for the DiT blocks: ``sdpa``
+(attention_pytorch, ComfyUI's default on CUDA and what --use-pytorch-cross-attention
+selects; the capture then takes each row's log-sum-exp from the fused kernel) or
+``default`` (what ComfyUI picked on this machine at import: sub-quadratic on a CPU;
+the capture computes the log-sum-exp itself); ``sdpa,default`` runs both.
+
+    python benchmarks/dit_capture_overhead.py [--models flux,sd3 --attention sdpa,default --size 512 --steps 2 --repeats 2]
     python benchmarks/capture_overhead.py --dit [same options]
 """
 
@@ -54,13 +60,15 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from capture_overhead import peak_rss, timed  # noqa: E402  (loads ComfyUI and the pack)
 import tiny_dit  # noqa: E402
+import comfy.ldm.flux.math  # noqa: E402
 import comfy.ldm.modules.attention  # noqa: E402
+import comfy.ldm.modules.diffusionmodules.mmdit  # noqa: E402
 import comfy.model_management  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.utils  # noqa: E402
 import torch  # noqa: E402
 
-from attnseg_pack.attnseg.attention import joint_attention_maps  # noqa: E402
+from attnseg_pack.attnseg.attention import attention_with_lse, joint_attention_maps  # noqa: E402
 from attnseg_pack.hosts.comfyui.dit import describe_dit  # noqa: E402
 from attnseg_pack.hosts.comfyui.passes import OneForwardPass, capture_pass, capture_sample, timestep_sigma  # noqa: E402
 from attnseg_pack.nodes.capture import step_plan  # noqa: E402
@@ -82,6 +90,19 @@ def sd3_config(blocks: int) -> dict:
                 context_embedder_config={"target": "torch.nn.Linear",
                                          "params": {"in_features": 4096, "out_features": 1536}},
                 pos_embed_scaling_factor=None, x_block_self_attn_layers=[])
+
+
+# The modules whose blocks call optimized_attention (bound at their import).
+DIT_ATTENTION_MODULES = (comfy.ldm.flux.math, comfy.ldm.modules.diffusionmodules.mmdit)
+HOST_DEFAULT = comfy.ldm.flux.math.optimized_attention
+
+
+def use_attention(name: str):
+    """Bind the DiT blocks' attention kernel: ``sdpa`` or ``default``; returns it."""
+    kernel = comfy.ldm.modules.attention.attention_pytorch if name == "sdpa" else HOST_DEFAULT
+    for module in DIT_ATTENTION_MODULES:
+        module.optimized_attention = kernel
+    return kernel
 
 
 def trim() -> None:
@@ -125,25 +146,22 @@ def build(family: str, args):
             args.sd3_cfg, text)
 
 
-def per_block(heads: int, dim: int, text: int, image: int, repeats: int) -> dict:
+def per_block(heads: int, dim: int, text: int, image: int, repeats: int, kernel) -> dict:
     """Seconds and peak RSS extra (MiB) per block call of each attention piece, on random q, k, v
     of one batch row (the captured branch) and the model's joint sequence [text, image]."""
     length = text + image
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, heads, length, dim, generator=g) for _ in range(3))
     rows, keys = slice(text, length), slice(0, text)
-    q_img, k_t = q[:, :, rows], k.transpose(-1, -2)
-    scale = dim ** -0.5
-    scores = torch.matmul(q_img, k_t).mul_(scale)
-    lse = scores.logsumexp(dim=-1, keepdim=True)
-    kernel = comfy.ldm.modules.attention.optimized_attention
+    k_t = k.transpose(-1, -2)
+    fused = attention_with_lse(q, k, v)
+    lse = fused[1] if fused is not None else None
     pieces = {
         "kernel": lambda: kernel(q, k, v, heads, skip_reshape=True),
+        "fused kernel": lambda: attention_with_lse(q, k, v),
+        "capture from lse": lambda: joint_attention_maps(q, k, rows, {"cross": (keys, None)}, lse=lse),
         "capture": lambda: joint_attention_maps(q, k, rows, {"cross": (keys, None)}),
-        "scores": lambda: torch.matmul(q_img, k_t).mul_(scale),
-        "lse": lambda: scores.logsumexp(dim=-1, keepdim=True),
-        "text block": lambda: scores[..., keys].sub(lse).exp_().mean(1),
-        "naive": lambda: torch.softmax(torch.matmul(q, k_t).mul_(scale), dim=-1).mean(1),
+        "naive": lambda: torch.softmax(torch.matmul(q, k_t).mul_(dim ** -0.5), dim=-1).mean(1),
     }
     memory = {}
     for name in ("kernel", "capture", "naive"):
@@ -155,7 +173,8 @@ def per_block(heads: int, dim: int, text: int, image: int, repeats: int) -> dict
             "shape": (heads, dim), "kernel_name": getattr(kernel, "__name__", str(kernel))}
 
 
-def run_model(family: str, args) -> dict:
+def run_model(family: str, attention: str, args) -> dict:
+    kernel = use_attention(attention)
     label, model, positive, negative, cfg, text = build(family, args)
     info = describe_dit(model)
     side = args.size // 8
@@ -199,9 +218,9 @@ def run_model(family: str, args) -> dict:
     memory = {name: tuple(statistics.median(run[i] for run in runs) for i in (0, 1)) for name, runs in peaks.items()}
     cpu = {name: statistics.median(values) for name, values in cpu.items()}
     head_dim = model.get_model_object("diffusion_model").hidden_size // info.heads
-    blocks_info = per_block(info.heads, head_dim, text, image_tokens, args.repeats)
+    blocks_info = per_block(info.heads, head_dim, text, image_tokens, args.repeats, kernel)
     elapsed = time.perf_counter() - started
-    return dict(family=family, label=label, cfg=cfg, text=text, image_tokens=image_tokens, blocks=blocks,
+    return dict(family=family, attention=attention, label=label, cfg=cfg, text=text, image_tokens=image_tokens, blocks=blocks,
                 self_name=self_name, seconds=seconds, cpu=cpu, memory=memory, per_block=blocks_info, elapsed=elapsed)
 
 
@@ -215,7 +234,7 @@ def report(r: dict, args) -> list[str]:
     peak = {name: p for name, (_, p) in mem.items()}
     work = {name: p - b for name, (b, p) in mem.items()}
     batch = "cond + uncond batch" if r["cfg"] != 1 else "cond only"
-    out = [f"### {r['label']}",
+    out = [f"### {r['label']}, attention {r['attention']}",
            f"{args.size}x{args.size} ({r['image_tokens']} image + {r['text']} text tokens), {args.steps} steps "
            f"euler / simple, cfg {r['cfg']:g} ({batch}), fp32, {torch.get_num_threads()} threads, medians of "
            f"{args.repeats} (passes {args.pass_repeats}); ComfyUI's attention here: {pb['kernel_name']}; "
@@ -243,20 +262,23 @@ def report(r: dict, args) -> list[str]:
                f"{pb['seconds']['naive'] * 1000:.0f} ms) | {naive:.2f} | {naive / s['stock']:.3f} | - | - | - | "
                f"+{pb['memory']['naive']:.0f} MiB per block call ({pb['probs_mib']:.0f} MiB of probabilities) | - |")
     sec = {k: v * 1000 for k, v in pb["seconds"].items()}
-    estimate = pb["seconds"]["capture"] * calls
-    out += ["", f"Per block call, on (1, {pb['shape'][0]}, {r['text'] + r['image_tokens']}, {pb['shape'][1]}) q, k "
-            f"(ms; peak RSS extra): "
-            f"ComfyUI's attention {sec['kernel']:.0f} ({pb['memory']['kernel']:.0f} MiB); capture I2T "
-            f"{sec['capture']:.0f} ({pb['memory']['capture']:.0f} MiB) = scores of the image rows over all keys "
-            f"{sec['scores']:.0f} + their log-sum-exp {sec['lse']:.0f} + text block exp and head mean "
-            f"{sec['text block']:.0f}; naive {sec['naive']:.0f} ({pb['memory']['naive']:.0f} MiB). Capture I2T "
-            f"estimated from it: {estimate:.2f} s per sampling run, measured {s['capture I2T'] - s['stock']:+.2f} s."]
+    used = "capture from lse" if r["attention"] == "sdpa" else "capture"
+    estimate = pb["seconds"][used] * calls
+    out += ["", f"Per block call, on (1, {pb['shape'][0]}, {r['text'] + r['image_tokens']}, {pb['shape'][1]}) q, k, v "
+            f"(ms; peak RSS extra): ComfyUI's attention {sec['kernel']:.0f} ({pb['memory']['kernel']:.0f} MiB); "
+            f"the fused kernel with its log-sum-exp {sec['fused kernel']:.0f}; capture I2T from that log-sum-exp "
+            f"{sec['capture from lse']:.0f}, with its own pass over all keys {sec['capture']:.0f} "
+            f"({pb['memory']['capture']:.0f} MiB); naive {sec['naive']:.0f} ({pb['memory']['naive']:.0f} MiB). "
+            f"Capture I2T estimated from it ({used}): {estimate:.2f} s per sampling run, measured "
+            f"{s['capture I2T'] - s['stock']:+.2f} s."]
     return out
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="flux,sd3", help="comma-separated: flux, sd3")
+    parser.add_argument("--attention", default="sdpa,default",
+                        help="comma-separated ComfyUI attention kernels for the blocks: sdpa, default")
     parser.add_argument("--size", type=int, default=512, help="image size in pixels (latent = size / 8)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="interleaved sampling rounds")
@@ -272,9 +294,10 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     lines = []
     for family in args.models.split(","):
-        lines += report(run_model(family.strip(), args), args) + [""]
-        comfy.model_management.unload_all_models()  # the next model starts without this one's weights
-        trim()
+        for attention in args.attention.split(","):
+            lines += report(run_model(family.strip(), attention.strip(), args), args) + [""]
+            comfy.model_management.unload_all_models()  # the next run starts without this one's weights
+            trim()
     print("\n".join(lines))
     print(f"total {(time.perf_counter() - started) / 60:.1f} min; targets: capture sampler / stock <= "
           f"{SAMPLER_TARGET:g}, segment pass / plain forward <= {PASS_TARGET:g}, peak RSS extra <= "

@@ -2,6 +2,7 @@
 
 import torch
 
+from attnseg import attention
 from attnseg.attention import GridPool, attention_with_maps, fold_repeated_tokens
 
 
@@ -77,3 +78,57 @@ def test_keep_selects_the_captured_rows_only():
     out_cond, maps_cond = attention_with_maps(q, k, v, heads=2, keep=slice(2, 4))
     torch.testing.assert_close(out_cond, out_all)  # the output still covers the whole batch
     torch.testing.assert_close(maps_cond, maps_all[2:4])
+
+
+def joint_reference(q, k, rows, keys):
+    """Head mean of the full joint softmax, the image rows' block of keys."""
+    probs = (q.double() @ k.double().transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1).mean(1)
+    return probs[:, rows, keys]
+
+
+def test_fused_kernel_gives_sdpas_output_and_the_rows_log_sum_exp():
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 40, 16) for _ in range(3))
+    out, lse = attention.attention_with_lse(q, k, v)
+    # the kernel SDPA itself dispatches to without a mask on the CPU: the same bits
+    assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    torch.testing.assert_close(lse, (q @ k.transpose(-1, -2) / 4).logsumexp(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_joint_maps_from_the_kernels_log_sum_exp_equal_the_full_softmax(monkeypatch):
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(2, 4, 30, 8) for _ in range(3))
+    _, lse = attention.attention_with_lse(q, k, v)
+    monkeypatch.setattr(attention, "CHUNK_ELEMENTS", 1 * 4 * 6 * 4)  # query chunks of 4 rows
+    blocks = {"cross": (slice(0, 6), None), "self": (slice(6, 30), None)}
+    for lse_given in (lse, None):
+        maps = attention.joint_attention_maps(q, k, slice(6, 30), blocks, keep=slice(1, 2), lse=lse_given)
+        for name, (keys, _) in blocks.items():
+            torch.testing.assert_close(maps[name].double(), joint_reference(q, k, slice(6, 30), keys)[1:2],
+                                       atol=1e-6, rtol=0)
+
+
+def test_a_kernel_whose_log_sum_exp_disagrees_is_never_used(monkeypatch):
+    monkeypatch.setattr(attention, "_FUSED_LSE", {})
+    q, k, v = (torch.randn(1, 2, 12, 8) for _ in range(3))
+    calls = []
+
+    def base_two(q, k, v):  # a kernel returning log2 of the row sums
+        calls.append(1)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return out, (q @ k.transpose(-1, -2) / 8 ** 0.5).logsumexp(-1) / torch.log(torch.tensor(2.0))
+
+    monkeypatch.setattr(attention, "_fused_attention", base_two)
+    assert attention.attention_with_lse(q, k, v) is None
+    assert attention.attention_with_lse(q, k, v) is None
+    assert len(calls) == 1  # refused once, then not asked again
+
+
+def test_no_fused_kernel_means_none(monkeypatch):
+    monkeypatch.setattr(attention, "_FUSED_LSE", {})
+
+    def missing(q, k, v):
+        raise NotImplementedError("meta")
+
+    monkeypatch.setattr(attention, "_fused_attention", missing)
+    assert attention.attention_with_lse(*(torch.randn(1, 2, 4, 8) for _ in range(3))) is None

@@ -20,7 +20,11 @@ the conditioning's (``c_crossattn``, after the host's repeat to a common
 length), the image grid the latent's over the patch size (padded up). The output
 always comes from the previous override or the fast kernel; a captured block adds
 the probabilities of its image queries from q . k and each row's log-sum-exp
-(attnseg core), reduced over heads inside the hook."""
+(attnseg core), reduced over heads inside the hook. Where the host's kernel is
+SDPA (ComfyUI's default on CUDA) and nothing is chained before us, a captured
+block's output comes from the fused kernel SDPA dispatches to, asked for its
+log-sum-exp too, so the capture forms only the scores of the key blocks it keeps;
+elsewhere it computes the log-sum-exp over all keys itself."""
 
 from __future__ import annotations
 
@@ -32,12 +36,14 @@ from dataclasses import dataclass
 import comfy.ldm.chroma.model
 import comfy.ldm.chroma_radiance.model
 import comfy.ldm.flux.model
+import comfy.ldm.modules.attention
 import comfy.ldm.modules.diffusionmodules.mmdit
 import comfy.model_management
 import torch
 
 from ...attnseg import AttentionStore, AttnSegError, LayerKey
-from ...attnseg.attention import GridPool, chosen_heads_mean, fold_repeated_tokens, head_mean, joint_attention_maps
+from ...attnseg.attention import (GridPool, attention_with_lse, chosen_heads_mean, fold_repeated_tokens, head_mean,
+                                  joint_attention_maps)
 from .capture import CapturePlan, grid_pool, step_index, wanted_rows
 from .catcross import COND
 from .unet import AttentionLayer
@@ -160,6 +166,33 @@ def _qkv_heads(args: tuple, kwargs: dict):
     return q, k, heads
 
 
+# ComfyUI's SDPA attention as the override receives it (wrap_attn passes the unwrapped function)
+_SDPA = getattr(comfy.ldm.modules.attention.attention_pytorch, "__wrapped__", None)
+
+
+def _fused_call(func, args: tuple, kwargs: dict):
+    """The block's attention from torch's fused kernel with each row's log-sum-exp, when
+    the host's own kernel is SDPA (the default on CUDA), nothing is chained before us and
+    there is no mask: (out as the host returns it, lse (B, heads, L)). Else None, and the
+    host's kernel runs as usual."""
+    if func is not _SDPA or kwargs.get("mask") is not None:
+        return None
+    q, k, v = args[:3]
+    heads = args[3] if len(args) > 3 else kwargs["heads"]
+    if q.shape[0] > comfy.ldm.modules.attention.SDP_BATCH_LIMIT:
+        return None
+    if not kwargs.get("skip_reshape"):  # as attention_pytorch reads them (MMDiT's v comes as (B, L, heads, d))
+        dim = q.shape[-1] // heads
+        q, k, v = (t.reshape(t.shape[0], -1, heads, dim).transpose(1, 2) for t in (q, k, v))
+    result = attention_with_lse(q, k, v)
+    if result is None:
+        return None
+    out, lse = result
+    if not kwargs.get("skip_output_reshape"):
+        out = out.transpose(1, 2).flatten(2)
+    return out, lse
+
+
 def _scaled_keys(args: tuple, kwargs: dict, weights: torch.Tensor) -> tuple:
     """The call's arguments with the keys multiplied by (B, L) ``weights`` along the sequence."""
     k = args[1]
@@ -225,7 +258,7 @@ def install_dit_capture(model, info: DiTInfo, store: AttentionStore, plan: Captu
         return weight_cache[cache_key]
 
     def record(call: dict, block: tuple[str, int], kinds: list[str], args: tuple, kwargs: dict,
-               transformer_options: dict, out: torch.Tensor | None) -> None:
+               transformer_options: dict, out: torch.Tensor | None, lse: torch.Tensor | None) -> None:
         q, k, heads = _qkv_heads(args, kwargs)
         rows = wanted_rows(transformer_options, q.shape[0], plan.branches)
         if not rows:
@@ -244,7 +277,7 @@ def install_dit_capture(model, info: DiTInfo, store: AttentionStore, plan: Captu
             by_reducer.setdefault(reducers.get(block + (kind,), head_mean), []).append(kind)
         for reducer, group in by_reducer.items():
             maps.update(joint_attention_maps(q, k, image, {kind: key_blocks[kind] for kind in group}, reducer,
-                                             keep, kwargs.get("mask")))
+                                             keep, kwargs.get("mask"), lse))
         for kind, block_maps in maps.items():
             key = LayerKey.dit(kind, block[0], block[1], info.patch_size)
             grid = key_blocks[kind][1].grid if kind == "self" else (gh, gw)
@@ -288,9 +321,14 @@ def install_dit_capture(model, info: DiTInfo, store: AttentionStore, plan: Captu
                         f"changed the sequence).")
         if kinds or wants_output:
             comfy.model_management.throw_exception_if_processing_interrupted()
-        out = previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
+        fused = _fused_call(func, args, kwargs) if kinds and previous is None else None
+        if fused is not None:
+            out, lse = fused
+        else:
+            out = previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
+            lse = None
         if kinds or wants_output:
-            record(call, block, kinds, args, kwargs, transformer_options, out if wants_output else None)
+            record(call, block, kinds, args, kwargs, transformer_options, out if wants_output else None, lse)
         return out
 
     options[OVERRIDE] = override
