@@ -69,6 +69,10 @@ def heat_map(scores: torch.Tensor) -> torch.Tensor:
 
 def make_masks(score_maps: ScoreMaps, threshold: float, background: str = "threshold"):
     """Everything the mask node outputs, at the image size: (labels, masks, scores)."""
+    if not bool(torch.isfinite(score_maps.maps).all()):
+        raise AttnSegError(f"scores: the {score_maps.method or 'segmenter'} score maps hold NaN or infinite values, "
+                           f"so every pixel's label would be arbitrary. They come from the attention the model "
+                           f"computed (fp16 overflow, NaN weights): load the model in bf16 or fp32 and capture again.")
     scores = score_maps.at_image_size().clamp(0, 1)
     background_map = None
     if score_maps.background is not None:

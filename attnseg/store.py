@@ -111,6 +111,23 @@ class AttentionStore:
             slot.total.add_(maps.to(slot.total.dtype))
             slot.count += count
 
+    def check_finite(self, input_name: str = "attention") -> None:
+        """Refuse maps holding NaN or infinity: every method would turn them into empty
+        or arbitrary masks without a word. One device sync for the whole store."""
+        if not self.entries:
+            return
+        device = next(iter(self.entries.values())).total.device
+        finite = torch.stack([torch.isfinite(s.total).all().to(device) for s in self.entries.values()]).tolist()
+        bad = [key.name + (f" ({branch})" if branch != "cond" else "")
+               for ((key, branch), ok) in zip(self.entries, finite) if not ok]
+        if bad:
+            shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+            raise AttnSegError(
+                f"{input_name}: the captured attention of {len(bad)} of {len(finite)} layers holds NaN or infinite "
+                f"values ({shown}): the model computed them, so masks from them would be empty or arbitrary. "
+                f"Usual causes: fp16 attention overflowing (load the model in bf16 or fp32, e.g. ComfyUI's "
+                f"--bf16-unet or --fp32-unet), or a model file with NaN weights.")
+
     def layers(self, kind: str, branch: str = "cond") -> list[tuple[LayerKey, StoredMaps]]:
         return sorted((k, v) for (k, b), v in self.entries.items() if k.kind == kind and b == branch)
 

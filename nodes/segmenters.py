@@ -9,12 +9,14 @@ from .types import ATTNSEG_SCORES, ATTNSEG_STORE, SEGMENT
 
 
 def require_store(store, input_name: str = "attention", preset: str = CUSTOM):
-    """The connected store; a preset made for another model family than the store's is refused."""
+    """The connected store; a preset made for another model family than the store's is refused,
+    and so are maps with NaN or infinite values."""
     if store is None:
         raise AttnSegError(f"{input_name}: no attention was captured (capture is off on the sampler). "
                            f"Turn capture on.")
     if preset != CUSTOM:
         check_family(preset, store.family, f"{store.model_id}, whose attention this store holds")
+    store.check_finite(input_name)
     return store
 
 

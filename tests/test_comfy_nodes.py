@@ -263,3 +263,29 @@ def test_accented_cjk_and_emoji_words_read_as_written(models):
     assert "café" in report and "a café with a" in report
     with pytest.raises(AttnSegError, match="the class 'crêpe' is not in the prompt.*sees is: a café"):
         encode(clip, "a café with a 🐱", "crêpe")
+
+
+def nan_in_one_key_projection(seed):
+    """A tiny SD1.5 whose output block's last cross-attention key weight holds one NaN."""
+    model = tiny_unet(SD15_LAYOUT, seed=seed)
+    to_k = model.model.diffusion_model.output_blocks[-1][1].transformer_blocks[0].attn2.to_k
+    with torch.no_grad():
+        to_k.weight[0, 0] = float("nan")
+    return model
+
+
+def test_nan_attention_is_refused_by_the_segmenter_and_the_one_node_not_turned_into_masks(models):
+    _, clip, vae = models
+    broken = nan_in_one_key_projection(seed=5)
+    cond, _ = encode(clip, "a cat on a sofa", "cat, sofa")
+    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    store = segment((broken, clip, vae), image, cond)
+    with pytest.raises(AttnSegError, match=r"attention: the captured attention of \d+ of \d+ layers holds NaN"):
+        scores_of(store)
+    with pytest.raises(AttnSegError, match=r"model: the captured attention .* NaN .*--bf16-unet or --fp32-unet"):
+        NODES["AttnSegSegment"]().segment(broken, clip, vae, image, "cat, sofa", "DiffSegmenter (released code)",
+                                          resolution=128)
+    scores = scores_of(segment(models, image, cond))  # the same graph on sound weights works
+    scores.maps[0, 0, 0, 0] = float("nan")
+    with pytest.raises(AttnSegError, match="scores: the .* score maps hold NaN"):
+        NODES["AttnSegMasks"]().make(scores, 0.5)

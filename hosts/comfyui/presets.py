@@ -88,6 +88,7 @@ def segment_with_preset(model, clip, vae, image: torch.Tensor, classes: str, cho
         comfy.model_management.throw_exception_if_processing_interrupted()
         store = capture_pass(model, latent, conditioning, list(setup.timesteps), setup.seed, tuple(image.shape[1:3]),
                              plan, info, keep_timesteps=setup.keep_timesteps)
+        store.check_finite("model")
         parts.append(run_method(store, chosen))
     if len(parts) == 1:
         return parts[0]
