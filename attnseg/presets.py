@@ -301,6 +301,15 @@ PRESETS.update({p.name: p for p in (
            Source("linsun449/iseg.code", "paper: as COCO-Stuff with DiffSeg's Cityscapes proposals (tau 0.9)",
                   "Cityscapes unsupervised: 25.0 mIoU / 78.7 pixel accuracy"),
            DiffSegSettings(tau=0.9, refinement="paper", lam=0.01, iterations=10), capture=_DIFFSEG_CAPTURE),
+    *(Preset(f"DiffSeg {label} (COCO-Stuff settings)", "diffseg",
+             Source("google/diffseg", "not an author's configuration: DiffSeg's COCO-Stuff settings (tau 1.1, 16x16 "
+                    "anchors, 3 passes, t = 300) on the I2I part of every block's joint attention, at the family's "
+                    "1024 px (one resolution, so the resolution weights do not apply)",
+                    f"no number reported on {label}"),
+             DiffSegSettings(tau=1.1),
+             capture=CaptureSetup(timesteps=(DIFFSEG_TIMESTEP,), resolution=1024, self_every_layer=True),
+             family=family)
+      for label, family in (("Flux", "flux"), ("SD3", "sd3"))),
 )})
 SEGMENTERS = ("diffsegmenter", "iseg", "goca")
 ONE_PASS_METHODS = SEGMENTERS + ("concept",)  # what the one-node segmenter runs

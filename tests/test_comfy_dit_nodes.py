@@ -91,6 +91,20 @@ def test_every_segmenter_runs_on_a_flux_capture(flux, vae):
         assert torch.isfinite(scores.maps).all() and scores.maps.amax() > scores.maps.amin(), name
         mask, labels = masks(scores, picture)[:2]
         assert mask.shape == (2, 64, 96) and labels.shape == (1, 64, 96), name
+    # DiffSeg and iSeg's unsupervised mode on the I2I of every block, named by the T5 class pieces
+    unsupervised = NODES["AttnSegUnsupervised"]()
+    for refinement in ("off", "code"):
+        named, labels, segments, _, _, names = unsupervised.segment(store, 4, 0.01, 3, refinement, 0.015, 3,
+                                                                    image=picture, preset="custom")["result"]
+        count = int(segments.max())
+        assert segments.shape == (1, 64, 96) and set(segments.unique().tolist()) == set(range(1, count + 1))
+        assert count > 1 and named.shape == (2, 64, 96) and names.startswith(f"image 1: {count} segments: 1 ")
+    # The Flux preset fits the store's family; its 16 anchors per side need a larger capture than this one.
+    with pytest.raises(AttnSegError, match="anchors: 16 per side is more than the 8x4 self-attention grid"):
+        unsupervised.segment(store, 4, 0.01, 3, "off", 0.015, 3, preset="DiffSeg Flux (COCO-Stuff settings)")
+    with pytest.raises(AttnSegError, match="'DiffSeg COCO-Stuff \\(released code\\)' is made for UNet models.*"
+                                           "'DiffSeg Flux \\(COCO-Stuff settings\\)'"):
+        unsupervised.segment(store, 4, 0.01, 3, "off", 0.015, 3, preset="DiffSeg COCO-Stuff (released code)")
 
 
 def test_seeds_run_on_a_flux_capture(flux, vae):
