@@ -39,6 +39,13 @@ def smooth(maps: torch.Tensor, kernel: int = RELEASED_BLUR) -> torch.Tensor:
     return gaussian_blur(maps, kernel, blur_sigma(kernel), padding="reflect")
 
 
+def refine(self_attention: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+    """S-CFG's per-layer refinement ``(S + 3 S^2) / 4 . C`` of (B, N, T) maps by a
+    (B, N, N) self-attention, in fp32, without forming ``S^2``."""
+    s, c = self_attention.float(), cross.float()
+    return (torch.bmm(s, c) + 3 * torch.bmm(s, torch.bmm(s, c))) / 4
+
+
 def _layer_maps(layers, target_grid: tuple[int, int], blur: int, columns=None):
     """Per layer ``(grid, self (B, N, N), cross (B, N, T))``: ``C <- (S + 3 S^2) / 4 . C``
     (``columns`` first maps C's tokens to other columns), upsampled to
@@ -46,19 +53,22 @@ def _layer_maps(layers, target_grid: tuple[int, int], blur: int, columns=None):
     if not layers:
         raise AttnSegError("S-CFG: this step captured no attention maps.")
     for grid, self_attention, cross in layers:
-        s = self_attention.float()
         c = cross.float()
         if columns is not None:
             c = columns(c)
-        c = (torch.bmm(s, c) + 3 * torch.bmm(s, torch.bmm(s, c))) / 4  # (S + 3 S^2) C without forming S^2
-        yield smooth(resize(c.transpose(1, 2).unflatten(-1, grid), target_grid), blur)
+        yield smooth(resize(refine(self_attention, c).transpose(1, 2).unflatten(-1, grid), target_grid), blur)
+
+
+def mean_normalised(maps: torch.Tensor) -> torch.Tensor:
+    """Each (B, T, h, w) map divided by its spatial mean (S-CFG's per-layer normalisation)."""
+    return maps / maps.mean(dim=(-2, -1), keepdim=True).clamp_min(_TINY)
 
 
 def _mean_normalised_average(maps_per_layer) -> torch.Tensor:
     """Each map divided by its spatial mean, then the mean over layers."""
     total, count = None, 0
     for maps in maps_per_layer:
-        maps = maps / maps.mean(dim=(-2, -1), keepdim=True).clamp_min(_TINY)
+        maps = mean_normalised(maps)
         total = maps if total is None else total + maps
         count += 1
     return total / count

@@ -1,5 +1,6 @@
 """S-CFG's rate, maps, foreground and blur on synthetic eps and maps."""
 
+import dataclasses
 import math
 
 import pytest
@@ -134,3 +135,163 @@ def test_blur_keeps_constants_and_refuses_even_kernels():
     with pytest.raises(AttnSegError, match="rate limits"):
         guidance_rate(torch.rand(1, 4, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long),
                       torch.ones(1, 2, 2, dtype=torch.bool), 5.0, limits=(3.0, 0.8))
+
+
+# ----- the GoCA map source (GoCA's S-CFG integration) -----
+
+from attnseg.scfg_goca import (ALL_OFF, GoCAStages, StepLayer, automatic_layer_weights, goca_foreground,  # noqa: E402
+                               goca_regions, goca_token_maps, propagate)
+
+BG, CAT, DOG = 0, 1, 2
+# Tokens: BOS, "a", "cat", "and", "dog", EOS, padding, padding; the words are 1-4.
+WORDS = [1, 2, 3, 4]
+# Per pixel kind, the token probabilities. EOS and padding take half of every pixel's
+# attention (EOS is the strongest single token on the objects), BOS the background's.
+COND = {CAT: [0.08, 0.01, 0.38, 0.01, 0.02, 0.3, 0.1, 0.1], DOG: [0.08, 0.01, 0.02, 0.01, 0.38, 0.3, 0.1, 0.1],
+        BG: [0.46, 0.01, 0.01, 0.01, 0.01, 0.3, 0.1, 0.1]}
+# A layer that sees the two objects swapped, and more sharply: with the plain layer mean it wins.
+SWAPPED = {CAT: [0.02, 0.01, 0.02, 0.01, 0.9, 0.02, 0.01, 0.01], DOG: [0.02, 0.01, 0.9, 0.01, 0.02, 0.02, 0.01, 0.01],
+           BG: COND[BG]}
+# The negative prompt (BOS, EOS, padding): BOS strong on the background only.
+UNCOND = {CAT: [0.1, 0, 0, 0, 0, 0.5, 0.2, 0.2], DOG: [0.1, 0, 0, 0, 0, 0.5, 0.2, 0.2],
+          BG: [0.6, 0, 0, 0, 0, 0.2, 0.1, 0.1]}
+
+
+def scene(side):
+    """A side x side label grid, flattened: the cat top left, the dog bottom right."""
+    labels = torch.full((side, side), BG)
+    labels[:side // 2, :side // 2] = CAT
+    labels[side // 2:, side // 2:] = DOG
+    return labels.flatten()
+
+
+def cross_of(labels, table):
+    return torch.tensor([table[int(label)] for label in labels])[None]
+
+
+def block_self(labels, within=0.9):
+    """Self-attention that stays inside each pixel's region (rows sum to 1)."""
+    same = (labels[:, None] == labels[None, :]).float()
+    return (within * same / same.sum(1, keepdim=True) + (1 - within) / len(labels))[None]
+
+
+def scene_layers(table, swapped=None):
+    """The layers S-CFG captures on SD1.5 at 512 px, shrunk: an 8x8 and a 4x4 one, both
+    seeing the scene; optionally an 8x8 layer that attends uniformly and sees it swapped."""
+    fine, coarse = scene(8), scene(4)
+    layers = [StepLayer((8, 8), block_self(fine), cross_of(fine, table)),
+              StepLayer((4, 4), block_self(coarse), cross_of(coarse, table))]
+    if swapped is not None:
+        layers.append(StepLayer((8, 8), torch.full((1, 64, 64), 1 / 64), cross_of(fine, swapped)))
+    return layers
+
+
+def scene_step(stages=GoCAStages()):
+    cond, uncond = scene_layers(COND, SWAPPED), scene_layers(UNCOND, SWAPPED)
+    # The reference queries separate the three regions, so its pseudo self-attention is the scene's.
+    reference = ((8, 8), 4.0 * torch.nn.functional.one_hot(scene(8), 3).float()[None])
+    operators = [((8, 8), torch.stack([la.self_attention for la in cond if la.grid == (8, 8)]).mean(0))]
+    cond_maps = goca_token_maps(cond, (16, 16), stages, reference, WORDS, operators)
+    uncond_maps = goca_token_maps(uncond, (16, 16), stages, reference, None, operators)
+    return (goca_regions(cond_maps, [0] + WORDS, (16, 16)), goca_foreground(uncond_maps, (16, 16)),
+            automatic_layer_weights(reference, cond))
+
+
+def test_goca_maps_give_the_constructed_scenes_regions_and_foreground():
+    regions, foreground, weights = scene_step()
+    truth = torch.nn.functional.interpolate(scene(8).view(1, 1, 8, 8).float(), size=(16, 16))[0, 0].long()
+    token_of = {CAT: 2, DOG: 4, BG: 0}  # BOS takes the background
+    assert torch.equal(regions[0], truth.clone().apply_(lambda label: token_of[label]))
+    assert torch.equal(foreground[0], truth != BG)
+    # The uniform layer agrees least with the reference's pseudo self-attention; the coarse
+    # layer most (GoCA does not renormalise a resampled coarse map, so its rows sum to 4).
+    assert weights[0, 2] < weights[0, 0] < weights[0, 1] and weights.sum().item() == pytest.approx(1.0)
+
+
+def test_without_goca_layer_weights_the_swapped_layer_wins():
+    regions, _, _ = scene_step(GoCAStages(layer_weights=False))
+    assert regions[0, 0, 0] == 4 and regions[0, -1, -1] == 2  # cat and dog swapped
+
+
+def test_regions_leave_out_eos_and_padding_and_scfg_would_not():
+    cond = scene_layers(COND)
+    no_propagation = GoCAStages(layer_weights=False, propagation=False)
+    maps = goca_token_maps(cond, (8, 8), no_propagation, content=WORDS)
+    assert (maps.argmax(1) >= 5).any()  # after rescaling, EOS/padding still top some pixels
+    regions = goca_regions(maps, [0] + WORDS, (8, 8))
+    assert (regions <= 4).all()
+    assert regions[0, 0, 0] == 2 and regions[0, -1, -1] == 4 and regions[0, 0, -1] == 0
+
+
+def random_layers(seed, batch=2, tokens=6):
+    generator = torch.Generator().manual_seed(seed)
+    layers = []
+    for grid in ((4, 4), (4, 4), (2, 2)):
+        n = grid[0] * grid[1]
+        self_attention = torch.rand(batch, n, n, generator=generator).pow(4).softmax(-1)
+        cross = (3 * torch.rand(batch, n, tokens, generator=generator)).softmax(-1)
+        layers.append(StepLayer(grid, self_attention, cross))
+    reference = ((4, 4), torch.randn(batch, 16, 8, generator=generator))
+    operators = [((4, 4), layers[0].self_attention)]
+    return layers, reference, operators
+
+
+def test_with_every_goca_stage_off_the_maps_are_scfgs_own():
+    layers, reference, operators = random_layers(3)
+    scfg = refined_token_maps([(la.grid, la.self_attention, la.cross) for la in layers], (4, 4), blur=3)
+    off = goca_token_maps(layers, (4, 4), ALL_OFF, reference, [1, 2, 3], operators, scfg_blur=3)
+    assert torch.equal(off, scfg)
+    # each stage alone changes them, so the equality above is not a path that ignores the stages
+    for stage in ("layer_weights", "rescaling", "propagation"):
+        one = goca_token_maps(layers, (4, 4), dataclasses.replace(ALL_OFF, **{stage: True}), reference, [1, 2, 3],
+                              operators, scfg_blur=3)
+        assert not torch.allclose(one, scfg, atol=1e-3), stage
+
+
+def test_propagation_equals_gocas_resized_self_attention_formed_whole():
+    """GoCA resizes a coarser self-attention to the maps' grid (keys bilinear, queries
+    nearest, not renormalised) and multiplies; the pack never forms that matrix."""
+    generator = torch.Generator().manual_seed(5)
+    grid, size = (3, 4), (7, 10)
+    n = grid[0] * grid[1]
+    self_attention = (8 * torch.rand(2, n, n, generator=generator)).softmax(-1)  # sharp: the maps keep contrast
+    maps = torch.rand(2, 5, *size, generator=generator)
+    whole = self_attention.view(2 * n, 1, *grid)  # per query: its map over the keys
+    whole = torch.nn.functional.interpolate(whole, size=size, mode="bilinear", align_corners=False)
+    whole = whole.view(2, *grid, size[0] * size[1]).permute(0, 3, 1, 2)  # (B, keys', qh, qw)
+    whole = torch.nn.functional.interpolate(whole, size=size, mode="nearest").flatten(2).transpose(1, 2)
+    flat = maps.flatten(2).transpose(1, 2)
+    for _ in range(2):
+        flat = whole @ flat
+    expected = flat.transpose(1, 2).unflatten(-1, size)
+    low, high = expected.amin((-2, -1), keepdim=True), expected.amax((-2, -1), keepdim=True)
+    assert torch.allclose(propagate(maps, [(grid, self_attention)], 2), (expected - low) / (high - low), atol=1e-4)
+    # on its own grid it is S^2 C
+    same = torch.rand(2, 5, *grid, generator=generator)
+    plain = self_attention @ (self_attention @ same.flatten(2).transpose(1, 2))
+    plain = plain.transpose(1, 2).unflatten(-1, grid)
+    low, high = plain.amin((-2, -1), keepdim=True), plain.amax((-2, -1), keepdim=True)
+    assert torch.allclose(propagate(same, [(grid, self_attention)], 2), (plain - low) / (high - low), atol=1e-5)
+    with pytest.raises(AttnSegError, match="order"):
+        propagate(same, [(grid, self_attention)], -1)
+
+
+def test_the_foreground_is_where_the_blurred_uncond_bos_map_is_below_half():
+    bos = torch.tensor([[0.0, 0.2, 0.5, 0.9, 1.0]]).repeat(5, 1)[None, None]  # min-max already
+    maps = torch.cat([bos, torch.rand(1, 3, 5, 5)], 1)
+    foreground = goca_foreground(maps, (5, 5), blur=0)
+    assert foreground[0, 0].tolist() == [True, True, False, False, False]  # 0.5 ties: background
+    blurred = goca_foreground(maps, (10, 10))  # blur 5 (GoCA's), nearest upsampling
+    assert blurred.shape == (1, 10, 10) and blurred[0, :, 0].all() and not blurred[0, :, -1].any()
+
+
+def test_goca_maps_refuse_missing_inputs():
+    layers, reference, operators = random_layers(4)
+    with pytest.raises(AttnSegError, match="reference layer's queries"):
+        goca_token_maps(layers, (4, 4), GoCAStages(), None, [1], operators)
+    with pytest.raises(AttnSegError, match="no word tokens"):
+        goca_token_maps(layers, (4, 4), GoCAStages(), reference, [], operators)
+    with pytest.raises(AttnSegError, match="no self-attention to propagate"):
+        goca_token_maps(layers, (4, 4), GoCAStages(), reference, [1], [])
+    with pytest.raises(AttnSegError, match="captured no attention"):
+        goca_token_maps([], (4, 4))
