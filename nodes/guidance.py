@@ -1,5 +1,6 @@
 """Guidance from the model's own attention: S-CFG."""
 
+from ..attnseg import AttnSegError
 from ..attnseg.presets import find_preset, names
 from ..attnseg.scfg import RATE_LIMITS, RELEASED_BLUR
 from ..hosts.comfyui.scfg import SCFGSettings, install_scfg
@@ -8,6 +9,8 @@ from .types import GUIDANCE
 RELEASED_PRESET = "S-CFG (released code)"
 # display name -> the host's foreground rule
 FOREGROUND_CHOICES = {"released code (BOS vs the sum of the other tokens)": "released"}
+# display name -> the host's map source
+MAP_SOURCE_CHOICES = {"S-CFG (released code)": "scfg", "GoCA": "goca"}
 
 
 class AttnSegSCFG:
@@ -17,8 +20,9 @@ class AttnSegSCFG:
                    "coarsest resolutions, both CFG halves) splits the latent into one region per prompt token, and "
                    "each region's guidance is scaled so its mean strength matches the foreground's: "
                    "eps = eps_u + cfg * rho * (eps_c - eps_u). The preset 'S-CFG (released code)' computes what the "
-                   "authors' released code does; 'custom' uses rate_min, rate_max, blur and foreground. Works with "
-                   "KSampler, SamplerCustom and guiders.")
+                   "authors' released code does; 'custom' uses rate_min, rate_max, blur and foreground. map_source "
+                   "'GoCA' builds the regions with GoCA's aggregation of the same layers instead (GoCA's S-CFG "
+                   "integration). Works with KSampler, SamplerCustom and guiders.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -57,6 +61,15 @@ class AttnSegSCFG:
                 "RescaleCFG's rescale applied after S-CFG's spatial guidance (RescaleCFG's default 0.7; 0 = off). "
                 "Use this instead of a RescaleCFG node: ComfyUI has one CFG-function slot, and a RescaleCFG "
                 "after S-CFG replaces it (the run then stops with an error). Applies with either preset.")}),
+            "map_source": (list(MAP_SOURCE_CHOICES), {"default": next(iter(MAP_SOURCE_CHOICES)), "tooltip": (
+                "Where each step's region maps come from (the same layers are captured either way). 'S-CFG "
+                "(released code)': S-CFG's own maps (head mean, (S + 3 S^2)/4 per layer, blur, mean-normalised; "
+                "regions over every token; foreground by the rule above). 'GoCA': GoCA's S-CFG integration: "
+                "output-weighted heads, automatic layer weights, rescaling by the prompt's word tokens, S^2 "
+                "propagation; regions among BOS and the word tokens; foreground where the uncond half's BOS map "
+                "is below 0.5 (blur and foreground inputs then apply to the rate only). GoCA needs the positive "
+                "prompt from AttnSeg Text Encode (preset custom, class_weight 1), which records the token layout. "
+                "Applies with either preset.")}),
         }}
 
     RETURN_TYPES = ("MODEL",)
@@ -67,14 +80,19 @@ class AttnSegSCFG:
     CATEGORY = GUIDANCE
 
     def patch(self, model, rate_min, rate_max, blur, start_percent, end_percent, preset=RELEASED_PRESET,
-              foreground=next(iter(FOREGROUND_CHOICES)), rescale_multiplier=0.0):
+              foreground=next(iter(FOREGROUND_CHOICES)), rescale_multiplier=0.0,
+              map_source=next(iter(MAP_SOURCE_CHOICES))):
         chosen = find_preset(preset, "scfg")
         if chosen is not None:
             released = chosen.settings
             rate_min, rate_max, blur, rule = released.rate_min, released.rate_max, released.blur, released.foreground
         else:
             rule = FOREGROUND_CHOICES.get(foreground, foreground)  # the display name or the rule itself
-        settings = SCFGSettings(rate_min, rate_max, blur, start_percent, end_percent, rule, rescale_multiplier)
+        source = MAP_SOURCE_CHOICES.get(map_source, map_source)  # the display name or the source itself
+        if source not in MAP_SOURCE_CHOICES.values():
+            raise AttnSegError(f"map_source: {map_source!r} is not one of {', '.join(map(repr, MAP_SOURCE_CHOICES))}.")
+        settings = SCFGSettings(rate_min, rate_max, blur, start_percent, end_percent, rule, rescale_multiplier,
+                                source)
         patched = model.clone()
         install_scfg(patched, settings)
         return (patched,)

@@ -62,13 +62,15 @@ def test_the_released_preset_ignores_the_custom_inputs(setup):
 def test_every_input_has_a_tooltip_and_old_workflows_still_validate():
     types = SCFG.INPUT_TYPES()
     assert list(types["required"]) == ["model", "rate_min", "rate_max", "blur", "start_percent", "end_percent"]
-    assert list(types["optional"]) == ["preset", "foreground", "rescale_multiplier"]  # after the old widgets
+    assert list(types["optional"]) == ["preset", "foreground", "rescale_multiplier", "map_source"]  # old ones first
     for section in types.values():
         for name, (_, options) in section.items():
             assert options.get("tooltip"), name
     assert types["optional"]["preset"][0] == [RELEASED, CUSTOM]
     assert types["optional"]["preset"][1]["default"] == RELEASED
     assert types["optional"]["foreground"][0] == ["released code (BOS vs the sum of the other tokens)"]
+    assert types["optional"]["map_source"][0] == [RELEASED, "GoCA"]
+    assert types["optional"]["map_source"][1]["default"] == RELEASED
 
 
 def test_outside_its_step_range_and_at_cfg_one_it_is_a_no_op(setup):
@@ -187,3 +189,144 @@ def test_the_rescale_option_chains_rescale_cfg_after_scfg(setup):
     chained, = SCFG.patch(model, 0.8, 3.0, 3, 0.0, 1.0, rescale_multiplier=0.7)
     assert torch.equal(sample(off, positive, negative), sample(plain_scfg, positive, negative))
     assert not torch.allclose(sample(chained, positive, negative), sample(plain_scfg, positive, negative), atol=1e-4)
+
+
+
+# ----- the GoCA map source -----
+
+import comfy.sample  # noqa: E402
+import comfy.samplers  # noqa: E402
+
+from attnseg_pack.hosts.comfyui import scfg as scfg_host  # noqa: E402
+from attnseg_pack.hosts.comfyui.text import encode_segmentation_prompt  # noqa: E402
+
+PROMPT = "a red cat on a blue sofa"
+
+
+@pytest.fixture(scope="module")
+def goca_setup():
+    """The tiny SD1.5 with a positive prompt from the pack's encoder (its token layout recorded)."""
+    clip = tiny_clip(seed=2)
+    positive, _ = encode_segmentation_prompt(clip, PROMPT, "red cat, blue sofa")
+    negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    return tiny_unet(SD15_LAYOUT, seed=1), positive, negative, clip
+
+
+def goca_patch(model, rate=(0.8, 3.0), preset=RELEASED):
+    return SCFG.patch(model, *rate, 3, 0.0, 1.0, preset, map_source="GoCA")[0]
+
+
+def sample_custom(model, positive, negative, cfg=6.0, steps=3, h=8, w=12, seed=3):
+    """SamplerCustom's path: a sampler object and sigmas into comfy.sample.sample_custom."""
+    latent = torch.zeros(1, 4, h, w)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample_custom(model, noise, cfg, comfy.samplers.sampler_object("euler"), sigmas, positive,
+                                      negative, latent, disable_pbar=True, seed=seed)
+
+
+def test_goca_maps_guide_under_ksampler_and_sampler_custom(goca_setup):
+    model, positive, negative, _ = goca_setup
+    goca = goca_patch(model)
+    scfg, = SCFG.patch(model, 0.8, 3.0, 3, 0.0, 1.0)
+    first, second = sample(goca, positive, negative), sample(goca, positive, negative)
+    assert torch.equal(first, second) and torch.isfinite(first).all()
+    assert not torch.allclose(first, sample(model, positive, negative), atol=1e-4)  # it guides
+    assert not torch.allclose(first, sample(scfg, positive, negative), atol=1e-4)  # with other maps than S-CFG's
+    # SamplerCustom (sample_custom) runs the same guidance as KSampler (sample) with the same sigmas and noise
+    assert torch.allclose(sample_custom(goca, positive, negative), first, atol=1e-5)
+    assert "sampler_cfg_function" not in model.model_options
+
+
+def test_goca_maps_with_the_rate_pinned_to_one_are_plain_cfg(goca_setup):
+    """The capture (output-weighted heads, reference queries) leaves the model's output as it was."""
+    model, positive, negative, _ = goca_setup
+    pinned = goca_patch(model, (1.0, 1.0), CUSTOM)
+    assert torch.allclose(sample(pinned, positive, negative), sample(model, positive, negative), atol=1e-4)
+
+
+def test_goca_captures_only_what_it_needs_and_holds_nothing_between_steps(goca_setup, monkeypatch):
+    """Per step: S-CFG's two coarsest levels (cross and self, both halves), output-weighted heads,
+    one reference layer's queries, each entry that step's only; nothing held after the step,
+    and the same state at step 1 and step 20."""
+    model, positive, negative, _ = goca_setup
+    goca = goca_patch(model)
+    store = goca.model_options["sampler_cfg_function"].attnseg_store
+    seen, after = [], []
+    compute = scfg_host.goca_rate_inputs
+
+    def recording(store_, *args, **kwargs):
+        seen.append(sorted((key.kind, key.factor, branch, maps.count, maps.total.nelement() * maps.total.element_size())
+                           for (key, branch), maps in store_.entries.items()))
+        assert store_.head_reduction == "auto"
+        return compute(store_, *args, **kwargs)
+
+    monkeypatch.setattr(scfg_host, "goca_rate_inputs", recording)
+    latent = {"samples": torch.zeros(1, 4, 8, 12)}
+    callback = lambda step, *a: after.append((len(store.entries), len(store.steps)))  # noqa: E731
+    noise = comfy.sample.prepare_noise(latent["samples"], 3)
+    comfy.sample.sample(goca, noise, 20, 6.0, "euler", "normal", positive, negative, latent["samples"],
+                        callback=callback, disable_pbar=True, seed=3)
+    assert len(seen) == 20 and all(state == seen[0] for state in seen)  # step 1 holds what step 20 holds
+    kinds = {(kind, factor, branch) for kind, factor, branch, _, _ in seen[0]}
+    assert {factor for _, factor, _ in kinds} == {4, 8}  # S-CFG's layers only
+    assert {(kind, branch) for kind, _, branch in kinds} == {(k, b) for k in ("cross", "self", "query")
+                                                             for b in ("cond", "uncond")}
+    assert [factor for kind, factor, branch, _, _ in seen[0] if kind == "query" and branch == "cond"] == [4]
+    assert all(count == 1 for _, _, _, count, _ in seen[0])  # only the running step's maps
+    assert after == [(0, 0)] * 20  # dropped once each step's guidance is computed
+
+
+def test_goca_maps_run_on_the_sdxl_layout(goca_setup):
+    _, positive, negative, _ = goca_setup
+    model = tiny_unet(SDXL_LAYOUT, seed=4)
+    guided = sample(goca_patch(model), positive, negative, h=16, w=16)
+    assert torch.isfinite(guided).all() and not torch.allclose(guided, sample(model, positive, negative, h=16, w=16),
+                                                               atol=1e-4)
+
+
+def test_goca_maps_refuse_a_prompt_without_its_token_layout_and_bad_sources(goca_setup):
+    model, positive, negative, clip = goca_setup
+    stock = clip.encode_from_tokens_scheduled(clip.tokenize(PROMPT))
+    goca = goca_patch(model)
+    calls = []
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(scfg_host, "goca_rate_inputs", lambda *a, **k: calls.append(1))
+    try:
+        with pytest.raises(AttnSegError, match="map_source: 'GoCA' needs to know which of the positive prompt's "
+                                               "tokens are words.*AttnSeg Text Encode"):
+            sample(goca, stock, negative)
+    finally:
+        monkeypatch.undo()
+    assert not calls  # refused before the first step
+    with pytest.raises(AttnSegError, match="map_source: 'paper' is not one of 'S-CFG \\(released code\\)', 'GoCA'"):
+        SCFG.patch(model, 0.8, 3.0, 3, 0.0, 1.0, map_source="paper")
+    assert torch.isfinite(sample(SCFG.patch(model, 0.8, 3.0, 3, 0.0, 1.0)[0], stock, negative)).all()  # S-CFG's own
+
+
+def test_goca_maps_guide_sd3():
+    """On SD3 the GoCA source reads S-CFG's block (head mean, one block: no layer weights)."""
+    from tiny_dit import SD3_CONFIG, sd3_clip, tiny_sd3
+
+    model, clip = tiny_sd3(seed=4, config=SD3_CONFIG), sd3_clip(seed=5)
+    cond = pack.NODE_CLASS_MAPPINGS["AttnSegTextEncode"]().encode(
+        clip, "a red circle and a blue square", "red circle, blue square", 1.0, False, "custom", "both")[0]
+    negative = clip.encode_from_tokens_scheduled(clip.tokenize("a blurry photograph"))
+    latent = {"samples": torch.zeros(1, 16, 8, 8)}
+
+    def run(patched):
+        return comfy_nodes.KSampler().sample(patched, 3, 2, 5.0, "euler", "simple", cond, negative, latent)[0]["samples"]
+
+    goca = run(goca_patch(model))
+    assert torch.isfinite(goca).all()
+    assert not torch.allclose(goca, run(model), atol=1e-4)
+    assert not torch.allclose(goca, run(SCFG.patch(model, 0.8, 3.0, 3, 0.0, 1.0)[0]), atol=1e-4)
+
+
+def test_goca_maps_from_separate_cond_and_uncond_passes_give_the_same_sample(goca_setup, monkeypatch):
+    model, positive, negative, _ = goca_setup
+    goca = goca_patch(model)
+    batched = sample(goca, positive, negative)
+    monkeypatch.setattr(goca.model, "memory_required", lambda *a, **k: float("inf"))  # one pass per half
+    separate = sample(goca, positive, negative)
+    assert (separate - batched).abs().max() <= 1e-4 * batched.abs().max()  # float rounding of the passes only

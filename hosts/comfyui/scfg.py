@@ -1,22 +1,31 @@
 """S-CFG as a ComfyUI model patch: a per-step attention capture on the two
 coarsest attention resolutions (both CFG halves) feeding a sampler CFG function.
-Works with any sampler or guider that goes through ComfyUI's cfg_function."""
+Works with any sampler or guider that goes through ComfyUI's cfg_function.
+
+The region maps come from a map source: S-CFG's own (its released code) or
+GoCA's aggregation of the same layers (GoCA's S-CFG integration, see
+``attnseg.scfg_goca``). Each step's maps are dropped once its guidance is
+computed, so nothing grows over the steps."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import comfy.patcher_extension
 import torch.nn.functional as F
 
-from ...attnseg import AttentionStore, AttnSegError
+from ...attnseg import AttentionStore, AttnSegError, SegPrompt
+from ...attnseg.attention import fold_repeated_tokens
 from ...attnseg.scfg import (RATE_LIMITS, RELEASED_BLUR, foreground_mask, foreground_maps, guidance_rate,
                               refined_token_maps, rescale_cfg, spatial_cfg, token_regions)
+from ...attnseg.scfg_goca import GoCAStages, StepLayer, goca_foreground, goca_regions, goca_token_maps
 from ...attnseg.layers import LayerPick
 from .capture import CapturePlan
 from .dit import DiTInfo
 from .models import describe_model, install_model_capture
+from .text import PROMPT_KEY
 from .unet import UNetInfo
 
 # Self-attention is pooled to at most this many tokens: S-CFG works on 16x16
@@ -25,6 +34,9 @@ SELF_TOKENS = 16 * 16
 # How the foreground (the rate's benchmark region) is found from the uncond half;
 # "released": where the sum of the non-BOS token maps is above the BOS map.
 FOREGROUND_RULES = ("released",)
+# Where the per-step region maps come from: "scfg" (S-CFG's released code) or
+# "goca" (GoCA's aggregation of the same layers, its S-CFG integration).
+MAP_SOURCES = ("scfg", "goca")
 
 
 @dataclass(frozen=True)
@@ -36,6 +48,8 @@ class SCFGSettings:
     end_percent: float = 1.0
     foreground: str = FOREGROUND_RULES[0]
     rescale: float = 0.0  # RescaleCFG's multiplier, applied after S-CFG (0 = off)
+    map_source: str = MAP_SOURCES[0]
+    goca: GoCAStages = field(default_factory=GoCAStages)  # the stages of the "goca" map source
 
 
 def scfg_factors(info: UNetInfo) -> frozenset[int]:
@@ -43,13 +57,18 @@ def scfg_factors(info: UNetInfo) -> frozenset[int]:
     return frozenset(sorted({layer.factor for layer in info.layers})[-2:])
 
 
-def scfg_plan(info) -> CapturePlan:
+def scfg_plan(info, map_source: str = "scfg", stages: GoCAStages = GoCAStages()) -> CapturePlan:
     """What S-CFG records each step, both CFG halves. A UNet: its two coarsest
     resolutions. SD3: the I2T and I2I of Seg4Diff's block (the middle one on a model
     without it), pooled to 16x16 as S-CFG's maps are. Flux is refused: guidance-
     distilled Flux samples at cfg 1, and its T5 sequence has no start token for
-    S-CFG's foreground rule."""
+    S-CFG's foreground rule. The GoCA map source reads the same layers; on a UNet
+    their heads are output-weighted inside the hook and the middle decoder layer of
+    the finer level also keeps its queries (the layer weights' reference); on a
+    DiT the heads are averaged (GoCA's DiT configurations) and one block needs no
+    layer weights."""
     both = frozenset({"cond", "uncond"})
+    goca = map_source == "goca"
     if isinstance(info, DiTInfo):
         if info.family != "sd3":
             raise AttnSegError(
@@ -59,7 +78,16 @@ def scfg_plan(info) -> CapturePlan:
         picks = tuple(LayerPick.dit(la.block, la.block_id) for la in info.default_self_layers())
         return CapturePlan(cross_layers=picks, self_layers=picks, branches=both, self_max_tokens=SELF_TOKENS)
     factors = scfg_factors(info)
-    return CapturePlan(cross_factors=factors, self_factors=factors, branches=both, self_max_tokens=SELF_TOKENS)
+    return CapturePlan(cross_factors=factors, self_factors=factors, branches=both, self_max_tokens=SELF_TOKENS,
+                       cross_heads="auto" if goca and stages.heads else "mean",
+                       reference_factor=min(factors) if goca and stages.layer_weights else None)
+
+
+def goca_size(info, latent: tuple[int, int]) -> tuple[int, int]:
+    """GoCA's map size: the model's finest attention grid (SD1.x/2.x: the latent;
+    SDXL: half of it; a DiT: its patch grid)."""
+    factor = min(layer.factor for layer in info.layers)
+    return tuple(max(1, math.ceil(side / factor)) for side in latent)
 
 
 def _layers(store: AttentionStore, branch: str):
@@ -75,6 +103,96 @@ def _layers(store: AttentionStore, branch: str):
             maps = F.adaptive_avg_pool2d(maps, stored_self.grid)
         out.append((stored_self.grid, stored_self.mean(), maps.flatten(-2).transpose(1, 2)))
     return out
+
+
+def _goca_layers(store: AttentionStore, branch: str, token_count: int | None) -> list[StepLayer]:
+    """Each transformer block of one branch with both maps, the cross-attention pooled to
+    its self grid; ``token_count`` folds the host's repeats of a shorter context back."""
+    selfs = {(k.block, k.block_id, k.depth): v for k, v in store.layers("self", branch)}
+    out = []
+    for key, cross in store.layers("cross", branch):
+        stored_self = selfs.get((key.block, key.block_id, key.depth))
+        if stored_self is None:
+            continue
+        maps = cross.mean()
+        if token_count:
+            maps = fold_repeated_tokens(maps, token_count)
+            if maps.shape[-1] != token_count:
+                raise AttnSegError(
+                    f"positive: the model attends over {maps.shape[-1]} text tokens, which is not a multiple of the "
+                    f"{token_count} tokens of the prompt AttnSeg Text Encode recorded. map_source 'GoCA' reads the "
+                    f"positive prompt's token layout: give the sampler one positive prompt, encoded by AttnSeg Text "
+                    f"Encode.")
+        maps = maps.transpose(1, 2).unflatten(-1, cross.grid)
+        if cross.grid != stored_self.grid:
+            maps = F.adaptive_avg_pool2d(maps, stored_self.grid)
+        density = math.prod(stored_self.grid) / math.prod(cross.grid)
+        out.append(StepLayer(stored_self.grid, stored_self.mean(), maps.flatten(-2).transpose(1, 2), density))
+    return out
+
+
+def _reference(store: AttentionStore, branch: str):
+    found = store.layers("query", branch)
+    return (found[0][1].grid, found[0][1].mean()) if found else None
+
+
+def goca_rate_inputs(store: AttentionStore, prompt: SegPrompt, info, latent: tuple[int, int], settings: "SCFGSettings"):
+    """(regions, foreground, token count) of one step from GoCA's maps (see
+    ``attnseg.scfg_goca``): the cond half's maps rescaled by the prompt's word
+    tokens, regions among BOS and the word tokens; the foreground from the uncond
+    half's BOS map; both halves propagated with the cond half's self-attention of
+    the finest captured grid."""
+    stages = settings.goca
+    cond_layers = _goca_layers(store, "cond", prompt.token_count)
+    uncond_layers = _goca_layers(store, "uncond", None)
+    if not cond_layers or not uncond_layers:
+        return None
+    finest = max((la.grid for la in cond_layers), key=lambda g: g[0] * g[1])
+    on_finest = [la.self_attention for la in cond_layers if la.grid == finest]
+    operators = [(finest, sum(on_finest[1:], on_finest[0]) / len(on_finest))]
+    words = [i for i, word in enumerate(prompt.words) if word]
+    size = goca_size(info, latent)
+    common = dict(size=size, stages=stages, operators=operators, scfg_blur=settings.blur)
+    cond_maps = goca_token_maps(cond_layers, reference=_reference(store, "cond"), content=words, **common)
+    uncond_maps = goca_token_maps(uncond_layers, reference=_reference(store, "uncond"), content=None, **common)
+    regions = goca_regions(cond_maps, [0] + words, latent)
+    return regions, goca_foreground(uncond_maps, latent), cond_maps.shape[1]
+
+
+def positive_prompt(guider) -> SegPrompt | None:
+    """The token layout AttnSeg's text encoders record on the guider's positive conditioning."""
+    for entry in (getattr(guider, "conds", None) or {}).get("positive") or []:
+        prompt = entry.get(PROMPT_KEY) if isinstance(entry, dict) else None
+        if prompt is not None:
+            return prompt
+    return None
+
+
+def check_goca_prompt(prompt: SegPrompt | None) -> SegPrompt:
+    if prompt is None:
+        raise AttnSegError(
+            "map_source: 'GoCA' needs to know which of the positive prompt's tokens are words (its rescaling and "
+            "regions leave out BOS, EOS and padding), and this positive conditioning does not record it (a stock "
+            "text encoder's does not). Encode the positive prompt with AttnSeg Text Encode (preset custom and "
+            "class_weight 1 give CLIPTextEncode's conditioning; classes: any word of the prompt), or set "
+            "map_source to 'S-CFG (released code)'.")
+    if not any(prompt.words):
+        raise AttnSegError("positive: the prompt has no word tokens, so map_source 'GoCA' has nothing to rescale "
+                           "by. Write a prompt, or set map_source to 'S-CFG (released code)'.")
+    return prompt
+
+
+def scfg_rate_inputs(store: AttentionStore, latent: tuple[int, int], settings: "SCFGSettings"):
+    """(regions, foreground, token count) of one step from S-CFG's own maps (its
+    released code); None when the step captured no pair of halves."""
+    cond_layers, uncond_layers = _layers(store, "cond"), _layers(store, "uncond")
+    if not cond_layers or not uncond_layers:
+        return None
+    grid = max((g for g, _, _ in cond_layers), key=lambda g: g[0] * g[1])
+    cond_maps = refined_token_maps(cond_layers, grid, settings.blur)
+    regions = token_regions(cond_maps, latent)
+    foreground = foreground_mask(foreground_maps(uncond_layers, grid, settings.blur), latent)
+    return regions, foreground, cond_maps.shape[1]
 
 
 def cfg_function_name(function) -> str:
@@ -108,9 +226,16 @@ def install_scfg(model, settings: SCFGSettings) -> None:
         raise AttnSegError(f"rescale_multiplier: {settings.rescale} must be between 0 (off) and 1 (RescaleCFG: 0.7).")
     if settings.blur > 1 and settings.blur % 2 == 0:
         raise AttnSegError(f"blur: {settings.blur} must be odd (or 0 to turn blurring off).")
+    if settings.map_source not in MAP_SOURCES:
+        raise AttnSegError(f"map_source: {settings.map_source!r} is not one of {', '.join(MAP_SOURCES)}.")
+    if settings.goca.order < 0:
+        raise AttnSegError(f"propagation order: {settings.goca.order} is negative; use 0 (off) or more (GoCA: 2).")
+    goca = settings.map_source == "goca"
     info = describe_model(model)
     store = AttentionStore(info.model_id, 0, (0, 0), (0, 0))
-    install_model_capture(model, info, store, scfg_plan(info))
+    install_model_capture(model, info, store, scfg_plan(info, settings.map_source, settings.goca))
+    # The positive prompt's token layout, read when each run starts (the GoCA map source).
+    run = {"prompt": None}
     sampling = model.get_model_object("model_sampling")
     sigma_range = (float(sampling.percent_to_sigma(settings.start_percent)),
                    float(sampling.percent_to_sigma(settings.end_percent)))
@@ -128,19 +253,18 @@ def install_scfg(model, settings: SCFGSettings) -> None:
             if abs(scale - 1.0) < 1e-6:
                 note("cfg is 1, so there is no guidance to rescale; sampling as plain CFG.")
             elif sigma_range[1] <= sigma <= sigma_range[0]:
-                cond_layers, uncond_layers = _layers(store, "cond"), _layers(store, "uncond")
-                if cond_layers and uncond_layers:
-                    grid = max((g for g, _, _ in cond_layers), key=lambda g: g[0] * g[1])
-                    size = tuple(cond.shape[-2:])
-                    cond_maps = refined_token_maps(cond_layers, grid, settings.blur)
-                    regions = token_regions(cond_maps, size)
-                    foreground = foreground_mask(foreground_maps(uncond_layers, grid, settings.blur), size)
+                size = tuple(cond.shape[-2:])
+                found = (goca_rate_inputs(store, check_goca_prompt(run["prompt"]), info, size, settings) if goca
+                         else scfg_rate_inputs(store, size, settings))
+                if found is not None:
+                    regions, foreground, count = found
                     rate = guidance_rate(cond - uncond, regions, foreground, scale,
-                                         (settings.rate_min, settings.rate_max), settings.blur, cond_maps.shape[1])
+                                         (settings.rate_min, settings.rate_max), settings.blur, count)
                     return rescaled(spatial_cfg(cond, uncond, scale, rate), args)
             return rescaled(uncond + scale * (cond - uncond), args)
         finally:
             store.entries.clear()  # only the current step's maps are ever kept
+            store.steps.clear()
 
     def rescaled(guided, args):
         if settings.rescale == 0:
@@ -148,12 +272,14 @@ def install_scfg(model, settings: SCFGSettings) -> None:
         return rescale_cfg(guided, args["cond"], args["input"], args["sigma"], settings.rescale)
 
     cfg_function.attnseg_scfg = True
+    cfg_function.attnseg_store = store  # what the patch holds between steps (tests, benchmarks)
     model.set_model_sampler_cfg_function(cfg_function, disable_cfg1_optimization=False)
 
     def fresh_run(executor, *args, **kwargs):
         # A run interrupted inside a UNet call leaves that call's maps behind (the CFG
         # function that clears them never ran): every run starts from an empty store.
         store.entries.clear()
+        store.steps.clear()
         # ComfyUI has one CFG-function slot: a node applied after this one replaces
         # S-CFG without a word unless the run checks.
         current = executor.class_obj.model_options.get("sampler_cfg_function")
@@ -162,6 +288,8 @@ def install_scfg(model, settings: SCFGSettings) -> None:
                 f"model: {cfg_function_name(current) if current else 'a later node'} replaced S-CFG's CFG formula "
                 f"after the S-CFG node, so S-CFG would not run. Remove one of them; for RescaleCFG, remove it and "
                 f"set S-CFG's rescale_multiplier instead.")
+        if goca:
+            run["prompt"] = check_goca_prompt(positive_prompt(executor.class_obj))
         return executor(*args, **kwargs)
 
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "attnseg_scfg", fresh_run)
