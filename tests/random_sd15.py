@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
-NAME = "attnseg-random-sd15.safetensors"
+# v2: the autoencoder's weights seeded like the UNet's (torch's default init made every
+# latent NaN, so every captured map was NaN too).
+NAME = "attnseg-random-sd15-v2.safetensors"
 
 SD15_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
                  channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
@@ -49,8 +51,9 @@ def build(path: Path) -> Path:
     patcher = comfy.model_patcher.ModelPatcher(model, comfy.model_management.get_torch_device(), "cpu")
     clip = comfy.sd.CLIP(target=ClipTarget(sd1_clip.SD1Tokenizer, sd1_clip.SD1ClipModel))
     init_weights(clip.cond_stage_model, seed=1)
-    torch.manual_seed(2)
-    vae = comfy.sd.VAE(sd=AutoencoderKL(**SD_VAE).state_dict())
+    autoencoder = AutoencoderKL(**SD_VAE)
+    init_weights(autoencoder, seed=2)
+    vae = comfy.sd.VAE(sd=autoencoder.state_dict())
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     comfy.sd.save_checkpoint(str(partial), patcher, clip, vae, metadata={"attnseg": "random weights, for tests"})
