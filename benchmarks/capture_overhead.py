@@ -13,7 +13,9 @@ benchmarks/dit_capture_overhead.py's ``main``, which reuses ``timed`` and
 ``peak_rss`` from here; the other options are then its own.
 
 Variants: stock KSampler, capture sampler, naive capture, S-CFG (the AttnSeg
-S-CFG patch on the stock KSampler), goca (the capture sampler recording what
+S-CFG patch on the stock KSampler), scfg_goca (the same patch with map_source
+GoCA: GoCA's aggregation of the same layers, output-weighted heads and the
+reference queries captured each step), goca (the capture sampler recording what
 GoCA needs: output-weighted heads, every layer's self-attention at the last
 step, the reference queries; with it the segment pass is also timed with
 GoCA's heads alone and with GoCA's whole capture).
@@ -80,11 +82,15 @@ def sampler_variants(model, positive, negative, steps: int, size: int):
         patched, = PACK.NODE_CLASS_MAPPINGS["AttnSegSCFG"]().patch(model, 0.8, 3.0, 3, 0.0, 1.0)
         comfy_nodes.common_ksampler(patched, 0, steps, 7.5, "euler", "normal", positive, negative, latent)
 
+    def scfg_goca():
+        patched, = PACK.NODE_CLASS_MAPPINGS["AttnSegSCFG"]().patch(model, 0.8, 3.0, 3, 0.0, 1.0, map_source="GoCA")
+        comfy_nodes.common_ksampler(patched, 0, steps, 7.5, "euler", "normal", positive, negative, latent)
+
     def goca():
         plan = with_goca(step_plan(steps, 0, -1, "last step"), "auto (GoCA)", "all (GoCA)")
         capture_sample(model, 0, steps, 7.5, "euler", "normal", positive, negative, latent, 1.0, plan)
 
-    return {"stock": stock, "capture": capture, "naive": naive, "scfg": scfg, "goca": goca}
+    return {"stock": stock, "capture": capture, "naive": naive, "scfg": scfg, "scfg_goca": scfg_goca, "goca": goca}
 
 
 def pass_variants(model, positive, size: int, goca: bool):
@@ -202,10 +208,13 @@ def main() -> None:
     rows = []
     for variant, label, time_target, memory_target in (
             ("capture", "capture sampler", 1.15, 1.10), ("naive", "naive capture", None, None),
-            ("scfg", "S-CFG sampler", 1.15, None), ("goca", "GoCA capture sampler", None, None)):
+            ("scfg", "S-CFG sampler", 1.15, None), ("scfg_goca", "S-CFG (GoCA maps) sampler", 1.15, 1.05),
+            ("goca", "GoCA capture sampler", None, None)):
         if variant in chosen:
             rows.append((f"{label} / stock KSampler, time", sampling[variant] / sampling["stock"], time_target))
             rows.append((f"{label} / stock, peak RSS", mem[variant]["peak"] / mem["stock"]["peak"], memory_target))
+    if "scfg_goca" in chosen and "scfg" in chosen:
+        rows.append(("S-CFG (GoCA maps) / S-CFG (its own maps), time", sampling["scfg_goca"] / sampling["scfg"], None))
     if "goca" in chosen and "capture" in chosen:
         rows.append(("GoCA capture sampler / capture sampler, time", sampling["goca"] / sampling["capture"], None))
         rows.append(("GoCA capture sampler / capture sampler, working memory", work["goca"] / work["capture"], None))

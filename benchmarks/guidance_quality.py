@@ -2,11 +2,13 @@
 sample draws where its caption says (the named colour present, stronger than
 any unnamed colour, and mostly inside the object's own attention mask; see
 demo/evaluate.py), over held-out captions, at several CFG scales, S-CFG with
-its released-code preset; also the share of latent pixels S-CFG's foreground
-holds, over all its steps. Writes the table into README.md between the
-guidance-quality markers (not with --no-readme).
+its released-code preset and its two map sources (S-CFG's own maps, and GoCA's
+aggregation of the same layers: GoCA's S-CFG integration), every variant on
+the same captions and seeds; also the share of latent pixels each S-CFG
+variant's foreground holds, over all its steps. Writes the table into
+README.md between the guidance-quality markers (not with --no-readme).
 
-    python benchmarks/guidance_quality.py [--captions 40] [--no-readme]
+    python benchmarks/guidance_quality.py [--captions 40] [--scales 3,5,7.5] [--no-readme]
 """
 
 from __future__ import annotations
@@ -33,42 +35,54 @@ SCALES = (3.0, 5.0, 7.5)
 START, END = "<!-- guidance-quality:start -->", "<!-- guidance-quality:end -->"
 
 
+def recording(rule, shares: list):
+    """``rule`` (a foreground function of the S-CFG host) that also notes its mask's pixel share."""
+    def record(*args, **kwargs):
+        mask = rule(*args, **kwargs)
+        shares.append(mask.float().mean().item())
+        return mask
+    return record
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--captions", type=int, default=40)
+    parser.add_argument("--scales", default=",".join(f"{s:g}" for s in SCALES), help="comma-separated CFG scales")
     parser.add_argument("--no-readme", action="store_true", help="print the table only; leave README.md alone")
     args = parser.parse_args()
     model, clip, vae = demo_model.load()
-    scfg, = PACK.NODE_CLASS_MAPPINGS["AttnSegSCFG"]().patch(model, 0.8, 3.0, 3, 0.0, 1.0, "S-CFG (released code)")
-    shares = []  # per S-CFG step: the share of latent pixels in the foreground
-    foreground_mask = scfg_host.foreground_mask
-
-    def recording_foreground_mask(*a, **k):
-        mask = foreground_mask(*a, **k)
-        shares.append(mask.float().mean().item())
-        return mask
-
-    scfg_host.foreground_mask = recording_foreground_mask
+    node = PACK.NODE_CLASS_MAPPINGS["AttnSegSCFG"]()
+    released = (0.8, 3.0, 3, 0.0, 1.0, "S-CFG (released code)")
+    variants = {"CFG": model,
+                "S-CFG": node.patch(model, *released, map_source="S-CFG (released code)")[0],
+                "S-CFG (GoCA maps)": node.patch(model, *released, map_source="GoCA")[0]}
+    shares = []  # per S-CFG step: the share of latent pixels in the foreground (either map source)
+    for rule in ("foreground_mask", "goca_foreground"):  # each source's foreground, as the patch looks it up
+        setattr(scfg_host, rule, recording(getattr(scfg_host, rule), shares))
     captions = [evaluate.scene(seed).caption for seed in evaluate.TEST_SEEDS[:args.captions]]
     rows = []
-    for scale in SCALES:
+    for scale in map(float, args.scales.split(",")):
         row = [f"{scale:g}"]
-        shares.clear()
-        for guided in (model, scfg):
+        for name, guided in variants.items():
+            shares.clear()
             began, results = time.perf_counter(), []
-            for index, caption in enumerate(captions):
+            for index, caption in enumerate(captions):  # the same captions and seeds for every variant
                 results += evaluate.drawn(*evaluate.generate(guided, clip, vae, caption, index, cfg=scale), caption)
             share = sum(ok for _, ok, _ in results) / len(results)
             row += [f"{share:.3f}", f"{(time.perf_counter() - began) / len(captions):.2f}"]
-        row.append(f"{sum(shares) / max(1, len(shares)):.2f}")
+            if name != "CFG":
+                row.append(f"{sum(shares) / max(1, len(shares)):.2f}")
         rows.append(row)
         print(" | ".join(row), flush=True)
+    columns = ["cfg"]
+    for name in variants:
+        columns += [f"{name}: objects drawn", f"{name}: s / image"] + ([f"{name}: foreground share"]
+                                                                      if name != "CFG" else [])
     text = markdown_table(
         f"Demo model, {len(captions)} held-out captions (1-3 objects), one seed each, 20 euler steps, CPU: the "
-        f"share of named objects drawn where the caption says; S-CFG with its released-code preset, and the "
-        f"share of latent pixels its foreground holds (mean over steps).",
-        ["cfg", "CFG: objects drawn", "CFG: s / image", "S-CFG: objects drawn", "S-CFG: s / image",
-         "S-CFG: foreground share"], rows)
+        f"share of named objects drawn where the caption says; S-CFG with its released-code preset and its own "
+        f"maps or GoCA's (map_source GoCA: GoCA's S-CFG integration on the same layers), and the share of latent "
+        f"pixels each one's foreground holds (mean over steps).", columns, rows)
     print(text)
     if not args.no_readme:
         write_readme(text, START, END)
