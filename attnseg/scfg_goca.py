@@ -106,7 +106,10 @@ def _linear_upsampling(n_in: int, n_out: int, device: torch.device) -> torch.Ten
     return F.interpolate(basis, size=n_out, mode="linear", align_corners=False)[:, 0, :].T.contiguous()
 
 
-def propagate(maps: torch.Tensor, operators: Sequence[tuple[tuple[int, int], torch.Tensor]], order: int) -> torch.Tensor:
+Operator = tuple[tuple[int, int], torch.Tensor]  # (grid, (B, N, N) self-attention)
+
+
+def propagate(maps: torch.Tensor, operators: Sequence[Operator], order: int) -> torch.Tensor:
     """GoCA's affinity propagation on (B, T, H, W) maps: ``C <- S_up^order C`` with
     ``S_up`` the mean over ``operators`` ((grid, (B, N, N)) self-attentions) of
     each resized to (H, W), queries nearest and keys bilinear, values kept, then
@@ -136,7 +139,8 @@ def propagate(maps: torch.Tensor, operators: Sequence[tuple[tuple[int, int], tor
     return min_max(out)
 
 
-def automatic_layer_weights(reference: tuple[tuple[int, int], torch.Tensor], layers: Sequence[StepLayer]) -> torch.Tensor:
+def automatic_layer_weights(reference: tuple[tuple[int, int], torch.Tensor],
+                            layers: Sequence[StepLayer]) -> torch.Tensor:
     """(B, L) GoCA's layer weights of ``layers`` from the reference layer's (grid,
     (B, N_ref, C) queries), as :func:`attnseg.goca.layer_weights`."""
     grid, queries = reference
@@ -145,8 +149,8 @@ def automatic_layer_weights(reference: tuple[tuple[int, int], torch.Tensor], lay
 
 def goca_token_maps(layers: Sequence[StepLayer], size: tuple[int, int], stages: GoCAStages = GoCAStages(),
                     reference: tuple[tuple[int, int], torch.Tensor] | None = None,
-                    content: Sequence[int] | None = None,
-                    operators: Sequence[tuple[tuple[int, int], torch.Tensor]] = (),
+                    content: Sequence[int] | torch.Tensor | None = None,
+                    operators: Sequence[Operator] = (),
                     scfg_blur: int = RELEASED_BLUR) -> torch.Tensor:
     """One CFG half's per-token maps (B, T, h, w) at ``size`` from one step's layers.
 
@@ -175,7 +179,7 @@ def goca_token_maps(layers: Sequence[StepLayer], size: tuple[int, int], stages: 
         if content is not None:
             if not len(content):
                 raise AttnSegError("S-CFG (GoCA maps): the prompt has no word tokens to rescale by.")
-            index = torch.as_tensor(list(content), device=maps.device)
+            index = torch.as_tensor(content, device=maps.device)  # a tensor there already: no copy
             maps = rescale(maps, maps.index_select(1, index).sum(1, keepdim=True), GOCA_BLUR, GOCA_BLUR_SIGMA)
     else:
         upsampled = (smooth(resize(c.transpose(1, 2).unflatten(-1, grid), size), scfg_blur) for grid, c in per_layer)
@@ -188,12 +192,13 @@ def goca_token_maps(layers: Sequence[StepLayer], size: tuple[int, int], stages: 
     return maps
 
 
-def goca_regions(cond_maps: torch.Tensor, candidates: Sequence[int], size: tuple[int, int]) -> torch.Tensor:
+def goca_regions(cond_maps: torch.Tensor, candidates: Sequence[int] | torch.Tensor,
+                 size: tuple[int, int]) -> torch.Tensor:
     """(B, H, W) int64 token index: per pixel the strongest of ``candidates`` (BOS
     and the prompt's word tokens; GoCA's integration zeroes EOS and padding), the
     cond half's :func:`goca_token_maps` nearest-upsampled to ``size``."""
     keep = torch.zeros(cond_maps.shape[1], dtype=torch.bool, device=cond_maps.device)
-    keep[torch.as_tensor(list(candidates), device=cond_maps.device)] = True
+    keep[torch.as_tensor(candidates, device=cond_maps.device)] = True
     masked = cond_maps.masked_fill(~keep[None, :, None, None], float("-inf"))
     regions = masked.argmax(dim=1, keepdim=True).float()
     return F.interpolate(regions, size=size, mode="nearest")[:, 0].long()

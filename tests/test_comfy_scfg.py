@@ -315,7 +315,8 @@ def test_goca_maps_guide_sd3():
     latent = {"samples": torch.zeros(1, 16, 8, 8)}
 
     def run(patched):
-        return comfy_nodes.KSampler().sample(patched, 3, 2, 5.0, "euler", "simple", cond, negative, latent)[0]["samples"]
+        out, = comfy_nodes.KSampler().sample(patched, 3, 2, 5.0, "euler", "simple", cond, negative, latent)
+        return out["samples"]
 
     goca = run(goca_patch(model))
     assert torch.isfinite(goca).all()

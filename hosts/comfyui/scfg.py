@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 
 import comfy.patcher_extension
+import torch
 import torch.nn.functional as F
 
 from ...attnseg import AttentionStore, AttnSegError, SegPrompt
@@ -136,13 +137,25 @@ def _reference(store: AttentionStore, branch: str):
     return (found[0][1].grid, found[0][1].mean()) if found else None
 
 
-def goca_rate_inputs(store: AttentionStore, prompt: SegPrompt, info, latent: tuple[int, int], settings: "SCFGSettings"):
+class TokenLayout:
+    """The positive prompt's word tokens and region candidates (BOS and the words) as
+    index tensors, made once per run on the model's device so no step copies them."""
+
+    def __init__(self, prompt: SegPrompt, device):
+        self.prompt = prompt
+        words = [i for i, word in enumerate(prompt.words) if word]
+        self.words = torch.tensor(words, device=device)
+        self.candidates = torch.tensor([0] + words, device=device)
+
+
+def goca_rate_inputs(store: AttentionStore, layout: TokenLayout, info, latent: tuple[int, int],
+                     settings: "SCFGSettings"):
     """(regions, foreground, token count) of one step from GoCA's maps (see
     ``attnseg.scfg_goca``): the cond half's maps rescaled by the prompt's word
     tokens, regions among BOS and the word tokens; the foreground from the uncond
     half's BOS map; both halves propagated with the cond half's self-attention of
     the finest captured grid."""
-    stages = settings.goca
+    stages, prompt = settings.goca, layout.prompt
     cond_layers = _goca_layers(store, "cond", prompt.token_count)
     uncond_layers = _goca_layers(store, "uncond", None)
     if not cond_layers or not uncond_layers:
@@ -150,12 +163,13 @@ def goca_rate_inputs(store: AttentionStore, prompt: SegPrompt, info, latent: tup
     finest = max((la.grid for la in cond_layers), key=lambda g: g[0] * g[1])
     on_finest = [la.self_attention for la in cond_layers if la.grid == finest]
     operators = [(finest, sum(on_finest[1:], on_finest[0]) / len(on_finest))]
-    words = [i for i, word in enumerate(prompt.words) if word]
+    device = cond_layers[0].cross.device
     size = goca_size(info, latent)
     common = dict(size=size, stages=stages, operators=operators, scfg_blur=settings.blur)
-    cond_maps = goca_token_maps(cond_layers, reference=_reference(store, "cond"), content=words, **common)
+    cond_maps = goca_token_maps(cond_layers, reference=_reference(store, "cond"), content=layout.words.to(device),
+                                **common)
     uncond_maps = goca_token_maps(uncond_layers, reference=_reference(store, "uncond"), content=None, **common)
-    regions = goca_regions(cond_maps, [0] + words, latent)
+    regions = goca_regions(cond_maps, layout.candidates.to(device), latent)
     return regions, goca_foreground(uncond_maps, latent), cond_maps.shape[1]
 
 
@@ -235,7 +249,7 @@ def install_scfg(model, settings: SCFGSettings) -> None:
     store = AttentionStore(info.model_id, 0, (0, 0), (0, 0))
     install_model_capture(model, info, store, scfg_plan(info, settings.map_source, settings.goca))
     # The positive prompt's token layout, read when each run starts (the GoCA map source).
-    run = {"prompt": None}
+    run = {"layout": None}
     sampling = model.get_model_object("model_sampling")
     sigma_range = (float(sampling.percent_to_sigma(settings.start_percent)),
                    float(sampling.percent_to_sigma(settings.end_percent)))
@@ -254,7 +268,9 @@ def install_scfg(model, settings: SCFGSettings) -> None:
                 note("cfg is 1, so there is no guidance to rescale; sampling as plain CFG.")
             elif sigma_range[1] <= sigma <= sigma_range[0]:
                 size = tuple(cond.shape[-2:])
-                found = (goca_rate_inputs(store, check_goca_prompt(run["prompt"]), info, size, settings) if goca
+                if goca and run["layout"] is None:
+                    check_goca_prompt(None)  # a sampler that went around the run wrapper
+                found = (goca_rate_inputs(store, run["layout"], info, size, settings) if goca
                          else scfg_rate_inputs(store, size, settings))
                 if found is not None:
                     regions, foreground, count = found
@@ -289,7 +305,9 @@ def install_scfg(model, settings: SCFGSettings) -> None:
                 f"after the S-CFG node, so S-CFG would not run. Remove one of them; for RescaleCFG, remove it and "
                 f"set S-CFG's rescale_multiplier instead.")
         if goca:
-            run["prompt"] = check_goca_prompt(positive_prompt(executor.class_obj))
+            guider = executor.class_obj
+            device = getattr(getattr(guider, "model_patcher", None), "load_device", None)
+            run["layout"] = TokenLayout(check_goca_prompt(positive_prompt(guider)), device)
         return executor(*args, **kwargs)
 
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "attnseg_scfg", fresh_run)
