@@ -129,7 +129,7 @@ def propagate(maps: torch.Tensor, operators: Sequence[Operator], order: int) -> 
             if tuple(grid) != size:
                 rows = _linear_upsampling(grid[0], size[0], out.device)
                 cols = _linear_upsampling(grid[1], size[1], out.device)
-                down = torch.einsum("Hi,btHW,Wj->btij", rows, out, cols)  # U^T C
+                down = rows.T @ out @ cols  # U^T C, one axis at a time
             step = torch.bmm(operator.float().to(out.device), down.flatten(-2).transpose(1, 2))  # (B, N, T)
             step = step.transpose(1, 2).unflatten(-1, grid)
             if tuple(grid) != size:
@@ -145,6 +145,16 @@ def automatic_layer_weights(reference: tuple[tuple[int, int], torch.Tensor],
     (B, N_ref, C) queries), as :func:`attnseg.goca.layer_weights`."""
     grid, queries = reference
     return layer_weights(queries, grid, [(la.grid, la.self_attention, la.density) for la in layers])
+
+
+def _summed_per_grid(per_layer, weights: torch.Tensor):
+    """The layers' weighted sum on each grid (the resize is linear, so summing before it
+    gives GoCA's sum of resized maps with one resize per grid): ([(grid, maps)], ones)."""
+    sums = {}
+    for index, (grid, maps) in enumerate(per_layer):
+        term = maps * weights[:, index, None, None].to(maps)
+        sums[grid] = term if grid not in sums else sums[grid] + term
+    return list(sums.items()), weights.new_ones(weights.shape[0], len(sums))
 
 
 def goca_token_maps(layers: Sequence[StepLayer], size: tuple[int, int], stages: GoCAStages = GoCAStages(),
@@ -175,7 +185,7 @@ def goca_token_maps(layers: Sequence[StepLayer], size: tuple[int, int], stages: 
     if stages.rescaling:
         if weights is None:
             weights = per_layer[0][1].new_full((per_layer[0][1].shape[0], len(per_layer)), 1 / len(per_layer))
-        maps = aggregate(per_layer, weights, size)  # weighted, clamped at 0, renormalised over the tokens
+        maps = aggregate(*_summed_per_grid(per_layer, weights), size)  # clamped at 0, renormalised over tokens
         if content is not None:
             if not len(content):
                 raise AttnSegError("S-CFG (GoCA maps): the prompt has no word tokens to rescale by.")
