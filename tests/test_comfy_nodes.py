@@ -289,3 +289,13 @@ def test_nan_attention_is_refused_by_the_segmenter_and_the_one_node_not_turned_i
     scores.maps[0, 0, 0, 0] = float("nan")
     with pytest.raises(AttnSegError, match="scores: the .* score maps hold NaN"):
         NODES["AttnSegMasks"]().make(scores, 0.5)
+
+
+def test_every_node_has_a_help_page():
+    """ComfyUI's node help shows web/docs/<node>.md: every node of the pack ships one."""
+    docs = Path(__file__).resolve().parents[1] / "web" / "docs"
+    for name in NODES:
+        page = docs / f"{name}.md"
+        assert page.is_file(), name
+        text = page.read_text()
+        assert text.startswith("# AttnSeg ") and len(text) > 300, name
