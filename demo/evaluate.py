@@ -25,6 +25,7 @@ from attnseg_pack.attnseg.masks import label_map, make_masks
 from attnseg_pack.attnseg.presets import PRESETS, Preset
 from attnseg_pack.attnseg.scores import ScoreMaps, resize
 from attnseg_pack.hosts.comfyui.capture import GOCA_REFERENCE_FACTOR, CapturePlan
+from attnseg_pack.hosts.comfyui.concept import segment_concepts
 from attnseg_pack.hosts.comfyui.passes import capture_sample, segment_image
 from attnseg_pack.hosts.comfyui.presets import segment_with_preset
 from attnseg_pack.hosts.comfyui.text import encode_cat_cross, encode_segmentation_prompt
@@ -88,6 +89,8 @@ class Method:
     token_parts: tuple[str, ...] = ("colour + shape",)
     capture: str = "plain"  # a key of CAPTURES
     preset: Preset | None = None  # run end to end as AttnSeg Segment runs it (its own prompt and passes)
+    # A method with passes of its own (ConceptAttention): (model, clip, vae, scene, token part) -> ScoreMaps.
+    direct: Callable | None = None
 
 
 # iSeg's paper preset weighs SD1.5's 16x16 and 32x32 cross-attention 0.7 / 0.3 (4x
@@ -251,7 +254,7 @@ def score(model, clip, vae, scenes: list[Scene], methods=METHODS,
     result = Scores()
     for item in scenes:
         stores = {}
-        for kind in dict.fromkeys(m.capture for m in methods if m.preset is None):
+        for kind in dict.fromkeys(m.capture for m in methods if m.preset is None and m.direct is None):
             began = time.perf_counter()
             stores[kind] = capture(model, clip, vae, item, kind, timesteps)
             result.capture_seconds[kind] = result.capture_seconds.get(kind, 0.0) + time.perf_counter() - began
@@ -259,11 +262,15 @@ def score(model, clip, vae, scenes: list[Scene], methods=METHODS,
         lookup = torch.tensor([0] + [LABELS.index(o.name) for o in item.objects])
         for method in methods:
             store = stores.get(method.capture)
-            result.capture_of[method.name] = method.capture if method.preset is None else method.name
+            own_passes = method.preset is not None or method.direct is not None
+            result.capture_of[method.name] = method.name if own_passes else method.capture
             for part in method.token_parts:
                 began = time.perf_counter()
                 if method.preset is not None:  # its own passes, timed as the method's
                     maps = run_preset(model, clip, vae, item, method.preset)
+                    result.capture_seconds.setdefault(method.name, 0.0)
+                elif method.direct is not None:
+                    maps = method.direct(model, clip, vae, item, part)
                     result.capture_seconds.setdefault(method.name, 0.0)
                 else:
                     maps = method.run(dataclasses.replace(store, prompt=restrict_tokens(store.prompt, part)))
@@ -342,3 +349,114 @@ def drawn(image: np.ndarray, masks: np.ndarray, caption: str) -> list[tuple[str,
         ok = paint.mean() >= max(0.02, strongest_other) and inside > 0.5
         out.append((name, bool(ok), f"area {paint.mean():.3f}, inside its mask {inside:.2f}"))
     return out
+
+
+# The DiT demo model (hosts/comfyui/demo_dit.py): one resolution (the patch grid), so
+# block groups stand where the UNet has levels. Its methods read one capture: every
+# block's I2T (image queries x text keys) and I2I (image x image) parts of the joint
+# attention, head mean (a DiT's only reduction: GoCA's Flux setting), and the image
+# tokens' attention output at GoCA's reference block (the middle one on this model).
+DIT_PLAN = CapturePlan(self_every_layer=True, reference_factor=GOCA_REFERENCE_FACTOR)
+CAPTURES["dit"] = (_plain, DIT_PLAN, SEGMENT_SCALE)
+DIT_BACKGROUND_CONCEPT = "background"  # ConceptAttention's background word (labels by argmax against it)
+
+
+def dit_block_groups(blocks: list[tuple[str, int]]) -> dict[str, frozenset[tuple[str, int]]]:
+    """{name: blocks}: all blocks, the double ones, the single ones and each block alone
+    (``blocks``: (type, index) as DiTInfo.blocks() lists them)."""
+    groups = {"all blocks": frozenset(blocks)}
+    for kind in dict.fromkeys(kind for kind, _ in blocks):
+        groups[f"{kind} blocks"] = frozenset(b for b in blocks if b[0] == kind)
+    groups.update({f"{kind} {index}": frozenset({(kind, index)}) for kind, index in blocks})
+    return groups
+
+
+def with_blocks(store: AttentionStore, cross=None, self=None) -> AttentionStore:
+    """The store with only the I2T maps of the ``cross`` blocks and the I2I maps of the
+    ``self`` blocks (None: that kind as captured); other entries (GoCA's reference) kept."""
+    wanted = {"cross": cross, "self": self}
+
+    def kept(key) -> bool:
+        blocks = wanted.get(key.kind)
+        return blocks is None or (key.block, key.block_id) in blocks
+
+    return dataclasses.replace(store, entries={k: v for k, v in store.entries.items() if kept(k[0])})
+
+
+def dit_i2t(store: AttentionStore, blocks) -> ScoreMaps:
+    """I2T of ``blocks``: each class the mean of its tokens' maps, averaged over the
+    blocks (one resolution: DiffSegmenter's fusion with one weight), min-max per class."""
+    return diffsegmenter(with_blocks(store, cross=blocks), (1.0,), self_completion=False)
+
+
+def _dit_concept(blocks: tuple[int, ...], timestep: float):
+    """ConceptAttention (output space) over the scene at SEGMENT_SCALE x its size, the
+    caption as the prompt, each class's words (of the token part) encoded alone as its
+    concept, plus a background concept: the object classes' probabilities as maps, the
+    background concept's as the background map (offset 0 = the authors' argmax)."""
+    pick = TOKEN_PARTS
+
+    def run(model, clip, vae, item: Scene, part: str) -> ScoreMaps:
+        words = [" ".join(o.name.split()[pick[part]]) for o in item.objects]
+        unique = list(dict.fromkeys(words))  # two objects of one shape share the shape word's concept
+        names = ", ".join(o.name for o in item.objects)
+        positive = encode_segmentation_prompt(clip, item.caption, names)[0]
+        image = torch.from_numpy(item.image).float().div(255)[None]
+        maps = segment_concepts(model, clip, vae, image, positive, ", ".join(unique + [DIT_BACKGROUND_CONCEPT]),
+                                blocks, timestep, 0, SEGMENT_SCALE * max(item.image.shape[:2]))
+        objects = maps.maps[:, [unique.index(w) for w in words]]
+        return dataclasses.replace(maps, maps=objects, class_names=[o.name for o in item.objects],
+                                   background=maps.maps[:, -1:])
+
+    return run
+
+
+def dit_methods(blocks: list[tuple[str, int]]) -> tuple[Method, ...]:
+    """The DiT benchmark's methods for a model of ``blocks`` ((type, index) pairs)."""
+    groups = dit_block_groups(blocks)
+    every = groups["all blocks"]
+    doubles = tuple(index for kind, index in blocks if kind == "double")
+    parts = tuple(TOKEN_PARTS)
+
+    def on(cross, run):  # ``run`` on the store with the I2T of ``cross`` only (I2I of every block)
+        return lambda store: run(with_blocks(store, cross=cross))
+
+    def ent(n: int, variant: str = "code", lam: float = 0.015):
+        return lambda store: iseg(store, lam, n, variant)
+
+    main_groups = [g for g in groups if g.endswith("blocks")]
+    return (
+        *(Method(f"I2T, {group}", lambda store, b=groups[group]: dit_i2t(store, b), parts, "dit") for group in groups),
+        *(Method(f"DiffSegmenter: I2T of {group} + completion with every block's I2I",
+                 on(groups[group], lambda store: diffsegmenter(store, (1.0,))), parts, "dit") for group in main_groups),
+        Method("DiffSegmenter: I2T of all blocks + completion with the single blocks' I2I",
+               lambda store: diffsegmenter(with_blocks(store, self=groups.get("single blocks", every)), (1.0,)),
+               capture="dit"),
+        Method("iSeg: I2T of all blocks (per-token L1), N = 0 (no refinement)", on(every, ent(0)), capture="dit"),
+        Method("iSeg: all blocks, naive iteration (I2I of every block), N = 1", on(every, ent(1, "naive")),
+               capture="dit"),
+        Method("iSeg: all blocks, naive iteration, N = 10", on(every, ent(10, "naive")), capture="dit"),
+        *(Method(f"iSeg: I2T of {group}, Ent-Self code, lambda 0.015, N = {n}", on(groups[group], ent(n)),
+                 parts if group == "all blocks" else ("colour + shape",), "dit")
+          for group in main_groups for n in (1, 10)),
+        Method("iSeg: all blocks, Ent-Self code, lambda 0.1, N = 1", on(every, ent(1, lam=0.1)), capture="dit"),
+        Method("iSeg: all blocks, Ent-Self paper, lambda 0.01, N = 10 (the paper's values)",
+               on(every, ent(10, "paper", 0.01)), capture="dit"),
+        Method("GoCA (head mean, auto layers, rescaling, k = 2)", _goca(), parts, "dit"),
+        Method("GoCA, uniform layers", _goca("uniform"), capture="dit"),
+        Method("GoCA, no rescaling", _goca(rescaling=False), capture="dit"),
+        Method("GoCA, no propagation (k = 0)", _goca(order=0), capture="dit"),
+        Method("GoCA, every stage off (mean over blocks)", _goca("uniform", False, 0), capture="dit"),
+        *(Method(f"ConceptAttention (output space), double blocks, t = {t}, + background concept{label}", None,
+                 parts if t == TIMESTEPS[0] and not label else ("colour + shape",),
+                 direct=_dit_concept(doubles, float(t)))
+          for t in (TIMESTEPS[0], 500) for label in ("", ", argmax")),
+    )
+
+
+def dit_thresholds(method: str, part: str) -> tuple[float, ...]:
+    """ConceptAttention labels against its background concept: offsets on it (0 alone
+    for the argmax rows); every other DiT method thresholds min-max maps."""
+    if method.startswith("ConceptAttention"):
+        return (0.0,) if method.endswith("argmax") else OFFSETS
+    return THRESHOLDS
