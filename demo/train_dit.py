@@ -46,7 +46,6 @@ so ComfyUI's forward runs unchanged. Validation and sampling run as ComfyUI runs
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import random
@@ -231,16 +230,12 @@ class Validation:
                 latent = encode_image(vae, image, VALIDATION_SCALE * max(item.image.shape[:2]))
             positive, _ = encode_segmentation_prompt(clip, item.caption, ", ".join(o.name for o in item.objects))
             self.items.append((item, latent, positive))
-        net = model.model.diffusion_model
-        blocks = [("double", i) for i in range(len(net.double_blocks))]
-        blocks += [("single", i) for i in range(len(net.single_blocks))]
-        self.groups = {"all blocks": set(blocks), "double blocks": {b for b in blocks if b[0] == "double"},
-                       "single blocks": {b for b in blocks if b[0] == "single"},
-                       **{f"{kind} {index}": {(kind, index)} for kind, index in blocks}}
+        from attnseg_pack.hosts.comfyui.dit import describe_dit
+
+        self.groups = evaluate.dit_block_groups(describe_dit(model).blocks())  # the benchmark's I2T rows
         self.best, self.best_step, self.best_state, self.history = -math.inf, None, None, []
 
     def scores(self) -> dict[str, float]:
-        from attnseg_pack.attnseg.fusion import diffsegmenter
         from attnseg_pack.attnseg.masks import label_map
         from attnseg_pack.hosts.comfyui.capture import CapturePlan
         from attnseg_pack.hosts.comfyui.passes import capture_pass
@@ -255,9 +250,7 @@ class Validation:
             truth = evaluate.truth_labels(item)
             lookup = torch.tensor([0] + [evaluate.LABELS.index(o.name) for o in item.objects])
             for group, blocks in self.groups.items():
-                entries = {k: v for k, v in store.entries.items() if (k[0].block, k[0].block_id) in blocks}
-                maps = diffsegmenter(dataclasses.replace(store, entries=entries), (1.0,), self_completion=False)
-                scores = maps.at_image_size()[0:1].clamp(0, 1)
+                scores = evaluate.dit_i2t(store, blocks).at_image_size()[0:1].clamp(0, 1)
                 for threshold in evaluate.THRESHOLDS:
                     confusion[(group, threshold)].add(truth, lookup[label_map(scores, threshold)[0]])
         return {g: round(max(confusion[(g, t)].miou() for t in evaluate.THRESHOLDS), 3) for g in self.groups}
