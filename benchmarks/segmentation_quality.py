@@ -7,6 +7,9 @@ the numbers to benchmarks/results/segmentation_quality.json (the CI slice test
 reads its floor from there).
 
     python benchmarks/segmentation_quality.py [--test 200 --tune 50] [--no-readme]
+
+With --dit, the DiT demo model's table instead (benchmarks/dit_segmentation_quality.py,
+which takes the other arguments): results in benchmarks/results/dit_segmentation_quality.json.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import runpy
 import sys
 from pathlib import Path
 
@@ -69,6 +73,10 @@ def write_readme(text: str, start: str = START, end: str = END) -> None:
 
 
 def main() -> None:
+    if "--dit" in sys.argv[1:]:  # the DiT demo model's benchmark, its own arguments
+        runpy.run_path(str(Path(__file__).with_name("dit_segmentation_quality.py")), run_name="dit_quality")["main"](
+            [a for a in sys.argv[1:] if a != "--dit"])
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--test", type=int, default=len(evaluate.TEST_SEEDS))
     parser.add_argument("--tune", type=int, default=len(evaluate.TUNE_SEEDS))
