@@ -59,13 +59,34 @@ def table(result: dict) -> str:
         f"segment each \"colour shape\" class with one of its words alone. I2I: the image x image part of a block's "
         f"joint attention. ConceptAttention labels by the argmax against a \"background\" concept, its threshold "
         f"column an offset on that concept's probability (0: the authors' argmax). Best single block, chosen on the "
-        f"tuning scenes: {best_block['block']} (tuning {best_block['tune_miou']:.3f}). For scale, labellings that "
+        f"tuning scenes: {best_block['block']} (tuning {best_block['tune_miou']:.3f}). s / image: the one capture of "
+        f"every block's I2T and I2I (all methods but ConceptAttention read it) plus the method's own time. For scale, "
+        f"labellings that "
         f"read no attention: " + ", ".join(f"{n} {m:.3f}" for n, m in result["references"].items()) + ".")
     rows = [[row["method"], f"**{cell(row['parts'], MAIN)}**", cell(row["parts"], "colour"),
              cell(row["parts"], "shape"), f"{row['parts'][MAIN]['threshold']:.2f}", f"{row['seconds_per_image']:.3f}"]
             for row in result["methods"]]
     return markdown_table(caption, ["method", "mIoU", "colour token only", "shape token only", "threshold",
                                     "s / image"], rows)
+
+
+def comparisons(rows: list[dict]) -> dict:
+    """The issue's rankings, each as the two mIoUs it compares: ConceptAttention (at the I2T
+    rows' t) against the raw I2T of the same double blocks; the best self-attention
+    refinement (DiffSegmenter, iSeg with N > 0, GoCA with propagation) against the best raw I2T."""
+    miou = {r["method"]: r["parts"][MAIN]["miou"] for r in rows}
+    concept = next(n for n in miou if n.startswith("ConceptAttention") and f"t = {evaluate.TIMESTEPS[0]}," in n
+                   and not n.endswith("argmax"))
+    raw = {n: m for n, m in miou.items() if n.startswith("I2T, ")}
+    def propagates(name: str) -> bool:
+        if name.startswith("GoCA"):
+            return "k = 0" not in name and "every stage off" not in name
+        return name.startswith("DiffSegmenter") or (name.startswith("iSeg") and "N = 0" not in name)
+
+    refined = {n: m for n, m in miou.items() if propagates(n)}
+    best_raw, best_refined = max(raw, key=raw.get), max(refined, key=refined.get)
+    return {"concept_vs_i2t": {concept: miou[concept], "I2T, double blocks": miou["I2T, double blocks"]},
+            "refinement_vs_i2t": {best_refined: refined[best_refined], best_raw: raw[best_raw]}}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -117,12 +138,15 @@ def main(argv: list[str] | None = None) -> None:
         "best_single_block": {"block": best_block["method"].removeprefix("I2T, "), "chosen_on": "tuning scenes",
                               "tune_miou": best_block["tune_miou"], "test_miou": best_block["parts"][MAIN]["miou"]},
         "best_method": {"method": best["method"], "miou": best["parts"][MAIN]["miou"]},
+        "comparisons": comparisons(rows),
         "ci_slice": {"scenes": len(slice_scenes), "method": slice_method.name, "threshold": slice_threshold,
                      "miou": round(slice_miou, 4)},
         "seconds": round(time.time() - began)}
     for key in ("validation", "buckets"):  # the training log lives in demo/attnseg-shapes-dit.json
         result["checkpoint"].pop(key, None)
     print(table(result))
+    for name, pair in result["comparisons"].items():
+        print(f"{name}: " + " vs ".join(f"{m} {v:.3f}" for m, v in pair.items()))
     print(f"{time.time() - began:.0f} s")
     if args.no_results:
         return
