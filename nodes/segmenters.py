@@ -63,13 +63,15 @@ class AttnSegDiffSegmenter:
     CATEGORY = SEGMENT
 
     def segment(self, attention, weights, self_completion, timestep_average="attention", preset=CUSTOM):
-        store = require_store(attention, preset=preset)
         chosen = find_preset(preset, "diffsegmenter")
+        # The text inputs are checked before the store is read (its finite check syncs the device).
+        weight_list = parse_weights(weights) if chosen is None else None
+        store = require_store(attention, preset=preset)
         if chosen is not None:
             settings = chosen.settings
             return (diffsegmenter(store, settings.weights, settings.self_completion, "attention",
                                   settings.timestep_average),)
-        scores = diffsegmenter(store, parse_weights(weights), self_completion, "attention", timestep_average)
+        scores = diffsegmenter(store, weight_list, self_completion, "attention", timestep_average)
         logging.info("AttnSeg DiffSegmenter: %s", scores.method)  # which weights applied to which levels
         return (scores,)
 
