@@ -122,28 +122,6 @@ def is_dit_checkpoint(path: Path) -> bool:
     return metadata.get("attnseg_model") == json.dumps(FORMAT)
 
 
-def _load_dit(path: Path, sd: dict, model_config: DemoFluxConfig, dtype: torch.dtype | None):
-    """Load Checkpoint's diffusion-model steps (load_state_dict_guess_config), with our model config."""
-    mm = comfy.model_management
-    parameters = comfy.utils.calculate_parameters(sd, DIT)
-    load_device = mm.get_torch_device()
-    if dtype is None:
-        dtype = mm.unet_dtype(model_params=parameters, supported_dtypes=list(model_config.supported_inference_dtypes),
-                              weight_dtype=comfy.utils.weight_dtype(sd, DIT))
-    model_config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, load_device,
-                                                                  model_config.supported_inference_dtypes))
-    initial_device = mm.unet_inital_load_device(parameters, dtype)
-    model = model_config.get_model(sd, DIT, device=initial_device)
-    expected = set(model.diffusion_model.state_dict())
-    given = {k[len(DIT):] for k in sd if k.startswith(DIT)}
-    demo_model._check_keys(path, "diffusion model", expected - given, given - expected)
-    model.load_model_weights(sd, DIT)
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())
-    if initial_device != torch.device("cpu"):
-        mm.load_models_gpu([patcher], force_full_load=True)
-    return patcher
-
-
 def load(path: Path = CHECKPOINT, dtype: torch.dtype | None = None, embedding_directory=None):
     """(MODEL, CLIP, VAE) from a checkpoint written by :func:`save`. ``dtype`` None: the
     dtypes ComfyUI chooses for the devices (training resumes with torch.float32)."""
@@ -153,7 +131,8 @@ def load(path: Path = CHECKPOINT, dtype: torch.dtype | None = None, embedding_di
                            f"DiT config). AttnSeg Demo Model Loader tells the UNet demo's files from it by their "
                            f"metadata; load other checkpoints with ComfyUI's loaders.")
     config = json.loads(metadata["attnseg_config"])
-    model = _load_dit(path, state, DemoFluxConfig(config["dit"]), dtype)
+    model = demo_model.load_diffusion_model(path, state, DemoFluxConfig(config["dit"]), dtype, DIT,
+                                             "diffusion model")
     vae_sd = demo_model._part(state, VAE)
     vae = comfy.sd.VAE(sd=vae_sd, config={"params": demo_model._vae_params(config["vae"])}, dtype=dtype)
     expected = set(vae.first_stage_model.state_dict())

@@ -115,22 +115,24 @@ def _check_keys(path: Path, part: str, missing, unexpected) -> None:
                            f"e.g. {sorted(unexpected)[:2]}). Rewrite it with demo/train.py.")
 
 
-def _load_unet(path: Path, sd: dict, model_config: DemoModelConfig, dtype: torch.dtype | None):
-    """Load Checkpoint's UNet steps (load_state_dict_guess_config), with our model config."""
+def load_diffusion_model(path: Path, sd: dict, model_config, dtype: torch.dtype | None, prefix: str = UNET,
+                         part: str = "UNet"):
+    """Load Checkpoint's diffusion-model steps (load_state_dict_guess_config), with our model
+    config; the weights under ``prefix``. Shared by the UNet and the DiT demo models."""
     mm = comfy.model_management
-    parameters = comfy.utils.calculate_parameters(sd, UNET)
+    parameters = comfy.utils.calculate_parameters(sd, prefix)
     load_device = mm.get_torch_device()
     if dtype is None:
         dtype = mm.unet_dtype(model_params=parameters, supported_dtypes=list(model_config.supported_inference_dtypes),
-                              weight_dtype=comfy.utils.weight_dtype(sd, UNET))
+                              weight_dtype=comfy.utils.weight_dtype(sd, prefix))
     model_config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, load_device,
                                                                   model_config.supported_inference_dtypes))
     initial_device = mm.unet_inital_load_device(parameters, dtype)
-    model = model_config.get_model(sd, UNET, device=initial_device)
+    model = model_config.get_model(sd, prefix, device=initial_device)
     expected = set(model.diffusion_model.state_dict())
-    given = {k[len(UNET):] for k in sd if k.startswith(UNET)}
-    _check_keys(path, "UNet", expected - given, given - expected)
-    model.load_model_weights(sd, UNET)
+    given = {k[len(prefix):] for k in sd if k.startswith(prefix)}
+    _check_keys(path, part, expected - given, given - expected)
+    model.load_model_weights(sd, prefix)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())
     if initial_device != torch.device("cpu"):
         mm.load_models_gpu([patcher], force_full_load=True)
@@ -152,7 +154,7 @@ def load(path: Path = CHECKPOINT, dtype: torch.dtype | None = None, embedding_di
                            f"config). Load other checkpoints with ComfyUI's Load Checkpoint.")
     config = json.loads(metadata["attnseg_config"])
     model_config = DemoModelConfig(config["unet"])
-    model = _load_unet(path, state, model_config, dtype)
+    model = load_diffusion_model(path, state, model_config, dtype)
     vae_sd = _part(state, VAE)
     vae = comfy.sd.VAE(sd=vae_sd, config={"params": _vae_params(config["vae"])}, dtype=dtype)
     expected = set(vae.first_stage_model.state_dict())
