@@ -91,30 +91,34 @@ def goca_size(info, latent: tuple[int, int]) -> tuple[int, int]:
     return tuple(max(1, math.ceil(side / factor)) for side in latent)
 
 
-def _layers(store: AttentionStore, branch: str):
-    """(grid, self, cross) per transformer block of one branch, cross pooled to the self grid."""
+def _blocks(store: AttentionStore, branch: str):
+    """(cross, self) of each transformer block of one branch that has both maps."""
     selfs = {(k.block, k.block_id, k.depth): v for k, v in store.layers("self", branch)}
-    out = []
     for key, cross in store.layers("cross", branch):
         stored_self = selfs.get((key.block, key.block_id, key.depth))
-        if stored_self is None:
-            continue
-        maps = cross.mean().transpose(1, 2).unflatten(-1, cross.grid)
-        if cross.grid != stored_self.grid:
-            maps = F.adaptive_avg_pool2d(maps, stored_self.grid)
-        out.append((stored_self.grid, stored_self.mean(), maps.flatten(-2).transpose(1, 2)))
-    return out
+        if stored_self is not None:
+            yield cross, stored_self
+
+
+def _pooled_cross(maps, cross_grid: tuple[int, int], self_grid: tuple[int, int]):
+    """(B, N, T) cross maps on ``cross_grid`` pooled to ``self_grid``: (B, N', T)."""
+    maps = maps.transpose(1, 2).unflatten(-1, cross_grid)
+    if cross_grid != self_grid:
+        maps = F.adaptive_avg_pool2d(maps, self_grid)
+    return maps.flatten(-2).transpose(1, 2)
+
+
+def _layers(store: AttentionStore, branch: str):
+    """(grid, self, cross) per transformer block of one branch, cross pooled to the self grid."""
+    return [(stored_self.grid, stored_self.mean(), _pooled_cross(cross.mean(), cross.grid, stored_self.grid))
+            for cross, stored_self in _blocks(store, branch)]
 
 
 def _goca_layers(store: AttentionStore, branch: str, token_count: int | None) -> list[StepLayer]:
     """Each transformer block of one branch with both maps, the cross-attention pooled to
     its self grid; ``token_count`` folds the host's repeats of a shorter context back."""
-    selfs = {(k.block, k.block_id, k.depth): v for k, v in store.layers("self", branch)}
     out = []
-    for key, cross in store.layers("cross", branch):
-        stored_self = selfs.get((key.block, key.block_id, key.depth))
-        if stored_self is None:
-            continue
+    for cross, stored_self in _blocks(store, branch):
         maps = cross.mean()
         if token_count:
             maps = fold_repeated_tokens(maps, token_count)
@@ -124,11 +128,9 @@ def _goca_layers(store: AttentionStore, branch: str, token_count: int | None) ->
                     f"{token_count} tokens of the prompt AttnSeg Text Encode recorded. map_source 'GoCA' reads the "
                     f"positive prompt's token layout: give the sampler one positive prompt, encoded by AttnSeg Text "
                     f"Encode.")
-        maps = maps.transpose(1, 2).unflatten(-1, cross.grid)
-        if cross.grid != stored_self.grid:
-            maps = F.adaptive_avg_pool2d(maps, stored_self.grid)
         density = math.prod(stored_self.grid) / math.prod(cross.grid)
-        out.append(StepLayer(stored_self.grid, stored_self.mean(), maps.flatten(-2).transpose(1, 2), density))
+        out.append(StepLayer(stored_self.grid, stored_self.mean(), _pooled_cross(maps, cross.grid, stored_self.grid),
+                             density))
     return out
 
 
