@@ -41,6 +41,23 @@ SIZE = 128
 SD_LATENT_FACTOR = 0.18215
 
 
+def warmup_cosine(step: int, warmup: int, progress: float) -> float:
+    """The learning-rate factor: linear warm-up over ``warmup`` steps, then a cosine from 1
+    to a tenth over the training time (``progress`` its elapsed fraction)."""
+    return min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def optimizer_step(optim, params, average, loss: torch.Tensor, lr: float) -> None:
+    """One step at ``lr``: backward, gradients clipped to norm 1, the weight average updated."""
+    for group in optim.param_groups:
+        group["lr"] = lr
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optim.step()
+    average.update()
+
+
 def caption_variant(scene, rng: random.Random) -> str:
     """Full captions mostly; some name only shapes or only colours, so that both
     kinds of word have to carry where things are."""
@@ -244,14 +261,7 @@ def unet_stage(model, clip, latents: torch.Tensor, scenes: list, minutes: float,
         denoised = model.model.apply_model(x, sigma, c_crossattn=context)
         eps = (x - denoised) / sigma[:, None, None, None]
         loss = (eps - noise).pow(2).mean()
-        progress = trained / (minutes * 60)
-        for group in optim.param_groups:
-            group["lr"] = peak_lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1, progress))))
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optim.step()
-        average.update()
+        optimizer_step(optim, params, average, loss, peak_lr * warmup_cosine(step, warmup, trained / (minutes * 60)))
         losses.append(loss.item())
         trained += time.time() - began
         if step % 100 == 0:

@@ -69,7 +69,7 @@ import comfy.text_encoders.t5  # noqa: E402
 from attnseg_pack.hosts.comfyui import demo_dit, demo_model  # noqa: E402
 from demo.scenes import make_scene  # noqa: E402
 from demo.train import (SD_LATENT_FACTOR, TRAIN_SEED0, WeightAverage, caption_variant, encode_all,  # noqa: E402
-                        init_fresh)
+                        init_fresh, optimizer_step, warmup_cosine)
 
 # (height, width, batch, probability of a step): the batches keep a step near 2,200
 # image tokens. The 2x buckets are what a segmentation pass at twice the scene's size sees.
@@ -302,15 +302,7 @@ def dit_stage(model, text: TextCache, buckets: list, minutes: float, log, peak_l
         swap = torch.tensor([c != "" and rng.random() < pooled_dropout for c in captions])
         pooled = torch.where(swap[:, None], empty_pooled[None], pooled)
         loss = flow_loss(model, z0, context, pooled, sample_sigmas(batch), torch.randn_like(z0), clones)
-        progress = trained / (minutes * 60)
-        for group in optim.param_groups:
-            group["lr"] = peak_lr * min(1.0, (step + 1) / warmup) * (
-                0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optim.step()
-        average.update()
+        optimizer_step(optim, params, average, loss, peak_lr * warmup_cosine(step, warmup, trained / (minutes * 60)))
         losses.append(loss.item())
         trained += time.time() - began
         if step % 50 == 0:
