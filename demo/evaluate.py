@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from attnseg_pack.attnseg import AttentionStore, SegPrompt
 from attnseg_pack.attnseg.fusion import diffsegmenter
@@ -29,7 +30,7 @@ from attnseg_pack.hosts.comfyui.concept import segment_concepts
 from attnseg_pack.hosts.comfyui.passes import capture_sample, segment_image
 from attnseg_pack.hosts.comfyui.presets import segment_with_preset
 from attnseg_pack.hosts.comfyui.text import encode_cat_cross, encode_segmentation_prompt
-from demo.scenes import COLOURS, SHAPES, Scene, colour_mask, make_scene
+from demo.scenes import COLOURS, SHAPES, Scene, _downsample, _rasterise, colour_mask, make_scene
 
 TEST_SEEDS = range(0, 200)  # training uses seeds from 1_000_000
 TUNE_SEEDS = range(50_000, 50_050)
@@ -350,6 +351,57 @@ def drawn(image: np.ndarray, masks: np.ndarray, caption: str) -> list[tuple[str,
         out.append((name, bool(ok), f"area {paint.mean():.3f}, inside its mask {inside:.2f}"))
     return out
 
+
+
+# A component must fill this share of its best-fitting shape template (IoU) to count as that shape.
+SHAPE_FIT = 0.6
+MIN_COMPONENT = 0.01  # of the image: smaller specks are not objects
+
+
+def shape_of(component: np.ndarray) -> tuple[str | None, float]:
+    """The demo shape a connected component (H x W bool) best fits, and the fit
+    (IoU with that shape rasterised into the component's box, as the scenes draw
+    it: as wide as the box, top-aligned); None below SHAPE_FIT."""
+    rows, cols = np.nonzero(component)
+    y0, x0 = rows.min(), cols.min()
+    size = max(cols.max() - x0 + 1, rows.max() - y0 + 1)
+    height, width = component.shape
+    fits = {}
+    for shape in SHAPES:
+        template = _downsample(_rasterise(shape, int(x0), int(y0), int(size), width, height), width, height) >= 0.5
+        union = (template | component).sum()
+        fits[shape] = (template & component).sum() / max(union, 1)
+    best = max(fits, key=fits.get)
+    return (best if fits[best] >= SHAPE_FIT else None), float(fits[best])
+
+
+def shapes_drawn(image: np.ndarray) -> list[str]:
+    """Every demo shape drawn in ``image``, whatever its colour: the connected
+    components of each palette colour, each named by the template it fits."""
+    found = []
+    for colour in COLOURS:
+        components, count = ndimage.label(colour_mask(image, colour))
+        for index in range(1, count + 1):
+            component = components == index
+            if component.mean() >= MIN_COMPONENT:
+                shape, _ = shape_of(component)
+                if shape is not None:
+                    found.append(shape)
+    return found
+
+
+def shapes_present(image: np.ndarray, caption: str) -> list[bool]:
+    """Per named object: whether a shape of its kind is drawn (in any colour; each
+    drawn shape answers for one object). A prompt-adherence score that does not
+    depend on the demo model's colour binding, which is weaker than its shapes."""
+    available = shapes_drawn(image)
+    present = []
+    for name in object_names(caption):
+        shape = name.split()[-1]
+        present.append(shape in available)
+        if shape in available:
+            available.remove(shape)
+    return present
 
 # The DiT demo model (hosts/comfyui/demo_dit.py): one resolution (the patch grid), so
 # block groups stand where the UNet has levels. Its methods read one capture: every
