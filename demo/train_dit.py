@@ -334,6 +334,18 @@ def make_buckets(total: int, vae, log) -> list:
     return out
 
 
+def continue_from(path: Path, model, clip) -> dict:
+    """Load ``path``'s diffusion weights into ``model``; returns its training record.
+    Its text encoder has to be the frozen one this run encodes captions with."""
+    shipped_model, shipped_clip, _ = demo_dit.load(path, dtype=torch.float32)
+    ours, theirs = clip.cond_stage_model.state_dict(), shipped_clip.cond_stage_model.state_dict()
+    if ours.keys() != theirs.keys() or any(not torch.allclose(ours[k], theirs[k].float(), rtol=1e-3, atol=1e-3)
+                                           for k in ours):  # the file holds fp16
+        raise SystemExit(f"--init: {path}'s text encoder is not the one --seed initialises; use its seed")
+    model.model.diffusion_model.load_state_dict(shipped_model.model.diffusion_model.state_dict())
+    return demo_dit.training_info(path)["training"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=demo_dit.CHECKPOINT)
@@ -351,6 +363,9 @@ def main() -> None:
                         help="torch's intra-op threads (0: as OMP_NUM_THREADS sets them). On the shared 2-core "
                              "machine this was trained on, a step took ~1 s on 1 thread and 5-10 s on 2, the two "
                              "threads waiting on each other while other jobs held a core")
+    parser.add_argument("--init", type=Path,
+                        help="continue from this DiT demo checkpoint's diffusion weights (its text encoder must be "
+                             "the one this seed initialises) instead of a fresh initialisation")
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -371,6 +386,10 @@ def main() -> None:
     torch.manual_seed(args.seed + 1)
     init_dit(nan_filled(model.model.diffusion_model))
     check_initialised(model.model.diffusion_model, "diffusion model")
+    earlier = None
+    if args.init is not None:
+        earlier = continue_from(args.init, model, clip)
+        log(f"continuing from {args.init} ({earlier['dit_steps']} steps)")
     log(f"diffusion model {sum(p.numel() for p in model.model.diffusion_model.parameters()) / 1e6:.2f}M parameters, "
         f"text encoder {sum(p.numel() for p in clip.cond_stage_model.parameters()) / 1e6:.2f}M (frozen)")
 
@@ -397,6 +416,9 @@ def main() -> None:
            "ema_decay": args.ema_decay, "pooled_dropout": args.pooled_dropout, "caption_dropout": 0.1,
            "sigma_sampling": "half uniform, half logit-normal(0, 1)", "vae": "the UNet demo's (attnseg-shapes)",
            "validation_timestep": VALIDATION_TIMESTEP, "validation_scale": VALIDATION_SCALE}
+    if earlier is not None:
+        run["continued_from"] = {"file": args.init.name, "dit_steps": earlier["dit_steps"],
+                                 "training_seconds": earlier["training_seconds"]}
     if validation:
         run["dit_steps"] = validation.restore_best()
         run["validation"] = validation.history
