@@ -141,6 +141,18 @@ def timed(variants: dict, repeats: int, warm_up: bool = True) -> dict[str, float
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def with_cpu_seconds(variants: dict, cpu: dict) -> dict:
+    """``variants`` that also record each run's process CPU seconds in ``cpu`` (what
+    other jobs on a shared machine inflate least; wall time waits for them)."""
+    def wrap(name, run):
+        def measured():
+            start = time.process_time()
+            run()
+            cpu.setdefault(name, []).append(time.process_time() - start)
+        return measured
+    return {name: wrap(name, run) for name, run in variants.items()}
+
+
 def peak_rss(run) -> tuple[float, float]:
     """(RSS before, peak RSS during) ``run``, in MiB."""
     process = psutil.Process()
@@ -198,8 +210,12 @@ def main() -> None:
 
     model, positive, negative = load()
     chosen = args.variants.split(",")
-    sampling = timed({k: v for k, v in sampler_variants(model, positive, negative, args.steps, args.size).items()
-                      if k in chosen}, args.repeats)
+    cpu_runs: dict[str, list] = {}
+    sampling = timed(with_cpu_seconds({k: v for k, v in sampler_variants(model, positive, negative, args.steps,
+                                                                         args.size).items() if k in chosen},
+                                      cpu_runs), args.repeats)
+    # the warm-up round's CPU seconds are dropped: the medians are of the timed rounds
+    cpu = {name: statistics.median(values[-args.repeats:]) for name, values in cpu_runs.items()}
     passes = {}
     if "capture" in chosen or "goca" in chosen:
         passes = timed(pass_variants(model, positive, args.size, "goca" in chosen), args.repeats)
@@ -212,6 +228,7 @@ def main() -> None:
             ("goca", "GoCA capture sampler", None, None)):
         if variant in chosen:
             rows.append((f"{label} / stock KSampler, time", sampling[variant] / sampling["stock"], time_target))
+            rows.append((f"{label} / stock KSampler, CPU time", cpu[variant] / cpu["stock"], time_target))
             rows.append((f"{label} / stock, peak RSS", mem[variant]["peak"] / mem["stock"]["peak"], memory_target))
     if "scfg_goca" in chosen and "scfg" in chosen:
         rows.append(("S-CFG (GoCA maps) / S-CFG (its own maps), time", sampling["scfg_goca"] / sampling["scfg"], None))
@@ -232,6 +249,7 @@ def main() -> None:
     for name, ratio, target in rows:
         print(f"| {name} | {ratio:.3f} | {'<= %.2f' % target if target else '-'} |")
     print("\nseconds: " + ", ".join(f"{k} {v:.2f}" for k, v in {**sampling, **passes}.items()))
+    print("sampler CPU seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()))
     print("sampling working memory (peak - before, MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in work.items()))
 
 
