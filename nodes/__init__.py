@@ -8,7 +8,8 @@ import importlib
 import logging
 
 MODULES = ("demo", "demo_image", "text", "captions", "capture", "segment", "segmenters", "iseg", "goca", "concept",
-           "masks", "guidance", "editing", "unsupervised")
+           "masks", "guidance", "inversion", "editing",
+           "unsupervised")
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

@@ -6,7 +6,7 @@ import comfy.samplers
 from ..attnseg.p2p import EDIT_MODES
 from ..hosts.comfyui.p2p import KEEP_OUTSIDE, EditSettings, edit_sample
 from .segmenters import parse_weights
-from .types import EDIT
+from .types import ATTNSEG_INVERSION, EDIT
 
 
 class AttnSegPromptToPrompt:
@@ -18,8 +18,10 @@ class AttnSegPromptToPrompt:
                    "for the first self_replace its self-attention (layers up to 32x32) is the source's. After "
                    "blend_start, outside the mask of the blend words (the union of the source's and the edit's "
                    "DiffSegmenter masks, or the mask input) the edit's prediction is the source's, so the rest of "
-                   "the image is kept. For an input image, VAE-encode it, set denoise below 1 and keep_outside to "
-                   "'input latent'.")
+                   "the image is kept. To edit an input image, invert it (AttnSeg Invert Image) and connect the "
+                   "inversion: both rows then start from the inverted noise, the source row reconstructs the image "
+                   "and the edit keeps its layout (without one: VAE-encode it, set denoise below 1 and keep_outside "
+                   "to 'input latent', which re-noises a copy).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -73,6 +75,10 @@ class AttnSegPromptToPrompt:
                                              "resolution weights for the blend mask, coarsest first."}),
         }, "optional": {
             "mask": ("MASK", {"tooltip": "Blend mask to use instead of the segmenter's (1 = edit)."}),
+            "inversion": (ATTNSEG_INVERSION, {"tooltip": "An inversion of latent_image (AttnSeg Invert Image): "
+                          "sampling starts from its noise (the seed is unused) on its schedule; steps, cfg, "
+                          "scheduler and the source prompt must be the inversion's, the sampler euler or ddim, "
+                          "denoise 1."}),
         }}
 
     RETURN_TYPES = ("LATENT", "LATENT", "MASK", "STRING")
@@ -86,13 +92,13 @@ class AttnSegPromptToPrompt:
 
     def edit(self, model, clip, source_prompt, edit_prompt, negative, latent_image, seed, steps, cfg, sampler_name,
              scheduler, denoise, mode, cross_replace, self_replace, blend_words, blend_start, mask_threshold, dilate,
-             feather, reweight_words, reweight_factor, keep_outside, segmenter_weights, mask=None):
+             feather, reweight_words, reweight_factor, keep_outside, segmenter_weights, mask=None, inversion=None):
         settings = EditSettings(mode, cross_replace, self_replace, blend_words, blend_start, mask_threshold, dilate,
                                 feather, reweight_words, reweight_factor, keep_outside,
                                 tuple(parse_weights(segmenter_weights, "segmenter_weights")))
         source, edited, used_mask, report = edit_sample(model, clip, source_prompt, edit_prompt, negative,
                                                         latent_image, seed, steps, cfg, sampler_name, scheduler,
-                                                        denoise, settings, mask)
+                                                        denoise, settings, mask, inversion)
         return ({**latent_image, "samples": edited}, {**latent_image, "samples": source}, used_mask, report)
 
 

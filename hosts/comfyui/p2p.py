@@ -7,7 +7,11 @@ the cond half (as P2P does): cross-attention copied from the source through
 the token alignment for the first ``cross_replace`` of the steps,
 self-attention of layers with at most 32x32 tokens shared for the first
 ``self_replace``. A post-CFG function blends the edit's prediction with the
-reference (the source row, or the input latent) outside the mask."""
+reference (the source row, or the input latent) outside the mask.
+
+From an inversion (hosts/comfyui/inversion.py) both rows start at the
+inverted latent instead of noise and follow the inversion's sigmas with the
+Euler (DDIM) step, so the source row reconstructs the input image."""
 
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from ...attnseg.tokens import parse_class_list
 from .capture import CapturePlan, fallback_attention, install_capture, step_index
 from .text import locate_words, tokenized
 from .dit import dit_family
+from .inversion import INVERSION_SAMPLERS, install_inversion, model_identity, sample_from_inversion
 from .unet import UNetInfo, check_conditioning, describe_unet
 
 # P2P shares the self-attention of layers up to 32 x 32 tokens (SD at 512 px: all but the finest).
@@ -119,8 +124,10 @@ def _tile(alignment: TokenAlignment, reweight, tokens: int):
 
 
 def install_prompt_to_prompt(model, info: UNetInfo, edit_context: torch.Tensor, pair: PromptPair,
-                             settings: EditSettings, steps: _Steps) -> None:
-    """Patch ``model`` (a clone) for a latent batch [source rows, edit rows]."""
+                             settings: EditSettings, steps: _Steps, edit_adm: torch.Tensor | None = None) -> None:
+    """Patch ``model`` (a clone) for a latent batch [source rows, edit rows].
+    ``edit_adm``: the edit prompt's ADM vector (SDXL: its pooled text embedding
+    and the size embeddings) for the edit rows' ``y``."""
     tiled, contexts = {}, {}
 
     def cond_rows(extra: dict, batch: int) -> slice | None:
@@ -203,6 +210,13 @@ def install_prompt_to_prompt(model, info: UNetInfo, edit_context: torch.Tensor, 
     def wrapper(apply_model, args):
         options = args["c"].get("transformer_options", {})
         steps.step, steps.total = step_index(options.get("sample_sigmas"), args["timestep"])
+        y = args["c"].get("y")
+        rows = cond_rows(args, y.shape[0]) if edit_adm is not None and y is not None else None
+        if rows is not None:
+            half = (rows.stop - rows.start) // 2
+            y = y.clone()
+            y[rows.start + half:rows.stop] = edit_adm.to(y)
+            args = {**args, "c": {**args["c"], "y": y}}
         if previous_wrapper is not None:
             return previous_wrapper(apply_model, args)
         return apply_model(args["input"], args["timestep"], **args["c"])
@@ -255,11 +269,32 @@ def _user_mask(mask: torch.Tensor, latent_size, settings: EditSettings) -> torch
     return blend_mask(mask[:1].float(), latent_size, settings.dilate, settings.feather)
 
 
+def _edit_adm(model, source, edit, latent_size) -> torch.Tensor | None:
+    """The edit prompt's ADM vector, as ComfyUI builds the source's (the source's
+    size options, the edit's pooled output); None for models without one (SD1.x)."""
+    pooled = edit[0][1].get("pooled_output")
+    if pooled is None:
+        return None
+    options = {"width": latent_size[1] * 8, "height": latent_size[0] * 8, **source[0][1], "pooled_output": pooled}
+    return model.model.encode_adm(**options, device=model.load_device, prompt_type="positive")
+
+
+def _check_inversion(inversion, model, latent_image, source_prompt, steps, cfg, sampler_name, scheduler, denoise):
+    if sampler_name not in INVERSION_SAMPLERS:
+        raise AttnSegError(f"sampler_name: '{sampler_name}'; an inversion reverses the Euler (DDIM) step, so the "
+                           f"edit from it samples with {' or '.join(INVERSION_SAMPLERS)}.")
+    if denoise != 1.0:
+        raise AttnSegError(f"denoise: {denoise}; with an inversion the edit runs the inversion's whole schedule "
+                           f"from its noise. Set denoise to 1.")
+    inversion.check_edit(model_identity(model), tuple(latent_image.shape[1:]), source_prompt, steps, cfg, scheduler)
+
+
 def edit_sample(model, clip, source_prompt: str, edit_prompt: str, negative, latent: dict, seed: int, steps: int,
                 cfg: float, sampler_name: str, scheduler: str, denoise: float, settings: EditSettings,
-                mask: torch.Tensor | None = None):
-    """Sample the source and the edit together. Returns (source latent, edited
-    latent, blend mask (1, H, W) at pixel size, alignment report)."""
+                mask: torch.Tensor | None = None, inversion=None):
+    """Sample the source and the edit together, from noise or from
+    ``inversion`` (an attnseg.inversion.Inversion of ``latent``). Returns
+    (source latent, edited latent, blend mask (1, H, W) at pixel size, alignment report)."""
     settings.check()
     samples = latent["samples"]
     if samples.shape[0] != 1:
@@ -268,6 +303,8 @@ def edit_sample(model, clip, source_prompt: str, edit_prompt: str, negative, lat
     if dit_family(model) is not None:
         raise AttnSegError("model: Prompt-to-Prompt runs on UNet models (SD1.x, SD2.x, SDXL) so far; editing a Flux "
                            "or SD3 model (MM-DiT attention control) is not supported yet.")
+    if inversion is not None:
+        _check_inversion(inversion, model, latent_image, source_prompt, steps, cfg, sampler_name, scheduler, denoise)
     pair = pair_prompts(clip, source_prompt, edit_prompt, settings)
     if settings.keep_outside == "input latent" and not bool(samples.any()):
         raise AttnSegError("keep_outside: 'input latent' keeps the input outside the mask, but latent_image is empty "
@@ -277,7 +314,8 @@ def edit_sample(model, clip, source_prompt: str, edit_prompt: str, negative, lat
     blend = bool(blend_names) or mask is not None
     metas = _blend_words(clip, (source_prompt, edit_prompt), settings) if blend_names else None
     positive = clip.encode_from_tokens_scheduled(pair.source_tokens)
-    edit_context = clip.encode_from_tokens_scheduled(pair.edit_tokens)[0][0]
+    edit_conditioning = clip.encode_from_tokens_scheduled(pair.edit_tokens)
+    edit_context = edit_conditioning[0][0]
     info = describe_unet(model)
     if blend_names:  # refused before sampling, not after
         levels = len({layer.factor for layer in info.layers})
@@ -289,7 +327,10 @@ def edit_sample(model, clip, source_prompt: str, edit_prompt: str, negative, lat
 
     patched = model.clone()
     step_state = _Steps()
-    install_prompt_to_prompt(patched, info, edit_context, pair, settings, step_state)
+    if inversion is not None:
+        install_inversion(patched, inversion)  # null-text's embeddings, under P2P's wrapper
+    install_prompt_to_prompt(patched, info, edit_context, pair, settings, step_state,
+                             _edit_adm(patched, positive, edit_conditioning, latent_size))
     store = None
     if blend and mask is None:
         # Every step's attention goes into a running average that locates the blend
@@ -320,11 +361,15 @@ def edit_sample(model, clip, source_prompt: str, edit_prompt: str, negative, lat
         return torch.cat([denoised[:half], blended])
 
     patched.set_model_sampler_post_cfg_function(blend_prediction)
-    noise = comfy.sample.prepare_noise(latent_image, seed).repeat(2, 1, 1, 1)
     callback = latent_preview.prepare_callback(patched, steps)
-    out = comfy.sample.sample(patched, noise, steps, cfg, sampler_name, scheduler, positive, negative,
-                              latent_image.repeat(2, 1, 1, 1), denoise=denoise, callback=callback,
-                              disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    if inversion is not None:
+        start = inversion.noise.to(latent_image).repeat(2, 1, 1, 1)
+        out = sample_from_inversion(patched, inversion, positive, negative, start, cfg, callback, seed)
+    else:
+        noise = comfy.sample.prepare_noise(latent_image, seed).repeat(2, 1, 1, 1)
+        out = comfy.sample.sample(patched, noise, steps, cfg, sampler_name, scheduler, positive, negative,
+                                  latent_image.repeat(2, 1, 1, 1), denoise=denoise, callback=callback,
+                                  disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
     used = blend_state["mask"]
     if used is None:  # no blend ran: the whole image was free to change
         used = torch.ones(1, 1, *latent_size)
