@@ -1,0 +1,128 @@
+"""Segmentation prompts on a diffusers pipeline: encode with its text encoder(s)
+and locate the class tokens, as the ComfyUI host does with a CLIP (same
+templates, class weighting, Cat-Cross, "-ing" fusion)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...attnseg import AttnSegError, SegPrompt
+from ...attnseg.presets import TextSetup
+from ...attnseg.tokens import (GOCA_BACKGROUND, fuse_ing_words, goca_template_prompt, iseg_template_prompt,
+                               locate_classes, template_prompt)
+from .capture import KeyScale
+
+CAT_CROSS_MODES = ("keys", "embedding")
+
+
+@dataclass
+class Conditioning:
+    """One encoded prompt: ``embeds`` (1, T, C) as the UNet's encoder_hidden_states,
+    ``pooled`` (1, C') for SDXL's added conditioning (None elsewhere), the class
+    metadata, and Cat-Cross's key weighting when it acts on the keys."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None
+    prompt: SegPrompt
+    key_scale: KeyScale | None = None
+
+
+def _word(tokenizer, piece: str) -> str:
+    """A BPE piece as text ('cafÃ©</w>' -> 'café'); unchanged where the tokenizer cannot say."""
+    try:
+        return tokenizer.convert_tokens_to_string([piece]).replace("</w>", "").strip() or piece
+    except Exception:  # a piece cut mid-character
+        return piece.replace("</w>", "")
+
+
+def prompt_tokens(tokenizer, text: str, input_name: str = "prompt") -> tuple[list[int], list[str]]:
+    """(token ids of ``text`` padded to the encoder's length, readable words: "" for BOS,
+    EOS and padding). A prompt longer than the encoder reads is refused: the pipeline
+    would cut it, and classes past the cut would have no attention."""
+    length = tokenizer.model_max_length
+    ids = tokenizer(text, padding="max_length", max_length=length, truncation=False)["input_ids"]
+    if len(ids) > length:
+        raise AttnSegError(f"{input_name}: '{text[:60]}...' is {len(ids)} tokens; this pipeline's text encoder reads "
+                           f"{length}. Shorten the prompt or the class list.")
+    specials = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    end = ids.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in ids else len(ids)
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    words = ["" if i >= end or token in specials else _word(tokenizer, piece)
+             for i, (token, piece) in enumerate(zip(ids, pieces))]
+    return ids, words
+
+
+def locate_words(tokenizer, text: str, names: list[str], input_name: str = "classes") -> SegPrompt:
+    """Class metadata of ``names`` in ``text``; a name not in the text is an error."""
+    ids, words = prompt_tokens(tokenizer, text)
+    class_tokens = {name: tokenizer(name, add_special_tokens=False)["input_ids"] for name in names}
+    return locate_classes(ids, class_tokens, words, text, input_name=input_name)
+
+
+def encode_text(pipe, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(prompt embeddings (1, T, C), pooled embeddings or None) from the pipeline's own
+    ``encode_prompt`` (SDXL's two encoders concatenated, as its call does)."""
+    device = pipe.unet.device
+    with torch.no_grad():
+        encoded = pipe.encode_prompt(prompt=text, device=device, num_images_per_prompt=1,
+                                     do_classifier_free_guidance=False)
+    embeds = encoded[0]
+    pooled = encoded[2] if len(encoded) == 4 else None  # SDXL: (embeds, negative, pooled, negative pooled)
+    return embeds, pooled
+
+
+def encode_segmentation_prompt(pipe, prompt: str, names: list[str], class_weight: float = 1.0,
+                               fuse_ing: bool = False) -> Conditioning:
+    """The prompt (the template when empty) encoded with its class metadata. ``class_weight``
+    != 1 re-weights the class tokens as DiffSegmenter's "class++" does: ``z_empty + w
+    (z - z_empty)`` at their positions, ``z_empty`` the empty prompt's encoding."""
+    if not class_weight > 0:
+        raise AttnSegError(f"class_weight: {class_weight} must be positive (1 = off, DiffSegmenter 1.21).")
+    text = prompt.strip() or template_prompt(names)
+    meta = locate_words(pipe.tokenizer, text, names)
+    if fuse_ing:
+        meta = fuse_ing_words(meta)
+    embeds, pooled = encode_text(pipe, text)
+    if class_weight != 1.0:
+        empty = encode_text(pipe, "")[0]
+        positions = list(meta.class_positions)
+        embeds = embeds.clone()
+        embeds[:, positions] = empty[:, positions] + class_weight * (embeds[:, positions] - empty[:, positions])
+    return Conditioning(embeds, pooled, meta)
+
+
+def encode_cat_cross(pipe, prompt: str, names: list[str], gamma: float, mode: str,
+                     background_words: tuple[str, ...] = ()) -> Conditioning:
+    """iSeg's Cat-Cross: the class tokens weighted by ``gamma`` on the keys inside the
+    attention ("keys", the paper) or on the text embedding ("embedding", the released
+    code). An empty prompt becomes iSeg's template."""
+    if not gamma > 0:
+        raise AttnSegError(f"gamma: {gamma} must be positive (iSeg: 1.6; 1 turns Cat-Cross off).")
+    if mode not in CAT_CROSS_MODES:
+        raise AttnSegError(f"mode: '{mode}' is not one of {', '.join(CAT_CROSS_MODES)}.")
+    text = prompt.strip() or iseg_template_prompt(names, background_words)
+    meta = locate_words(pipe.tokenizer, text, names)
+    embeds, pooled = encode_text(pipe, text)
+    positions = meta.class_positions
+    if mode == "embedding":
+        embeds = embeds.clone()
+        embeds[:, list(positions)] *= gamma
+        return Conditioning(embeds, pooled, meta)
+    return Conditioning(embeds, pooled, meta, KeyScale(positions, float(gamma)))
+
+
+def encode_for_preset(pipe, text: TextSetup, prompt: str, names: list[str]) -> list[Conditioning]:
+    """The preset's conditionings for ``names``: one for all of them, or one per class
+    (in class order) when the preset prompts each class alone and no prompt is given."""
+    if text.per_class and not prompt.strip():
+        return [encode_segmentation_prompt(pipe, template_prompt([name]), [name], text.class_weight, text.fuse_ing)
+                for name in names]
+    if text.template == "iseg":
+        return [encode_cat_cross(pipe, prompt, names, text.cat_cross_gamma, text.cat_cross_mode,
+                                 text.background_words)]
+    if text.template == "goca":
+        return [encode_segmentation_prompt(pipe, prompt.strip() or goca_template_prompt(names),
+                                           names + [GOCA_BACKGROUND], text.class_weight, text.fuse_ing)]
+    return [encode_segmentation_prompt(pipe, prompt, names, text.class_weight, text.fuse_ing)]
