@@ -88,7 +88,7 @@ class CaptureProcessor:
                  plan: CapturePlan, heads: tuple[int, ...] | None, stores_queries: bool,
                  key_scale: KeyScale | None, pools: dict):
         self.previous = previous
-        self.stock = isinstance(previous, _stock_processors())
+        self.stock = type(previous) in _stock_processors()  # a subclass may change the output: chain it
         self.layer, self.kind, self.state, self.store, self.plan = layer, kind, state, store, plan
         self.key = LayerKey(kind, layer.block, layer.block_id, layer.depth, layer.factor) if kind else None
         self.query_key = LayerKey("query", layer.block, layer.block_id, layer.depth, layer.factor)
@@ -204,7 +204,7 @@ def capture_attention(unet, store: AttentionStore, plan: CapturePlan, info: Diff
                 attn = info.attention(layer, kind)
                 _check_plain(attn, layer, kind)
                 previous = attn.processor
-                if scaled and not isinstance(previous, _stock_processors()):
+                if scaled and type(previous) not in _stock_processors():
                     raise AttnSegError(f"preset: Cat-Cross on the keys re-weights {layer.path}'s attention, whose "
                                        f"processor is {type(previous).__name__}; use a preset with Cat-Cross on "
                                        f"the embedding, or the pipeline without that processor.")
