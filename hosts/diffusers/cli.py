@@ -193,6 +193,8 @@ def image_jobs(args) -> tuple[list[Job], tuple[str, ...]]:
     """segment's jobs and its output classes (background first): --classes for every
     image, or the union of --labels' classes in the order they first appear."""
     files = _limited(datasets.image_files(args.images), args.limit)
+    for file in files:
+        datasets.check_image(file)
     if args.classes is not None:
         from ...attnseg.tokens import parse_class_list
 
@@ -269,17 +271,25 @@ def run(args, jobs: list[Job], class_names: tuple[str, ...], settings: dict, out
     datasets.write_atomically(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
 
     bar = None
-    if todo and not args.no_progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=todo, unit="img", file=sys.stderr, desc=args.command, smoothing=0.1)
+    def advance(count: int) -> None:
+        # The bar appears at the engine's first report (once the model has loaded), so a
+        # model that fails to load leaves only its error line.
+        nonlocal bar
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=todo, unit="img", file=sys.stderr, desc=args.command, smoothing=0.1)
+        bar.update(count)
+
     began = time.perf_counter()
+    progress = None if args.no_progress else advance
     try:
         if args.engine == "ray":
-            summary = run_ray(jobs, model.build, outputs, args.batch_size, args.num_workers,
-                              advance=bar.update if bar else None, address=args.ray_address)
+            summary = run_ray(jobs, model.build, outputs, args.batch_size, args.num_workers, advance=progress,
+                              address=args.ray_address)
         else:
-            summary = run_local(jobs, model.build, outputs, args.batch_size, advance=bar.update if bar else None)
+            summary = run_local(jobs, model.build, outputs, args.batch_size, advance=progress)
     finally:
         if bar is not None:
             bar.close()

@@ -92,6 +92,16 @@ def read_image(path: Path, argument: str = "images") -> np.ndarray:
         raise AttnSegError(f"{argument}: {path} does not decode as an image ({error}).") from None
 
 
+def check_image(path: Path, argument: str = "images") -> None:
+    """Reads the header (and, for PNG, checks the chunks' checksums) without
+    decoding the pixels: a file that is not an image fails here, before a run."""
+    try:
+        with Image.open(path) as picture:
+            picture.verify()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise AttnSegError(f"{argument}: {path} does not decode as an image ({error}).") from None
+
+
 def read_class_names(path: Path, argument: str = "--class-names") -> tuple[str, ...]:
     """One class per line, the first the background (label 0); '#' lines skipped."""
     path = Path(path)

@@ -130,12 +130,14 @@ class Segmenter:
 
     def __init__(self, settings: ModelSettings) -> None:
         from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
 
         from .api import load_pipeline
 
-        # A run reports its own progress: diffusers' loading bars and notes would break it up.
-        diffusers_logging.disable_progress_bar()
-        diffusers_logging.set_verbosity_error()
+        # A run reports its own progress: the libraries' loading bars and notes would break it up.
+        for library in (diffusers_logging, transformers_logging):
+            library.disable_progress_bar()
+            library.set_verbosity_error()
         self.settings = settings
         try:
             self.pipe = load_pipeline(settings.model, settings.device, settings.dtype, settings.allow_hub,
@@ -156,11 +158,10 @@ class Segmenter:
                 results[i] = Result(np.zeros((height, width), np.uint8), np.zeros((0, height, width), np.float16))
         if todo:
             s = self.settings
+            pixels = [torch.from_numpy(np.array(images[i])).permute(2, 0, 1) for i in todo]  # writable copies
             try:
-                found = segment(self.pipe, [torch.from_numpy(np.ascontiguousarray(images[i])).permute(2, 0, 1)
-                                            for i in todo],
-                                [list(jobs[i].classes) for i in todo], preset=s.preset, prompt=s.prompt,
-                                resolution=s.resolution, threshold=s.threshold, seed=s.seed)
+                found = segment(self.pipe, pixels, [list(jobs[i].classes) for i in todo], preset=s.preset,
+                                prompt=s.prompt, resolution=s.resolution, threshold=s.threshold, seed=s.seed)
             except AttnSegError as error:
                 raise command_line_error(error) from None
             for i, segmentation in zip(todo, found):
@@ -189,12 +190,14 @@ def run_local(jobs: list[Job], build: Callable[[], Callable], outputs: Outputs, 
               advance: Callable[[int], None] | None = None) -> Summary:
     """Segments every job not yet done, ``batch_size`` images per segmenter call;
     ``build()`` makes the segmenter (only when there is work). ``advance(n)`` after
-    each batch (a progress bar's update)."""
+    each batch (a progress bar's update), and ``advance(0)`` once the segmenter is built."""
     todo = pending(jobs, outputs)
     summary = Summary(skipped=len(jobs) - len(todo))
     if not todo:
         return summary
     segmenter = build()
+    if advance is not None:
+        advance(0)
     for start in range(0, len(todo), batch_size):
         batch, images = [], []
         for job in todo[start:start + batch_size]:
