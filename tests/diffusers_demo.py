@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,6 +60,23 @@ def vae_config(ldm: dict) -> dict:
                 layers_per_block=dd["num_res_blocks"], sample_size=dd["resolution"], scaling_factor=0.18215)
 
 
+def ldm_state() -> dict:
+    """The checkpoint's tensors under the prefixes original (LDM) SD checkpoints use, which
+    diffusers' converters and single-file loader read."""
+    def renamed(key: str) -> str:
+        for ours, theirs in (("unet.", "model.diffusion_model."), ("vae.", "first_stage_model."),
+                             ("clip.clip_l.transformer.", "cond_stage_model.transformer.")):
+            if key.startswith(ours):
+                return theirs + key[len(ours):]
+        return key
+    return {renamed(k): v for k, v in load_file(str(CHECKPOINT)).items()}
+
+
+def save_ldm_checkpoint(path: Path) -> None:
+    """The demo model as an original-layout single-file checkpoint (for from_single_file tests)."""
+    save_file({k: v.contiguous() for k, v in ldm_state().items()}, str(path))
+
+
 def comfy_sd1_folder() -> Path:
     """ComfyUI's copy of SD1's CLIP config and tokenizer (comfy/sd1_clip_config.json, comfy/sd1_tokenizer)."""
     from comfy import sd1_clip
@@ -74,12 +91,7 @@ def demo_pipeline(dtype: torch.dtype = torch.float32):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     config = checkpoint_config()
-    state = {k: v.float() for k, v in load_file(str(CHECKPOINT)).items()}
-    # The prefixes diffusers' converters read in original (LDM) checkpoints.
-    ldm = {("model.diffusion_model." + k[5:] if k.startswith("unet.") else
-            "first_stage_model." + k[4:] if k.startswith("vae.") else
-            "cond_stage_model.transformer." + k[len("clip.clip_l.transformer."):]
-            if k.startswith("clip.clip_l.transformer.") else k): v for k, v in state.items()}
+    ldm = {k: v.float() for k, v in ldm_state().items()}
 
     unet = UNet2DConditionModel(**unet_config(config["unet"]))
     unet.load_state_dict(convert_ldm_unet_checkpoint(ldm, unet.config), strict=True)
