@@ -149,3 +149,70 @@ def test_one_image_per_edit(demo):
     model, clip, _ = demo
     with pytest.raises(AttnSegError, match="latent_image: 2 latents"):
         edit(model, clip, {"samples": torch.zeros(2, 4, 16, 16)}, steps=2)
+
+
+def test_editing_from_an_inversion_reconstructs_the_image_and_recolours_the_object(demo):
+    """The source row is the inversion's reconstruction; the edit row turns the circle
+    yellow; outside the blend mask the edit is the input latent."""
+    from PIL import Image
+
+    from attnseg_pack.hosts.comfyui.inversion import invert, sample_from_inversion
+
+    model, clip, vae = demo
+    image = torch.from_numpy(np.array(Image.open(REPO / "demo" / "attnseg-demo.png").convert("RGB"))) / 255.0
+    negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    with torch.inference_mode():
+        latent = {"samples": vae.encode(image[None])}
+        inversion = invert(model, clip, SOURCE, negative, latent, 12, 5.0, "normal", "negative-prompt")
+        alone = sample_from_inversion(model.clone(), inversion, clip.encode_from_tokens_scheduled(
+            clip.tokenize(SOURCE)), negative, inversion.noise, 5.0)
+    target = "a yellow circle and a blue square"
+    edited, source, mask, _ = edit(model, clip, latent, target=target, steps=12, keep_outside="input latent",
+                                   blend_words="red circle, yellow circle", inversion=inversion)
+    torch.testing.assert_close(source["samples"], alone, atol=1e-4, rtol=0)
+    keep = outside(mask)[:, None].expand_as(latent["samples"])
+    assert float(keep.float().mean()) > 0.4
+    torch.testing.assert_close(edited["samples"][keep], latent["samples"][keep], atol=1e-4, rtol=0)
+    with torch.inference_mode():
+        pixels = (vae.decode(edited["samples"]).clamp(0, 1)[0].numpy() * 255).astype(np.uint8)
+    red = colour_mask((image.numpy() * 255).astype(np.uint8), "red")
+    assert colour_mask(pixels, "yellow")[red].mean() > 0.3 and colour_mask(pixels, "red")[red].mean() < 0.25
+
+
+def tiny_sdxl_with_pooled_vector():
+    """A tiny UNet with SDXL's ADM input (pooled text vector + six size embeddings)."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    from tiny_models import CONTEXT_DIM, init_weights
+
+    config = dict(image_size=32, in_channels=4, out_channels=4, model_channels=32, num_head_channels=16,
+                  context_dim=CONTEXT_DIM, use_spatial_transformer=True, legacy=False,
+                  num_classes="sequential", adm_in_channels=CONTEXT_DIM + 6 * 256, use_temporal_attention=False, use_temporal_resblock=False,
+                  disable_self_attentions=None, **SDXL_LAYOUT)
+    model_config = comfy.supported_models.SDXL(config)
+    model_config.unet_config = config
+    model = model_config.get_model({})
+    init_weights(model.diffusion_model, 4)
+    device = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+def test_on_sdxl_the_edit_row_gets_its_own_pooled_vector():
+    """Without attention control or blend the edit row is the edit prompt sampled
+    alone from the same noise: its ADM vector is the edit prompt's, not the source's."""
+    import comfy.sample
+
+    model, clip = tiny_sdxl_with_pooled_vector(), tiny_clip(seed=3)
+    source, target = "a cat on a sofa", "a dog on a sofa"
+    edited, _, _, _ = edit(model, clip, empty(8, 12), source, target, steps=3, blend_words="", cross_replace=0.0,
+                           self_replace=0.0)
+    negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    with torch.inference_mode():
+        positive = clip.encode_from_tokens_scheduled(clip.tokenize(target))
+        assert positive[0][1]["pooled_output"] is not None
+        latent = torch.zeros(1, 4, 8, 12)
+        alone = comfy.sample.sample(model, comfy.sample.prepare_noise(latent, 5), 3, 5.0, "euler", "normal",
+                                    positive, negative, latent, seed=5)
+    torch.testing.assert_close(edited["samples"], alone, atol=1e-4, rtol=1e-4)
