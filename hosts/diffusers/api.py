@@ -117,7 +117,9 @@ def run_method(store, chosen: Preset) -> ScoreMaps:
     if chosen.method == "iseg":
         return iseg(store, settings.lam, settings.iterations, settings.variant, settings.factors, settings.weights,
                     "attention", settings.smoothing_iterations, settings.clusters)
-    backgrounds = [GOCA_BACKGROUND] if chosen.text.template == "goca" else []
+    # GoCA's template adds a background class; a generation's own prompt may not have one.
+    named = store.prompt.class_names if store.prompt else []
+    backgrounds = [GOCA_BACKGROUND] if chosen.text.template == "goca" and GOCA_BACKGROUND in named else []
     return goca(store, settings.layer_weights, settings.rescaling, settings.blur, settings.order, backgrounds,
                 "attention", settings.propagation_layers, settings.aggregate_factor, chosen.name, chosen.capture.heads)
 
