@@ -32,10 +32,13 @@ from demo import evaluate  # noqa: E402
 
 # Both hosts store maps in fp16 (the store's dtype); fp32 compute differs in the last bits
 # (ComfyUI passes the timestep back from its sigma, the text and VAE kernels differ), so maps
-# agree to about one fp16 step of each layer's largest value (measured: at most 1.5e-4 of it).
+# agree to about one fp16 step of each layer's largest value (measured: at most 5.5e-4 of it;
+# one fp16 step is 4.9e-4 to 9.8e-4 of a value, so two steps are allowed).
 # A capture that read another layer, head, timestep or noise is off by far more: see
 # test_the_tolerance_tells_a_different_noise_apart.
-MAP_TOLERANCE = 1e-3  # of the layer's largest map value
+MAP_TOLERANCE = 2e-3  # of the layer's largest map value
+# The methods' score maps (min-max normalised, in [0, 1]) then differ by at most 4.4e-5 (measured).
+SCORE_TOLERANCE = 1e-3
 RESOLUTION = 256  # twice the scene's size, as the demo's tuned preset
 
 
@@ -110,7 +113,7 @@ def assert_same_labels(labels, other_labels, other_scores, threshold, background
     two hosts' score difference (a near-tie that fp noise may break either way): at most
     one pixel in a thousand."""
     differ = labels != other_labels
-    tie = decision_margin(other_scores, threshold, background) < 10 * MAP_TOLERANCE
+    tie = decision_margin(other_scores, threshold, background) < SCORE_TOLERANCE
     assert not (differ & ~tie).any(), f"{int((differ & ~tie).sum())} pixels with a clear decision got another label"
     assert differ.float().mean() <= 1e-3, f"{int(differ.sum())} of {differ.numel()} pixels differ"
     assert len(other_labels.unique()) >= 2  # not one label everywhere: the labels say something
@@ -120,7 +123,7 @@ def assert_same_masks(ours, theirs, threshold, background="threshold"):
     """Score maps to tolerance, and the same labels and masks from them (see assert_same_labels)."""
     labels, _, scores = make_masks(ours, threshold, background)
     other_labels, _, other_scores = make_masks(theirs, threshold, background)
-    assert (scores - other_scores).abs().max() < 10 * MAP_TOLERANCE
+    assert (scores - other_scores).abs().max() < SCORE_TOLERANCE
     assert_same_labels(labels, other_labels, other_scores, threshold, background)
 
 
@@ -151,7 +154,7 @@ def test_segment_gives_the_comfyui_segmenters_masks(comfy, pipe, item):
                                                resolution=RESOLUTION)
     labels, masks, maps = make_masks(scores, chosen.threshold, chosen.background)
     assert result.class_names == _names(item) and result.image_size == tuple(image.shape[1:3])
-    assert (result.scores - maps[0]).abs().max() < 10 * MAP_TOLERANCE
+    assert (result.scores - maps[0]).abs().max() < SCORE_TOLERANCE
     assert_same_labels(result.labels[None], labels, maps, chosen.threshold, chosen.background)
     assert torch.equal(result.masks, torch.stack([result.labels == k + 1 for k in range(len(result.class_names))]))
 
