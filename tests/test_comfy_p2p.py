@@ -189,7 +189,8 @@ def tiny_sdxl_with_pooled_vector():
 
     config = dict(image_size=32, in_channels=4, out_channels=4, model_channels=32, num_head_channels=16,
                   context_dim=CONTEXT_DIM, use_spatial_transformer=True, legacy=False,
-                  num_classes="sequential", adm_in_channels=CONTEXT_DIM + 6 * 256, use_temporal_attention=False, use_temporal_resblock=False,
+                  num_classes="sequential", adm_in_channels=CONTEXT_DIM + 6 * 256, use_temporal_attention=False,
+                  use_temporal_resblock=False,
                   disable_self_attentions=None, **SDXL_LAYOUT)
     model_config = comfy.supported_models.SDXL(config)
     model_config.unet_config = config
