@@ -70,8 +70,8 @@ def noised(scheduler, latent: torch.Tensor, noise: torch.Tensor, timestep: int) 
     if alphas is None:
         raise AttnSegError(f"pipe: its scheduler {type(scheduler).__name__} has no alphas_cumprod (a flow-matching "
                            f"schedule?); the UNet capture pass noises with a DDPM-family schedule.")
-    alpha = alphas[timestep].to(latent.device, torch.float64)
-    return (alpha.sqrt() * latent.double() + (1 - alpha).sqrt() * noise.double()).to(latent.dtype)
+    alpha = alphas[timestep].to(latent.device, torch.float32)
+    return alpha.sqrt() * latent.float() + (1 - alpha).sqrt() * noise.float()
 
 
 def added_conditions(pipe, conditioning: Conditioning, rows: int, pixel_size: tuple[int, int]) -> dict | None:

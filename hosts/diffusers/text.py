@@ -64,7 +64,7 @@ def locate_words(tokenizer, text: str, names: list[str], input_name: str = "clas
 def encode_text(pipe, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(prompt embeddings (1, T, C), pooled embeddings or None) from the pipeline's own
     ``encode_prompt`` (SDXL's two encoders concatenated, as its call does)."""
-    device = pipe.unet.device
+    device = getattr(pipe, "_execution_device", None) or pipe.unet.device  # where an offloading pipeline encodes
     with torch.no_grad():
         encoded = pipe.encode_prompt(prompt=text, device=device, num_images_per_prompt=1,
                                      do_classifier_free_guidance=False)
