@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,16 +263,28 @@ def _array_bytes(array: np.ndarray) -> bytes:
 class _SegmentActor:
     """One model per actor, built once; a batch's decoded images -> label maps
     (and score maps as .npy bytes: a class-less image has none, and Arrow's
-    tensor columns take no empty arrays)."""
+    tensor columns take no empty arrays). A bad-input error (a model that does
+    not load, a prompt without the classes) is not raised here, where Ray would
+    wrap it in its own errors and retries, but sent on in the "fatal" column for
+    the driver to raise as the one-line error it is."""
 
     def __init__(self, build: Callable[[], Callable]) -> None:
-        self.segmenter = build()
+        try:
+            self.segmenter, self.fatal = build(), ""
+        except AttnSegError as error:
+            self.segmenter, self.fatal = None, str(error)
 
     def __call__(self, batch: dict) -> dict:
         rows = range(len(batch["id"]))
         ok = [i for i in rows if not batch["error"][i]]
-        results = dict(zip(ok, self.segmenter([batch["pixels"][i] for i in ok],
-                                               [_job({k: batch[k][i] for k in batch}) for i in ok]))) if ok else {}
+        results, fatal = {}, self.fatal
+        if ok and not fatal:
+            try:
+                results = dict(zip(ok, self.segmenter([batch["pixels"][i] for i in ok],
+                                                      [_job({k: batch[k][i] for k in batch}) for i in ok])))
+            except AttnSegError as error:
+                fatal = str(error)
+        batch["fatal"] = [fatal for _ in rows]
         batch["labels"] = [results[i].labels if i in results else np.zeros((1, 1), np.uint8) for i in rows]
         batch["scores"] = [_array_bytes(results[i].scores) if i in results else b"" for i in rows]
         return batch
@@ -279,11 +292,11 @@ class _SegmentActor:
 
 def _write_batch(batch: dict, outputs: Outputs) -> dict:
     for i in range(len(batch["id"])):
-        if not batch["error"][i]:
+        if not batch["error"][i] and not batch["fatal"][i]:
             scores = np.load(io.BytesIO(batch["scores"][i]), allow_pickle=False)
             outputs.write(_job({k: batch[k][i] for k in batch}), batch["pixels"][i],
                           Result(batch["labels"][i], scores))
-    return {"id": batch["id"], "error": batch["error"]}
+    return {"id": batch["id"], "error": batch["error"], "fatal": batch["fatal"]}
 
 
 def run_ray(jobs: list[Job], build: Callable[[], Callable], outputs: Outputs, batch_size: int = 1,
@@ -316,26 +329,33 @@ def run_ray(jobs: list[Job], build: Callable[[], Callable], outputs: Outputs, ba
         cpus_per_worker = 1.0 if gpus_per_worker else max(0.1, min(1.0, (cpus - 1) / num_workers))
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the command line's own bar counts images
+        # Ray Data's notes on each execution would break up that bar; they stay in
+        # its log files (/tmp/ray/session_*/logs/ray-data*).
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
         rows = [{"id": j.id, "image": j.image, "classes": json.dumps(list(j.classes)),
                  "label_ids": json.dumps(list(j.label_ids))} for j in todo]
+        # Decoding runs as CPU tasks ahead of the actors. On GPU workers the stages stay
+        # apart; on a CPU-only cluster Ray Data fuses the decode into the actors when
+        # both ask for the same CPUs (then each actor decodes its own images).
         dataset = (ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // max(1, batch_size)))
                    .map(_decode_row)
                    .map_batches(_SegmentActor, fn_constructor_args=(build,), batch_size=batch_size,
                                 compute=ray.data.ActorPoolStrategy(size=num_workers), num_cpus=cpus_per_worker,
                                 num_gpus=gpus_per_worker or None, batch_format="numpy")
                    .map_batches(_write_batch, fn_kwargs={"outputs": outputs}, batch_format="numpy"))
-        for row in dataset.iter_rows():
-            if row["error"]:
-                report_failure(summary, str(row["id"]), str(row["error"]))
-            else:
-                summary.written += 1
-            if advance is not None:
-                advance(1)
-    except ray.exceptions.RayTaskError as error:
-        cause = getattr(error, "cause", None)
-        if isinstance(cause, AttnSegError):
-            raise AttnSegError(str(cause)) from None
-        raise
+        written = iter(dataset.iter_rows())
+        try:
+            for row in written:
+                if row["fatal"]:
+                    raise AttnSegError(str(row["fatal"]))
+                if row["error"]:
+                    report_failure(summary, str(row["id"]), str(row["error"]))
+                else:
+                    summary.written += 1
+                if advance is not None:
+                    advance(1)
+        finally:
+            written.close()  # stops the pipeline now (an interrupted run leaves no tasks writing behind it)
     finally:
         if started:
             ray.shutdown()
