@@ -19,7 +19,14 @@ Methods:
 - null-text (Mokady et al., CVPR 2023): the cfg-1 inversion is the pivot; at
   each step the unconditional embedding is optimised (Adam) so that the guided
   step lands on the pivot's next latent, and the optimised embedding is kept
-  for that step."""
+  for that step.
+
+On rectified-flow models (Flux, SD3: ComfyUI's CONST sampling, ``x = (1 - sigma)
+x0 + sigma eps``) ``(x - denoised) / sigma`` is the flow's velocity ``v``, so the
+same step up the schedule is the flow ODE run backwards with Euler,
+``x_next = x + (sigma_next - sigma) * v(x, sigma_next)``: RF inversion (the
+first-order inversion RF-Solver and RF-Inversion start from), at the cfg the
+editor samples at."""
 
 from __future__ import annotations
 
@@ -30,7 +37,10 @@ import torch
 
 from .errors import AttnSegError
 
-INVERSION_METHODS = ("null-text", "negative-prompt", "DDIM")
+RF_INVERSION = "RF inversion (Euler ODE backwards)"
+UNET_METHODS = ("null-text", "negative-prompt", "DDIM")
+DIT_METHODS = (RF_INVERSION,)
+INVERSION_METHODS = UNET_METHODS + DIT_METHODS
 # The null-text paper's settings (their notebook's defaults, tuned for 50 DDIM steps):
 # Adam at lr 1e-2 decayed by i / 100 over step i, 10 iterations per step, and early
 # stop once the step's loss is below 1e-5 + i * 2e-5 (the tolerance grows along the
@@ -74,9 +84,17 @@ def null_text_tolerance(step: int, steps: int, epsilon: float = NULL_TEXT_EPSILO
     return epsilon + paper_step(step, steps) * NULL_TEXT_TOLERANCE_SLOPE
 
 
-def check_method(method: str) -> str:
+def check_method(method: str, rectified_flow: bool | None = None) -> str:
+    """``rectified_flow``: whether the model samples a rectified flow (Flux, SD3;
+    None: not known yet); each family has its own methods."""
     if method not in INVERSION_METHODS:
         raise AttnSegError(f"method: '{method}' is not one of {', '.join(INVERSION_METHODS)}.")
+    if rectified_flow is True and method not in DIT_METHODS:
+        raise AttnSegError(f"method: '{method}' inverts UNet models (eps- or v-prediction); this model samples a "
+                           f"rectified flow (Flux, SD3). Choose '{RF_INVERSION}'.")
+    if rectified_flow is False and method not in UNET_METHODS:
+        raise AttnSegError(f"method: '{method}' is for rectified-flow models (Flux, SD3); this is a UNet model. "
+                           f"Choose one of {', '.join(UNET_METHODS)}.")
     return method
 
 

@@ -6,7 +6,12 @@ Null-text inversion optimises the unconditional embedding through the UNet, so
 it needs gradients: ComfyUI loads checkpoints inside ``torch.inference_mode``,
 and weights made there cannot be saved for backward. On such a model the clone
 gets identity weight wrappers, which make ComfyUI's layers cast (copy) their
-weights at each call, outside inference mode while the optimisation runs."""
+weights at each call, outside inference mode while the optimisation runs.
+
+Rectified-flow models (Flux, SD3) get RF inversion, the same Euler step up the
+schedule. Their noise scaling mixes the start, ``sigma * noise + (1 - sigma) *
+latent``, which keeps nothing of the latent at sigma 1: there a run that must
+start at a given latent gets it as both the noise and the latent image."""
 
 from __future__ import annotations
 
@@ -22,18 +27,19 @@ import torch
 from ...attnseg import AttnSegError
 from ...attnseg.inversion import (Inversion, check_epsilon, check_iterations, check_method, euler_step,
                                   inversion_step, null_text_lr, null_text_tolerance, variance_preserving_mse)
+from ...attnseg.inversion import RF_INVERSION
 from ...attnseg.progress import tick
 from .capture import step_index
-from .dit import dit_family
+from .dit import check_dit_conditioning, describe_dit, dit_family
 from .unet import check_conditioning, describe_unet
 
 INVERSION_SAMPLERS = ("euler", "ddim")  # ComfyUI's "ddim" is the Euler step (DDIM in the sigma parameterisation)
 
 
 def model_identity(model, input_name: str = "model") -> str:
-    """The UNet's family and shape, the loaded checkpoint and its weight patches
+    """The model's family and shape, the loaded checkpoint and its weight patches
     (a LoRA makes another model): what an inversion is valid for."""
-    info = describe_unet(model, input_name)
+    info = describe_dit(model, input_name) if dit_family(model) is not None else describe_unet(model, input_name)
     return f"{info.model_id}, checkpoint #{id(model.model):x}, weight patches {str(model.patches_uuid)[:8]}"
 
 
@@ -55,6 +61,20 @@ class _SplitGuider(comfy.samplers.CFGGuider):
                                            uncond=self.conds.get("negative"))
 
 
+def rectified_flow(model) -> bool:
+    return isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST)
+
+
+def start_at(model, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noise, latent image) that make ComfyUI's sampler start at ``latent``
+    itself (LATENT scale), whatever sigmas[0] is: zero noise where the noise
+    scaling adds to the latent (eps, v); on a rectified flow the latent as both,
+    the noise in the model's scale (the sampler scales only the latent image in)."""
+    if rectified_flow(model):
+        return model.model.process_latent_in(latent), latent
+    return torch.zeros_like(latent), latent
+
+
 def _run(model, positive, negative, cfg: float, latent: torch.Tensor, sigmas: torch.Tensor, sampler_function,
          seed: int):
     """Run ``sampler_function(guider, model_k, x, sigmas, extra_args)`` through
@@ -68,7 +88,8 @@ def _run(model, positive, negative, cfg: float, latent: torch.Tensor, sigmas: to
         return sampler_function(guider, model_k, x, sigmas, extra_args)
 
     sampler = comfy.samplers.KSAMPLER(sample)
-    return guider.sample(torch.zeros_like(latent), latent, sampler, sigmas, disable_pbar=True, seed=seed)
+    noise, latent_image = start_at(model, latent)
+    return guider.sample(noise, latent_image, sampler, sigmas, disable_pbar=True, seed=seed)
 
 
 def _ddim_inversion(trajectory: list, guider, model_k, x, sigmas, extra_args):
@@ -187,14 +208,14 @@ def schedule(model, scheduler: str, steps: int) -> torch.Tensor:
     return comfy.samplers.calculate_sigmas(sampling, scheduler, steps).cpu()
 
 
-def check_prediction(model, input_name: str = "model") -> None:
-    if dit_family(model) is not None:
-        raise AttnSegError(f"{input_name}: inversion runs on UNet models (SD1.x, SD2.x, SDXL) so far; Flux and SD3 "
-                           f"(rectified flow) need RF inversion, which is not supported yet.")
-    sampling = model.get_model_object("model_sampling")
-    if isinstance(sampling, comfy.model_sampling.CONST):
-        raise AttnSegError(f"{input_name}: this model samples a rectified flow; the DDIM inversion here is for "
-                           f"eps- and v-prediction UNets (SD1.x, SD2.x, SDXL).")
+def check_prediction(model, method: str, input_name: str = "model") -> None:
+    """Refuse a method of the other family (naming ``method``), and a UNet that
+    samples a rectified flow (RF inversion here hooks Flux's and SD3's layouts)."""
+    flow = rectified_flow(model)
+    if dit_family(model) is None and flow:
+        raise AttnSegError(f"{input_name}: this UNet samples a rectified flow; inversion here covers eps- and "
+                           f"v-prediction UNets (SD1.x, SD2.x, SDXL) and the rectified-flow DiTs Flux and SD3.")
+    check_method(method, flow)
 
 
 def invert(model, clip, prompt: str, negative, latent: dict, steps: int, cfg: float, scheduler: str, method: str,
@@ -212,12 +233,17 @@ def invert(model, clip, prompt: str, negative, latent: dict, steps: int, cfg: fl
     if not bool(samples.any()):
         raise AttnSegError("latent_image: the latent is empty (an Empty Latent Image); VAE-encode the image to "
                            "invert.")
-    check_prediction(model)
+    check_prediction(model, method)
     identity = model_identity(model)
-    info = describe_unet(model)
     positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
-    check_conditioning(info, positive, "clip")
-    check_conditioning(info, negative, "negative")
+    if dit_family(model) is not None:
+        info = describe_dit(model)
+        check_dit_conditioning(info, positive, "clip")
+        check_dit_conditioning(info, negative, "negative")
+    else:
+        info = describe_unet(model)
+        check_conditioning(info, positive, "clip")
+        check_conditioning(info, negative, "negative")
     if method == "null-text" and len(negative) != 1:
         raise AttnSegError(f"negative: {len(negative)} conditioning entries; null-text inversion optimises one "
                            f"unconditional embedding. Give one text encoding (e.g. of an empty prompt).")
@@ -226,8 +252,8 @@ def invert(model, clip, prompt: str, negative, latent: dict, steps: int, cfg: fl
     seed = 0  # nothing is drawn: the inversion is deterministic
 
     pivot: list = []
-    # DDIM inverts at the cfg it will be sampled at; the other two follow the cfg-1 trajectory.
-    inversion_cfg = cfg if method == "DDIM" else 1.0
+    # DDIM and RF inversion invert at the cfg they will be sampled at; the other two follow the cfg-1 trajectory.
+    inversion_cfg = cfg if method in ("DDIM", RF_INVERSION) else 1.0
     patched = model.clone()
     noise = _run(patched, positive, negative, inversion_cfg, latent_image, sigmas,
                  functools.partial(_ddim_inversion, pivot), seed)
@@ -274,6 +300,6 @@ def sample_from_inversion(model, inversion: Inversion, positive, negative, laten
     if inversion.method == "negative-prompt":
         negative = positive  # Miyake et al.: the source prompt stands in for the null text
     sampler = comfy.samplers.sampler_object("euler")
-    return comfy.sample.sample_custom(model, torch.zeros_like(latent), cfg, sampler, inversion.sigmas, positive,
-                                      negative, latent, callback=callback,
-                                      disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    noise, latent_image = start_at(model, latent)
+    return comfy.sample.sample_custom(model, noise, cfg, sampler, inversion.sigmas, positive, negative, latent_image,
+                                      callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
