@@ -4,6 +4,7 @@ prompt, with everything outside the changed object kept."""
 import comfy.samplers
 
 from ..attnseg.p2p import EDIT_MODES
+from ..hosts.comfyui.dit_edit import AUTO, BLOCK_CHOICES, QK_REPLACE
 from ..hosts.comfyui.p2p import KEEP_OUTSIDE, EditSettings, edit_sample
 from .segmenters import parse_weights
 from .types import ATTNSEG_INVERSION, EDIT
@@ -21,12 +22,16 @@ class AttnSegPromptToPrompt:
                    "the image is kept. To edit an input image, invert it (AttnSeg Invert Image) and connect the "
                    "inversion: both rows then start from the inverted noise, the source row reconstructs the image "
                    "and the edit keeps its layout (without one: VAE-encode it, set denoise below 1 and keep_outside "
-                   "to 'input latent', which re-noises a copy).")
+                   "to 'input latent', which re-noises a copy). On Flux and SD3 (MM-DiT) the edit row has its own "
+                   "text in every block, and for the first qk_replace of the steps it attends with the source row's "
+                   "image queries and keys in the chosen blocks (exploring-mmdit); the blend reads the blend words' "
+                   "image-to-text maps; cross_replace, self_replace and mode are UNet settings.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The diffusion model (SD1.x, SD2.x, SDXL); patched on a clone."}),
+            "model": ("MODEL", {"tooltip": "The diffusion model (SD1.x, SD2.x, SDXL, Flux, SD3); patched on "
+                                           "a clone."}),
             "clip": ("CLIP", {"tooltip": "The checkpoint's text encoder: encodes both prompts and aligns their "
                                          "tokens."}),
             "source_prompt": ("STRING", {"multiline": True, "default": "a cat on a sofa", "tooltip": (
@@ -79,6 +84,16 @@ class AttnSegPromptToPrompt:
                           "sampling starts from its noise (the seed is unused) on its schedule; steps, cfg, "
                           "scheduler and the source prompt must be the inversion's, the sampler euler or ddim, "
                           "denoise 1."}),
+            "blocks": (list(BLOCK_CHOICES), {"default": AUTO, "tooltip": (
+                "Flux / SD3: the blocks where the edit takes the source's image queries and keys, numbered as "
+                "exploring-mmdit does (Flux: double blocks, then single). auto: the five the paper analysed for "
+                "Flux-dev, SD3-medium or SD3.5-large, double blocks 0, 1 on the demo DiT, else all; custom: "
+                "custom_blocks.")}),
+            "custom_blocks": ("STRING", {"default": "", "tooltip": (
+                "Flux / SD3, blocks 'custom': block numbers or ranges, e.g. '0, 1' or '11-18'.")}),
+            "qk_replace": ("FLOAT", {"default": QK_REPLACE, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": (
+                "Flux / SD3: fraction of the steps with the source's image queries and keys (exploring-mmdit: "
+                "0.2).")}),
         }}
 
     RETURN_TYPES = ("LATENT", "LATENT", "MASK", "STRING")
@@ -86,16 +101,19 @@ class AttnSegPromptToPrompt:
     OUTPUT_TOOLTIPS = ("The edited latent (VAE Decode it).",
                        "The source prompt's latent, sampled from the same noise alongside the edit.",
                        "The blend mask used, at image size (1 = edited); all ones without blend words.",
-                       "Text: where each token of the edit prompt takes its attention from in the source prompt.")
+                       "Text: where each token of the edit prompt takes its attention from in the source prompt (Flux / "
+                       "SD3: the controlled blocks and steps).")
     FUNCTION = "edit"
     CATEGORY = EDIT
 
     def edit(self, model, clip, source_prompt, edit_prompt, negative, latent_image, seed, steps, cfg, sampler_name,
              scheduler, denoise, mode, cross_replace, self_replace, blend_words, blend_start, mask_threshold, dilate,
-             feather, reweight_words, reweight_factor, keep_outside, segmenter_weights, mask=None, inversion=None):
+             feather, reweight_words, reweight_factor, keep_outside, segmenter_weights, mask=None, inversion=None,
+             blocks=AUTO, custom_blocks="", qk_replace=QK_REPLACE):
         settings = EditSettings(mode, cross_replace, self_replace, blend_words, blend_start, mask_threshold, dilate,
                                 feather, reweight_words, reweight_factor, keep_outside,
-                                tuple(parse_weights(segmenter_weights, "segmenter_weights")))
+                                tuple(parse_weights(segmenter_weights, "segmenter_weights")), blocks, custom_blocks,
+                                qk_replace)
         source, edited, used_mask, report = edit_sample(model, clip, source_prompt, edit_prompt, negative,
                                                         latent_image, seed, steps, cfg, sampler_name, scheduler,
                                                         denoise, settings, mask, inversion)

@@ -11,7 +11,12 @@ reference (the source row, or the input latent) outside the mask.
 
 From an inversion (hosts/comfyui/inversion.py) both rows start at the
 inverted latent instead of noise and follow the inversion's sigmas with the
-Euler (DDIM) step, so the source row reconstructs the input image."""
+Euler (DDIM) step, so the source row reconstructs the input image.
+
+On Flux and SD3 (dit_edit.py) the edit row's text is its own in every block,
+and the control is MM-DiT's: the source row's image queries and keys in the
+chosen blocks for the first ``qk_replace`` of the steps; the blend reads the
+blend words' image-to-text maps."""
 
 from __future__ import annotations
 
@@ -30,8 +35,10 @@ from ...attnseg.p2p import (TokenAlignment, align_tokens, blend_mask, check_frac
                             local_blend)
 from ...attnseg.tokens import parse_class_list
 from .capture import CapturePlan, fallback_attention, install_capture, step_index
-from .text import locate_words, tokenized
-from .dit import dit_family
+from .text import locate_dit_words, locate_words, tokenized
+from .dit import check_dit_conditioning, describe_dit, dit_family, install_dit_capture
+from .dit_edit import AUTO, QK_REPLACE, ControlSteps, blend_plan, describe_numbers, install_mmdit_control, \
+    resolve_blocks
 from .inversion import INVERSION_SAMPLERS, install_inversion, model_identity, sample_from_inversion
 from .unet import UNetInfo, check_conditioning, describe_unet
 
@@ -54,9 +61,13 @@ class EditSettings:
     reweight_factor: float = 1.0
     keep_outside: str = "source sample"
     segmenter_weights: tuple[float, ...] = DIFFSEGMENTER_WEIGHTS
+    # MM-DiT models (Flux, SD3): where and how long the edit takes the source's image queries and keys
+    blocks: str = AUTO
+    custom_blocks: str = ""
+    qk_replace: float = QK_REPLACE
 
     def check(self) -> None:
-        for name in ("cross_replace", "self_replace", "blend_start"):
+        for name in ("cross_replace", "self_replace", "blend_start", "qk_replace"):
             check_fraction(getattr(self, name), name)
         if self.keep_outside not in KEEP_OUTSIDE:
             raise AttnSegError(f"keep_outside: '{self.keep_outside}' is not one of {', '.join(KEEP_OUTSIDE)}.")
@@ -103,16 +114,6 @@ def pair_prompts(clip, source: str, edit: str, settings: EditSettings) -> Prompt
     return PromptPair(source_tokens, edit_tokens, alignment, reweight, source_words, edit_words)
 
 
-class _Steps:
-    """Which step the running UNet call belongs to, set once per call."""
-
-    def __init__(self):
-        self.step, self.total = 0, 1
-
-    def before(self, fraction: float) -> bool:
-        return self.step < round(fraction * self.total)
-
-
 def _tile(alignment: TokenAlignment, reweight, tokens: int):
     """The alignment for a context the host repeated to ``tokens`` tokens."""
     size = alignment.copied.shape[0]
@@ -124,7 +125,7 @@ def _tile(alignment: TokenAlignment, reweight, tokens: int):
 
 
 def install_prompt_to_prompt(model, info: UNetInfo, edit_context: torch.Tensor, pair: PromptPair,
-                             settings: EditSettings, steps: _Steps, edit_adm: torch.Tensor | None = None) -> None:
+                             settings: EditSettings, steps: ControlSteps, edit_adm: torch.Tensor | None = None) -> None:
     """Patch ``model`` (a clone) for a latent batch [source rows, edit rows].
     ``edit_adm``: the edit prompt's ADM vector (SDXL: its pooled text embedding
     and the size embeddings) for the edit rows' ``y``."""
@@ -224,22 +225,29 @@ def install_prompt_to_prompt(model, info: UNetInfo, edit_context: torch.Tensor, 
     model.set_model_unet_function_wrapper(wrapper)
 
 
-def _blend_words(clip, pair_text: tuple[str, str], settings: EditSettings):
+def _blend_words(clip, pair_text: tuple[str, str], settings: EditSettings, dit: bool = False):
     """The blend words' class metadata in the source and in the edit prompt
-    (each word must be in at least one of them)."""
+    (each word must be in at least one of them); ``dit``: positions in a DiT's
+    text sequence."""
     names = _words(settings.blend_words, "blend_words")
+
+    def locate(text, words):
+        if dit:
+            return locate_dit_words(clip, text, words, input_name="blend_words")
+        return locate_words(clip, text, words, "blend_words")
+
     metas = []
     found = set()
     for text in pair_text:
         present = []
         for name in names:
             try:
-                locate_words(clip, text, [name], "blend_words")
+                locate(text, [name])
             except AttnSegError:
                 continue
             present.append(name)
         found |= set(present)
-        metas.append(locate_words(clip, text, present, "blend_words")[0] if present else None)
+        metas.append(locate(text, present)[0] if present else None)
     missing = [n for n in names if n not in found]
     if missing:
         raise AttnSegError(f"blend_words: {', '.join(missing)} is in neither prompt. Blend words name the object "
@@ -247,15 +255,17 @@ def _blend_words(clip, pair_text: tuple[str, str], settings: EditSettings):
     return metas
 
 
-def _mask_from_store(store: AttentionStore, metas, settings: EditSettings, latent_size) -> torch.Tensor:
+def _mask_from_store(store: AttentionStore, metas, settings: EditSettings, latent_size,
+                     self_completion: bool = True) -> torch.Tensor:
     """Union of the source row's and the edit row's blend-word masks from the
-    attention captured so far (DiffSegmenter: fusion + completion)."""
+    attention captured so far (DiffSegmenter: fusion, then completion unless
+    off: on a DiT the image-to-text maps alone, as exploring-mmdit blends)."""
     masks = []
     for row, meta in enumerate(metas):
         if meta is None:
             continue
         scores = diffsegmenter(dataclasses.replace(store, prompt=meta), settings.segmenter_weights,
-                               what="edit attention")
+                               self_completion, what="edit attention")
         masks.append(scores.maps[row] >= settings.mask_threshold)
     return blend_mask(torch.cat(masks), latent_size, settings.dilate, settings.feather)
 
@@ -289,6 +299,75 @@ def _check_inversion(inversion, model, latent_image, source_prompt, steps, cfg, 
     inversion.check_edit(model_identity(model), tuple(latent_image.shape[1:]), source_prompt, steps, cfg, scheduler)
 
 
+def _prepare_unet(patched, clip, source_prompt, edit_prompt, negative, settings: EditSettings,
+                  step_state: ControlSteps, latent_size, blend_names, capture: bool):
+    """P2P's control on a UNet clone; (positive, blend metadata, blend store or
+    None, alignment report)."""
+    pair = pair_prompts(clip, source_prompt, edit_prompt, settings)
+    metas = _blend_words(clip, (source_prompt, edit_prompt), settings) if blend_names else None
+    positive = clip.encode_from_tokens_scheduled(pair.source_tokens)
+    edit_conditioning = clip.encode_from_tokens_scheduled(pair.edit_tokens)
+    info = describe_unet(patched)
+    if blend_names:  # refused before sampling, not after
+        levels = len({layer.factor for layer in info.layers})
+        applied_weights(settings.segmenter_weights, levels, f"this model's {levels} attention resolutions",
+                        "segmenter_weights")
+    check_conditioning(info, positive, "clip")
+    check_conditioning(info, negative, "negative")
+    install_prompt_to_prompt(patched, info, edit_conditioning[0][0], pair, settings, step_state,
+                             _edit_adm(patched, positive, edit_conditioning, latent_size))
+    store = None
+    if capture:
+        # Every step's attention goes into a running average that locates the blend
+        # words, as P2P's local blend does (self-attention pooled to 32 x 32 for the
+        # completion). Either prompt's metadata folds repeated context copies: both
+        # have the same token count.
+        folding = next(meta for meta in metas if meta is not None)
+        store = AttentionStore(info.model_id, 2, latent_size, (latent_size[0] * 8, latent_size[1] * 8), folding)
+        install_capture(patched, info, store, CapturePlan(self_max_tokens=SELF_REPLACE_MAX_TOKENS))
+    return positive, metas, store, "\n".join(pair.alignment.describe(pair.source_words, pair.edit_words))
+
+
+def _prepare_dit(patched, clip, source_prompt, edit_prompt, negative, settings: EditSettings,
+                 step_state: ControlSteps, latent_size, blend_names, capture: bool):
+    """MM-DiT control on a Flux / SD3 clone (dit_edit.py); as _prepare_unet."""
+    if not source_prompt.strip() or not edit_prompt.strip():
+        raise AttnSegError("source_prompt / edit_prompt: both prompts are needed (the edit changes the source).")
+    if _words(settings.reweight_words, "reweight_words") and settings.reweight_factor != 1.0:
+        raise AttnSegError("reweight_words: attention re-weighting scales UNet cross-attention; MM-DiT models "
+                           "(Flux, SD3) have none. Clear reweight_words or set reweight_factor to 1.")
+    info = describe_dit(patched)
+    blocks = resolve_blocks(info, settings.blocks, settings.custom_blocks)
+    metas = _blend_words(clip, (source_prompt, edit_prompt), settings, dit=True) if blend_names else None
+    if blend_names:
+        applied_weights(settings.segmenter_weights, 1, f"{info.model_id}'s one attention resolution",
+                        "segmenter_weights")
+    positive = clip.encode_from_tokens_scheduled(clip.tokenize(source_prompt))
+    edit_conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(edit_prompt))
+    check_dit_conditioning(info, positive, "clip")
+    check_dit_conditioning(info, negative, "negative")
+    source_tokens, edit_tokens = positive[0][0].shape[1], edit_conditioning[0][0].shape[1]
+    if source_tokens != edit_tokens:
+        raise AttnSegError(f"edit_prompt: encodes to {edit_tokens} text tokens, the source prompt to "
+                           f"{source_tokens}; both rows of the batch need the same length. Keep the prompts within "
+                           f"the same padded length (e.g. shorten the longer one).")
+    install_mmdit_control(patched, info, blocks, settings.qk_replace, edit_conditioning[0][0],
+                          edit_conditioning[0][1].get("pooled_output"), step_state)
+    store = None
+    if capture:
+        # Installed over the control: the maps are of each row's own queries and keys.
+        folding = next(meta for meta in metas if meta is not None)
+        plan = blend_plan(info)
+        store = AttentionStore(info.model_id, 2, latent_size, (latent_size[0] * 8, latent_size[1] * 8), folding)
+        install_dit_capture(patched, info, store, plan)
+        blend_blocks = [(layer.block, layer.block_id) for layer in plan.layers(info, "cross")]
+    lines = [f"MM-DiT control: the source's image queries and keys in blocks {describe_numbers(info, blocks)} of "
+             f"{info.model_id} for the first {settings.qk_replace:g} of the steps"]
+    if capture:
+        lines.append(f"blend maps: image-to-text attention of blocks {describe_numbers(info, blend_blocks)}")
+    return positive, metas, store, "\n".join(lines)
+
+
 def edit_sample(model, clip, source_prompt: str, edit_prompt: str, negative, latent: dict, seed: int, steps: int,
                 cfg: float, sampler_name: str, scheduler: str, denoise: float, settings: EditSettings,
                 mask: torch.Tensor | None = None, inversion=None):
@@ -300,46 +379,22 @@ def edit_sample(model, clip, source_prompt: str, edit_prompt: str, negative, lat
     if samples.shape[0] != 1:
         raise AttnSegError(f"latent_image: {samples.shape[0]} latents; the editor edits one image per run.")
     latent_image = comfy.sample.fix_empty_latent_channels(model, samples)
-    if dit_family(model) is not None:
-        raise AttnSegError("model: Prompt-to-Prompt runs on UNet models (SD1.x, SD2.x, SDXL) so far; editing a Flux "
-                           "or SD3 model (MM-DiT attention control) is not supported yet.")
     if inversion is not None:
         _check_inversion(inversion, model, latent_image, source_prompt, steps, cfg, sampler_name, scheduler, denoise)
-    pair = pair_prompts(clip, source_prompt, edit_prompt, settings)
     if settings.keep_outside == "input latent" and not bool(samples.any()):
         raise AttnSegError("keep_outside: 'input latent' keeps the input outside the mask, but latent_image is empty "
                            "(an Empty Latent Image), so everything outside would be blank. Use 'source sample', or "
                            "VAE-encode the image to edit.")
     blend_names = _words(settings.blend_words, "blend_words")
     blend = bool(blend_names) or mask is not None
-    metas = _blend_words(clip, (source_prompt, edit_prompt), settings) if blend_names else None
-    positive = clip.encode_from_tokens_scheduled(pair.source_tokens)
-    edit_conditioning = clip.encode_from_tokens_scheduled(pair.edit_tokens)
-    edit_context = edit_conditioning[0][0]
-    info = describe_unet(model)
-    if blend_names:  # refused before sampling, not after
-        levels = len({layer.factor for layer in info.layers})
-        applied_weights(settings.segmenter_weights, levels, f"this model's {levels} attention resolutions",
-                        "segmenter_weights")
-    check_conditioning(info, positive, "clip")
-    check_conditioning(info, negative, "negative")
     latent_size = tuple(latent_image.shape[-2:])
-
     patched = model.clone()
-    step_state = _Steps()
+    step_state = ControlSteps()
     if inversion is not None:
         install_inversion(patched, inversion)  # null-text's embeddings, under P2P's wrapper
-    install_prompt_to_prompt(patched, info, edit_context, pair, settings, step_state,
-                             _edit_adm(patched, positive, edit_conditioning, latent_size))
-    store = None
-    if blend and mask is None:
-        # Every step's attention goes into a running average that locates the blend
-        # words, as P2P's local blend does (self-attention pooled to 32 x 32 for the
-        # completion). Either prompt's metadata folds repeated context copies: both
-        # have the same token count.
-        folding = next(meta for meta in metas if meta is not None)
-        store = AttentionStore(info.model_id, 2, latent_size, (latent_size[0] * 8, latent_size[1] * 8), folding)
-        install_capture(patched, info, store, CapturePlan(self_max_tokens=SELF_REPLACE_MAX_TOKENS))
+    prepare = _prepare_dit if dit_family(model) is not None else _prepare_unet
+    positive, metas, store, report = prepare(patched, clip, source_prompt, edit_prompt, negative, settings,
+                                             step_state, latent_size, blend_names, blend and mask is None)
     # The mask and the kept latent move to the sampling device once, on the first blended step.
     blend_state = {"mask": None if mask is None else _user_mask(mask, latent_size, settings), "reference": None}
     if settings.keep_outside == "input latent":
@@ -350,7 +405,8 @@ def edit_sample(model, clip, source_prompt: str, edit_prompt: str, negative, lat
         if not blend or step_state.step < round(settings.blend_start * step_state.total):
             return denoised
         if store is not None:
-            blend_state["mask"] = _mask_from_store(store, metas, settings, latent_size)
+            completion = store.architecture != "dit"
+            blend_state["mask"] = _mask_from_store(store, metas, settings, latent_size, completion)
         half = denoised.shape[0] // 2
         for name in ("mask", "reference"):
             if blend_state[name] is not None and blend_state[name].device != denoised.device:
@@ -375,5 +431,4 @@ def edit_sample(model, clip, source_prompt: str, edit_prompt: str, negative, lat
         used = torch.ones(1, 1, *latent_size)
     pixel_mask = F.interpolate(used.float().cpu(), size=(latent_size[0] * 8, latent_size[1] * 8), mode="bilinear",
                                align_corners=False)[:, 0]
-    report = "\n".join(pair.alignment.describe(pair.source_words, pair.edit_words))
     return out[:1], out[1:], pixel_mask, report
