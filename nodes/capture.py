@@ -7,7 +7,6 @@ from ..attnseg.layers import parse_heads, parse_picks
 from ..attnseg.presets import CAPTURE_METHODS, CUSTOM, find_preset
 from ..hosts.comfyui.capture import GOCA_REFERENCE_FACTOR, CapturePlan, StepRange
 from ..hosts.comfyui.passes import capture_sample, parse_timesteps, segment_image
-from ..hosts.comfyui.presets import capture_plan
 from .presets import preset_input
 from .types import ATTNSEG_STORE, CAPTURE
 
@@ -95,7 +94,7 @@ class AttnSegSegmentImage:
             steps, keep = parse_timesteps(timesteps), False
         else:
             setup = chosen.capture
-            plan, steps, keep = capture_plan(setup, chosen.name), list(setup.timesteps), setup.keep_timesteps
+            plan, steps, keep = CapturePlan.from_setup(setup, chosen.name), list(setup.timesteps), setup.keep_timesteps
             seed, resolution = setup.seed, setup.resolution
         store = segment_image(model, vae, image, conditioning, steps, seed, resolution, plan, keep)
         return (store,)
@@ -159,7 +158,7 @@ class AttnSegCaptureSampler:
             if chosen is None:
                 plan = with_goca(plan, heads, self_layers, self_layer_picks, self_heads)
             else:
-                layers = capture_plan(chosen.capture, chosen.name)
+                layers = CapturePlan.from_setup(chosen.capture, chosen.name)
                 plan = dataclasses.replace(layers, cross_steps=plan.cross_steps, self_steps=plan.self_steps)
         latent, store = capture_sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                        latent_image, denoise, plan)

@@ -21,12 +21,11 @@ from attnseg_pack.hosts.comfyui import demo_model  # noqa: E402
 from attnseg_pack.hosts.comfyui import passes as comfy_passes  # noqa: E402
 from attnseg_pack.hosts.comfyui import presets as comfy_presets  # noqa: E402
 from attnseg_pack.hosts.comfyui import text as comfy_text  # noqa: E402
-from attnseg_pack.hosts.comfyui.capture import CapturePlan as ComfyPlan  # noqa: E402
 from attnseg_pack.hosts.comfyui.models import checked_model  # noqa: E402
 from attnseg_pack.hosts.diffusers import api  # noqa: E402
 from attnseg_pack.hosts.diffusers import passes as diffusers_passes  # noqa: E402
 from attnseg_pack.hosts.diffusers import text as diffusers_text  # noqa: E402
-from attnseg_pack.hosts.diffusers.plan import CapturePlan as DiffusersPlan  # noqa: E402
+from attnseg_pack.attnseg.plan import CapturePlan  # noqa: E402
 from attnseg_pack.hosts.diffusers.unet import describe_unet  # noqa: E402
 from demo import evaluate  # noqa: E402
 
@@ -134,10 +133,10 @@ def test_a_preset_pass_gives_the_same_store_and_masks_on_both_hosts(comfy, pipe,
     chosen = PRESETS[preset]
     setup, image, names = chosen.capture, _image(item), _names(item)
     ours = diffusers_stores(pipe, diffusers_text.encode_for_preset(pipe, chosen.text, "", names),
-                            DiffusersPlan.from_setup(setup, chosen.name), setup.timesteps, setup.seed, image,
+                            CapturePlan.from_setup(setup, chosen.name), setup.timesteps, setup.seed, image,
                             setup.keep_timesteps)
     theirs = comfy_stores(comfy, comfy_presets.encode(comfy[1], chosen.text, "", names),
-                          comfy_presets.capture_plan(setup, chosen.name), setup.timesteps, setup.seed, image,
+                          CapturePlan.from_setup(setup, chosen.name), setup.timesteps, setup.seed, image,
                           setup.keep_timesteps)
     assert len(ours) == len(theirs) == (len(names) if chosen.text.per_class else 1)
     for mine, other in zip(ours, theirs):
@@ -166,10 +165,10 @@ def test_goca_capture_output_weighted_heads_and_queries_agree(comfy, pipe, item)
     image, names = _image(item), _names(item)
     prompt = goca_template_prompt(names)
     [ours] = diffusers_stores(pipe, [diffusers_text.encode_segmentation_prompt(pipe, prompt, names + ["background"])],
-                              DiffusersPlan(**settings), [100], 0, image)
+                              CapturePlan(**settings), [100], 0, image)
     [theirs] = comfy_stores(comfy, [comfy_text.encode_segmentation_prompt(comfy[1], prompt,
                                                                           ", ".join(names + ["background"]))[0]],
-                            ComfyPlan(**settings), [100], 0, image)
+                            CapturePlan(**settings), [100], 0, image)
     assert any(key.kind == "query" for key, _ in ours.entries)
     assert_same_store(ours, theirs)
     run = lambda store: goca(store, "auto", True, 5, 2, ["background"], "attention", None, 1, "custom", "auto")  # noqa: E731
@@ -182,9 +181,9 @@ def test_iseg_with_cat_cross_on_the_keys_and_chosen_heads_agrees(comfy, pipe, it
     settings = dict(self_heads=(1,), cross_factors=frozenset({2}))
     image, names = _image(item), _names(item)
     [ours] = diffusers_stores(pipe, [diffusers_text.encode_cat_cross(pipe, "", names, 1.6, "keys")],
-                              DiffusersPlan(**settings), [100], 1101, image)
+                              CapturePlan(**settings), [100], 1101, image)
     [theirs] = comfy_stores(comfy, [comfy_text.encode_cat_cross(comfy[1], "", ", ".join(names), 1.6, "keys")[0]],
-                            ComfyPlan(**settings), [100], 1101, image)
+                            CapturePlan(**settings), [100], 1101, image)
     assert {key.factor for key, _ in ours.entries if key.kind == "cross"} == {2}
     assert all(slot.heads == 1 for (key, _), slot in ours.entries.items() if key.kind == "self")
     assert_same_store(ours, theirs)
@@ -197,9 +196,9 @@ def test_the_tolerance_tells_a_different_noise_apart(comfy, pipe, item):
     image, names = _image(item), _names(item)
     plan_kwargs = dict(self_steps=None)
     [ours] = diffusers_stores(pipe, [diffusers_text.encode_segmentation_prompt(pipe, "", names)],
-                              DiffusersPlan(**plan_kwargs), [100], 1, image)
+                              CapturePlan(**plan_kwargs), [100], 1, image)
     [theirs] = comfy_stores(comfy, [comfy_text.encode_segmentation_prompt(comfy[1], "", ", ".join(names))[0]],
-                            ComfyPlan(**plan_kwargs), [100], 0, image)
+                            CapturePlan(**plan_kwargs), [100], 0, image)
     differences = [((ours.entries[k].mean() - theirs.entries[k].mean()).abs().max()
                     / theirs.entries[k].mean().abs().max()).item() for k in ours.entries]
     assert max(differences) > 10 * MAP_TOLERANCE

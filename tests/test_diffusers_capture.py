@@ -15,7 +15,7 @@ from attnseg_pack.attnseg import AttentionStore, AttnSegError  # noqa: E402
 from attnseg_pack.hosts.diffusers import api  # noqa: E402
 from attnseg_pack.hosts.diffusers.capture import capture_attention  # noqa: E402
 from attnseg_pack.hosts.diffusers.passes import capture_sample  # noqa: E402
-from attnseg_pack.hosts.diffusers.plan import CapturePlan, StepRange  # noqa: E402
+from attnseg_pack.attnseg.plan import CapturePlan, StepRange  # noqa: E402
 from attnseg_pack.hosts.diffusers.unet import describe_unet  # noqa: E402
 
 

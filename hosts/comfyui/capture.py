@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-from dataclasses import dataclass
 
 import comfy.model_management
 import comfy.ops
@@ -24,14 +23,11 @@ from comfy.ldm.modules.attention import optimized_attention
 from ...attnseg import AttentionStore, AttnSegError, LayerKey
 from ...attnseg.attention import GridPool, attention_with_maps, chosen_heads_mean, fold_repeated_tokens, head_mean
 from ...attnseg.goca import output_weighted_heads
-from ...attnseg.layers import LayerPick, check_heads, resolve
-from ...attnseg.presets import CAPTURE_METHODS, check_family
+# CapturePlan, StepRange and GoCA's reference factor are the core's; imported from here by the host's modules
+from ...attnseg.plan import GOCA_REFERENCE_FACTOR, HEAD_REDUCTIONS, CapturePlan, StepRange  # noqa: F401
 from .unet import AttentionLayer, UNetInfo, attention_module
 
 BRANCH_NAMES = {0: "cond", 1: "uncond"}
-HEAD_REDUCTIONS = ("mean", "auto")
-# GoCA's reference layer sits at half the latent resolution (SD1.5 at 512 px: 32 x 32).
-GOCA_REFERENCE_FACTOR = 2
 # Each install's transformer_options key: captures stacked on one model each read their own flags.
 _INSTALLS = itertools.count()
 
@@ -45,104 +41,14 @@ def projection_weight(projection: torch.nn.Module, like: torch.Tensor) -> torch.
     return projection.weight.to(like.device)
 
 
-@dataclass(frozen=True)
-class StepRange:
-    """Steps start..end inclusive; a negative end counts back from the last step."""
-
-    start: int = 0
-    end: int = -1
-
-    def contains(self, step: int, total: int) -> bool:
-        end = self.end if self.end >= 0 else total + self.end
-        return self.start <= step <= end
-
-
-@dataclass(frozen=True)
-class CapturePlan:
-    """Which attention to record.
-
-    ``cross_factors`` / ``self_factors``: latent downscale factors of the layers
-    to capture (1 = full latent resolution); ``None`` for self means the finest
-    attention resolution of the model, ``self_every_layer`` overrides it with
-    every layer. Self-attention grids larger than ``self_max_tokens`` are
-    average-pooled (64 x 64 by default). ``cross_heads``: "mean", or "auto" for
-    GoCA's output-weighted heads. ``reference_factor``: also store the queries of
-    GoCA's reference layer at that latent factor (None: no queries).
-
-    A preset can name layers and heads instead: ``self_layers`` (layer picks
-    that replace the factor rules), ``self_heads`` (the heads whose mean is kept
-    for those layers), ``cross_layers`` (picks that replace ``cross_factors``)
-    and ``cross_head_lists`` ((pick, heads) pairs: those layers keep the mean of
-    those heads only). Heads are chosen inside the hook. ``source`` names the
-    preset in error messages."""
-
-    cross_steps: StepRange | None = StepRange()
-    self_steps: StepRange | None = StepRange()
-    cross_factors: frozenset[int] | None = None  # None: every resolution
-    self_factors: frozenset[int] | None = None  # None: the finest one
-    branches: frozenset[str] = frozenset({"cond"})
-    self_max_tokens: int = 64 * 64
-    self_every_layer: bool = False
-    cross_heads: str = "mean"
-    reference_factor: int | None = None
-    self_layers: tuple[LayerPick, ...] | None = None
-    self_heads: tuple[int, ...] | None = None
-    cross_layers: tuple[LayerPick, ...] | None = None
-    cross_head_lists: tuple[tuple[LayerPick, tuple[int, ...]], ...] = ()
-    reference: LayerPick | None = None  # GoCA's reference layer by place (wins over reference_factor)
-    source: str = "custom"
-
-    def reference_layer(self, info) -> AttentionLayer | None:
-        """``info``: a UNetInfo or a DiTInfo (both list their layers and defaults)."""
-        if self.reference is not None:
-            return resolve(info.layers, (self.reference,), self.source)[0]
-        return info.reference_at(self.reference_factor) if self.reference_factor else None
-
-    def layers(self, info, kind: str) -> list[AttentionLayer]:
-        """The layers whose ``kind`` attention this plan records."""
-        if kind == "cross":
-            if self.cross_steps is None:
-                return []
-            if self.cross_layers is not None:
-                return resolve(info.layers, self.cross_layers, self.source)
-            return [la for la in info.layers if self.cross_factors is None or la.factor in self.cross_factors]
-        if self.self_steps is None:
-            return []
-        if self.self_layers is not None:
-            return resolve(info.layers, self.self_layers, self.source)
-        if self.self_every_layer:
-            return list(info.layers)
-        if self.self_factors is None:
-            return info.default_self_layers()
-        return [la for la in info.layers if la.factor in self.self_factors]
-
-    def check(self, info, model) -> None:
-        """Refuse a preset of another model family, layers or heads the model lacks
-        (before any work is spent)."""
-        check_family(self.source, getattr(info, "family", "unet"), info.model_id, CAPTURE_METHODS)
-        self.layers(info, "cross")
-        self.layers(info, "self")
-        self.reference_layer(info)
-        self.heads(info, model)
-
-    def heads(self, info, model) -> dict[tuple[AttentionLayer, str], tuple[int, ...]]:
-        """{(layer, kind): heads} for the layers that keep some heads only, checked
-        against each layer's head count."""
-        chosen = {}
-        if self.self_heads is not None:
-            for layer in self.layers(info, "self"):
-                chosen[(layer, "self")] = self.self_heads
-        for pick, heads in self.cross_head_lists:
-            for layer in resolve(info.layers, (pick,), self.source):
-                chosen[(layer, "cross")] = heads
-        for (layer, kind), heads in chosen.items():
-            if hasattr(info, "head_count"):  # a DiT: every block has the model's head count
-                count = info.head_count(layer)
-            else:
-                count = attention_module(model, layer, "attn2" if kind == "cross" else "attn1").heads
-            check_heads(heads, count, f"the {kind}-attention of {layer.block} block {layer.block_id} "
-                        f"(depth {layer.depth})", self.source)
-        return chosen
+def head_counter(info, model):
+    """How many heads a layer's attention has on this ComfyUI model (a plan's
+    ``head_count``): a DiT's blocks all have the model's count."""
+    def count(layer, kind: str) -> int:
+        if hasattr(info, "head_count"):
+            return info.head_count(layer)
+        return attention_module(model, layer, "attn2" if kind == "cross" else "attn1").heads
+    return count
 
 
 def fallback_attention(previous):
@@ -251,7 +157,7 @@ def install_capture(model, info: UNetInfo, store: AttentionStore, plan: CaptureP
 
         return patch
 
-    picked_heads = plan.heads(info, model)
+    picked_heads = plan.heads(info, head_counter(info, model))
     selected = {kind: plan.layers(info, kind) for kind in ("cross", "self")}
     for layer in info.layers:
         for kind, slot in (("cross", "attn2"), ("self", "attn1")):

@@ -44,7 +44,7 @@ import torch
 from ...attnseg import AttentionStore, AttnSegError, LayerKey
 from ...attnseg.attention import (GridPool, attention_with_lse, chosen_heads_mean, fold_repeated_tokens, head_mean,
                                   joint_attention_maps)
-from .capture import CapturePlan, grid_pool, step_index, wanted_rows
+from .capture import CapturePlan, grid_pool, head_counter, step_index, wanted_rows
 from .catcross import COND
 from .unet import AttentionLayer
 
@@ -229,7 +229,8 @@ def install_dit_capture(model, info: DiTInfo, store: AttentionStore, plan: Captu
     store.head_reduction = plan.cross_heads
     store.architecture, store.family = "dit", info.family
     selected = {kind: {(la.block, la.block_id) for la in plan.layers(info, kind)} for kind in ("cross", "self")}
-    picked = {(layer.block, layer.block_id, kind): heads for (layer, kind), heads in plan.heads(info, model).items()}
+    chosen_heads = plan.heads(info, head_counter(info, model))
+    picked = {(layer.block, layer.block_id, kind): heads for (layer, kind), heads in chosen_heads.items()}
     reducers = {key: chosen_heads_mean(heads) for key, heads in picked.items()}
     reference = plan.reference_layer(info)
     reference = (reference.block, reference.block_id) if reference is not None else None

@@ -8,7 +8,7 @@ from __future__ import annotations
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from ...attnseg import AttentionStore
-from .capture import CapturePlan, install_capture
+from .capture import CapturePlan, head_counter, install_capture
 from .catcross import KeyScale, install_key_scale
 from .dit import DiTInfo, check_dit_conditioning, describe_dit, dit_family, install_dit_capture, unsupported
 from .unet import UNetInfo, check_conditioning, describe_unet
@@ -40,7 +40,7 @@ def install_model_capture(model, info: ModelInfo, store: AttentionStore, plan: C
     Cat-Cross "keys" with ``key_scale``, the capture recording the weighted attention.
     A plan naming layers, heads or a preset the model lacks is refused first."""
     if plan is not None:
-        plan.check(info, model)
+        plan.check(info, head_counter(info, model))
     if isinstance(info, DiTInfo):
         if plan is None:  # Cat-Cross alone: the override scales keys and records nothing
             plan, store = CapturePlan(cross_steps=None, self_steps=None), AttentionStore(info.model_id, 0, (0, 0),

@@ -15,7 +15,8 @@ import latent_preview
 import torch
 
 from ...attnseg import AttentionStore, AttnSegError
-from .capture import CapturePlan
+from ...attnseg.plan import working_size
+from .capture import CapturePlan, head_counter
 from .dit import OVERRIDE, DiTInfo
 from .models import ModelInfo, checked_model, install_model_capture
 from .text import key_scale_of, prompt_of
@@ -32,13 +33,6 @@ def parse_timesteps(text: str) -> list[int]:
     if not numbers or any(not math.isfinite(t) or not 0 <= t <= 999 for t in numbers):
         raise AttnSegError(f"timesteps: '{text}' must list one or more timesteps between 0 and 999 (papers: 100).")
     return [int(t) for t in numbers]
-
-
-def working_size(height: int, width: int, resolution: int) -> tuple[int, int]:
-    """Scale so the longer side is ``resolution``, keeping the aspect ratio, each
-    side a multiple of 64 (the UNet halves the latent three times)."""
-    scale = resolution / max(height, width)
-    return (max(64, round(height * scale / 64) * 64), max(64, round(width * scale / 64) * 64))
 
 
 def check_memory(model, image: torch.Tensor, resolution: int, input_name: str = "resolution") -> None:
@@ -212,7 +206,7 @@ def segment_image(model, vae, image: torch.Tensor, positive, timesteps: list[int
     """The segmentation front end: encode ``image``, then :func:`capture_pass`."""
     info = checked_model(model, positive, "conditioning")  # refuse bad input before spending a VAE encode
     plan = plan or CapturePlan()
-    plan.check(info, model)  # a preset's layers and heads are refused before the encode too
+    plan.check(info, head_counter(info, model))  # a preset's layers and heads are refused before the encode too
     check_memory(model, image, resolution)
     latent = encode_image(vae, image, resolution)
     store = capture_pass(model, latent, positive, timesteps, seed, tuple(image.shape[1:3]), plan, info,

@@ -8,26 +8,16 @@ import dataclasses
 import comfy.model_management
 import torch
 
-from ...attnseg import AttnSegError
-from ...attnseg.fusion import diffsegmenter
-from ...attnseg.goca import goca
-from ...attnseg.iseg import iseg
 from ...attnseg.layers import resolve
-from ...attnseg.presets import ONE_PASS_METHODS, CaptureSetup, Preset, TextSetup, check_family
+from ...attnseg.methods import run_method
+from ...attnseg.presets import ONE_PASS_METHODS, Preset, TextSetup, check_family
 from ...attnseg.scores import ScoreMaps
 from ...attnseg.tokens import GOCA_BACKGROUND, goca_template_prompt, parse_class_list, template_prompt
-from .capture import CapturePlan
+from .capture import CapturePlan, head_counter
 from .concept import segment_concepts
 from .models import checked_model, describe_model
 from .passes import capture_pass, check_memory, encode_image
 from .text import encode_cat_cross, encode_segmentation_prompt
-
-
-def capture_plan(setup: CaptureSetup, source: str) -> CapturePlan:
-    """What a preset's pass records, as the capture's plan."""
-    return CapturePlan(cross_heads=setup.heads, self_every_layer=setup.self_every_layer,
-                       self_layers=setup.self_layers, self_heads=setup.self_heads, cross_layers=setup.cross_layers,
-                       cross_head_lists=setup.cross_head_lists, reference=setup.reference, source=source)
 
 
 def encode(clip, text: TextSetup, prompt: str, classes: list[str]) -> list:
@@ -49,23 +39,6 @@ def encode(clip, text: TextSetup, prompt: str, classes: list[str]) -> list:
     return [conditioning]
 
 
-def run_method(store, chosen: Preset) -> ScoreMaps:
-    """The preset's method on a captured store."""
-    settings = chosen.settings
-    if chosen.method == "diffsegmenter":
-        return diffsegmenter(store, settings.weights, settings.self_completion, "attention",
-                             settings.timestep_average)
-    if chosen.method == "iseg":
-        return iseg(store, settings.lam, settings.iterations, settings.variant, settings.factors, settings.weights,
-                    "attention", settings.smoothing_iterations, settings.clusters)
-    if chosen.method == "goca":
-        backgrounds = [GOCA_BACKGROUND] if chosen.text.template == "goca" else []
-        return goca(store, settings.layer_weights, settings.rescaling, settings.blur, settings.order, backgrounds,
-                    "attention", settings.propagation_layers, settings.aggregate_factor, chosen.name,
-                    chosen.capture.heads)
-    raise AttnSegError(f"preset: '{chosen.name}' is a {chosen.method} preset, which this node does not run.")
-
-
 def segment_with_preset(model, clip, vae, image: torch.Tensor, classes: str, chosen: Preset, prompt: str = "",
                         resolution: int | None = None) -> ScoreMaps:
     """Segment ``image`` into ``classes`` the way ``chosen`` does; ``resolution``
@@ -74,10 +47,10 @@ def segment_with_preset(model, clip, vae, image: torch.Tensor, classes: str, cho
     setup = chosen.capture
     if chosen.method == "concept":
         return concept_with_preset(model, clip, vae, image, classes, chosen, prompt, resolution)
-    plan = capture_plan(setup, chosen.name)
+    plan = CapturePlan.from_setup(setup, chosen.name)
     prompts = encode(clip, chosen.text, prompt, names)
     info = checked_model(model, prompts[0], "clip")
-    plan.check(info, model)  # a preset's layers and heads are refused before any work is spent
+    plan.check(info, head_counter(info, model))  # a preset's layers and heads are refused before any work is spent
     propagation = getattr(chosen.settings, "propagation_layers", None)
     if propagation:
         resolve(info.layers, propagation, chosen.name)

@@ -16,17 +16,16 @@ import numpy as np
 import torch
 
 from ...attnseg import AttentionStore, AttnSegError
-from ...attnseg.fusion import diffsegmenter
-from ...attnseg.goca import goca
-from ...attnseg.iseg import iseg
 from ...attnseg.layers import resolve
 from ...attnseg.masks import make_masks
+from ...attnseg.methods import run_method
+from ...attnseg.plan import CapturePlan, StepRange
 from ...attnseg.presets import SEGMENTERS, Preset, find_preset
 from ...attnseg.scores import ScoreMaps
-from ...attnseg.tokens import GOCA_BACKGROUND, parse_class_list
+from ...attnseg.tokens import parse_class_list
 from .loading import load_pipeline
+from .capture import head_counter
 from .passes import capture_pass, capture_sample, encode_image
-from .plan import CapturePlan, StepRange
 from .text import encode_for_preset, encode_segmentation_prompt
 from .unet import describe_unet
 
@@ -108,22 +107,6 @@ def _preset(name: str) -> Preset:
     return chosen
 
 
-def run_method(store, chosen: Preset) -> ScoreMaps:
-    """The preset's method on a captured store (as the ComfyUI host's one-node segmenter)."""
-    settings = chosen.settings
-    if chosen.method == "diffsegmenter":
-        return diffsegmenter(store, settings.weights, settings.self_completion, "attention",
-                             settings.timestep_average)
-    if chosen.method == "iseg":
-        return iseg(store, settings.lam, settings.iterations, settings.variant, settings.factors, settings.weights,
-                    "attention", settings.smoothing_iterations, settings.clusters)
-    # GoCA's template adds a background class; a generation's own prompt may not have one.
-    named = store.prompt.class_names if store.prompt else []
-    backgrounds = [GOCA_BACKGROUND] if chosen.text.template == "goca" and GOCA_BACKGROUND in named else []
-    return goca(store, settings.layer_weights, settings.rescaling, settings.blur, settings.order, backgrounds,
-                "attention", settings.propagation_layers, settings.aggregate_factor, chosen.name, chosen.capture.heads)
-
-
 def _result(scores: ScoreMaps, chosen: Preset, threshold: float) -> Segmentation:
     labels, masks, maps = make_masks(scores, threshold, chosen.background)
     count = maps.shape[1]
@@ -137,7 +120,7 @@ def segment_scores(pipe, pixels: torch.Tensor, names: list[str], chosen: Preset,
     info = info or describe_unet(pipe.unet)
     setup = chosen.capture
     plan = CapturePlan.from_setup(setup, chosen.name)
-    plan.check(info)
+    plan.check(info, head_counter(info))
     propagation = getattr(chosen.settings, "propagation_layers", None)
     if propagation:
         resolve(info.layers, propagation, chosen.name)
@@ -192,7 +175,7 @@ def generate_and_segment(pipe, prompt: str, classes, preset: str = DEFAULT_PRESE
     info = describe_unet(pipe.unet)
     plan = dataclasses.replace(CapturePlan.from_setup(chosen.capture, chosen.name), cross_steps=steps,
                                self_steps=steps)
-    plan.check(info)
+    plan.check(info, head_counter(info))
     meta = encode_segmentation_prompt(pipe, prompt, names).prompt  # refuses classes not in the prompt
     per_prompt = pipeline_kwargs.get("num_images_per_prompt", 1)
     height = pipeline_kwargs.get("height") or pipe.unet.config.sample_size * pipe.vae_scale_factor

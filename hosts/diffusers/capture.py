@@ -25,7 +25,7 @@ import torch
 from ...attnseg import AttentionStore, AttnSegError, LayerKey
 from ...attnseg.attention import GridPool, attention_with_maps, chosen_heads_mean, head_mean
 from ...attnseg.goca import output_weighted_heads
-from .plan import CapturePlan
+from ...attnseg.plan import CapturePlan
 from .unet import DiffusersLayer, DiffusersUNetInfo, describe_unet, grid_at
 
 
@@ -177,6 +177,11 @@ def all_cond(batch: int) -> list:
     return [("cond", slice(0, batch))]
 
 
+def head_counter(info: DiffusersUNetInfo):
+    """How many heads a layer's attention has (a plan's ``head_count``)."""
+    return lambda layer, kind: info.attention(layer, kind).heads
+
+
 @contextlib.contextmanager
 def capture_attention(unet, store: AttentionStore, plan: CapturePlan, info: DiffusersUNetInfo | None = None,
                       step_of: StepOf | None = None, branch_rows: BranchRows = all_cond,
@@ -187,10 +192,10 @@ def capture_attention(unet, store: AttentionStore, plan: CapturePlan, info: Diff
     ``branch_rows(batch)`` names the rows of each branch in a call (diffusers' guided
     batch is [uncond, cond]); ``step_of`` places a call in the pipeline's steps."""
     info = info or describe_unet(unet)
-    plan.check(info)
+    plan.check(info, head_counter(info))
     store.head_reduction = plan.cross_heads
     state = CallState()
-    picked = plan.heads(info)
+    picked = plan.heads(info, head_counter(info))
     reference = plan.reference_layer(info)
     selected = {kind: plan.layers(info, kind) for kind in ("cross", "self")}
     pools: dict = {}

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ...attnseg import AttentionStore, AttnSegError
 from .capture import capture_attention
-from .plan import CapturePlan
+from ...attnseg.plan import CapturePlan, working_size
 from .text import Conditioning
 from .unet import DiffusersUNetInfo, check_latent_grid, describe_unet
 
@@ -23,14 +23,6 @@ def parse_timesteps(timesteps, input_name: str = "timesteps") -> list[int]:
                          for t in values):
         raise AttnSegError(f"{input_name}: {values} must list one or more timesteps between 0 and 999 (papers: 100).")
     return [int(t) for t in values]
-
-
-def working_size(height: int, width: int, resolution: int, multiple: int = 64) -> tuple[int, int]:
-    """The ComfyUI host's rule: scale so the longer side is ``resolution``, keeping the
-    aspect ratio, each side a multiple of 64 (the UNet halves the latent three times)."""
-    scale = resolution / max(height, width)
-    return (max(multiple, round(height * scale / multiple) * multiple),
-            max(multiple, round(width * scale / multiple) * multiple))
 
 
 def vae_factor(pipe) -> int:
