@@ -25,6 +25,7 @@ from ...attnseg.errors import AttnSegError
 from .datasets import read_image, save_label_png, voc_palette, write_atomically
 
 OVERLAY_ALPHA = 0.55
+MAX_BLOCKS = 1024  # the Ray engine's input blocks, at most
 
 
 @dataclass(frozen=True)
@@ -337,7 +338,9 @@ def run_ray(jobs: list[Job], build: Callable[[], Callable], outputs: Outputs, ba
         # Decoding runs as CPU tasks ahead of the actors. On GPU workers the stages stay
         # apart; on a CPU-only cluster Ray Data fuses the decode into the actors when
         # both ask for the same CPUs (then each actor decodes its own images).
-        dataset = (ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // max(1, batch_size)))
+        # One decode task per image on small runs; on large ones at most MAX_BLOCKS blocks
+        # (each block costs Ray Data a task and some bookkeeping).
+        dataset = (ray.data.from_items(rows, override_num_blocks=min(len(rows), MAX_BLOCKS))
                    .map(_decode_row)
                    .map_batches(_SegmentActor, fn_constructor_args=(build,), batch_size=batch_size,
                                 compute=ray.data.ActorPoolStrategy(size=num_workers), num_cpus=cpus_per_worker,
