@@ -18,10 +18,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ...attnseg.errors import AttnSegError
 from ...attnseg.evaluation import IGNORE_LABEL, ConfusionMatrix, ThresholdSweep, sweep_thresholds
 from ...attnseg.presets import PRESETS, SEGMENTERS, find_preset
+from ...attnseg.tokens import parse_class_list
 from . import datasets
 from .engines import Job, ModelSettings, Outputs, pending, run_local, run_ray
 
@@ -196,8 +198,6 @@ def image_jobs(args) -> tuple[list[Job], tuple[str, ...]]:
     for file in files:
         datasets.check_image(file)
     if args.classes is not None:
-        from ...attnseg.tokens import parse_class_list
-
         names = tuple(parse_class_list(args.classes, "--classes"))
         per_image = {f.stem: list(names) for f in files}
     else:
@@ -341,8 +341,6 @@ def evaluate_command(args) -> int:
                            f"(first: {missing[0]}); finish the run, or evaluate the split it was run on.")
     classes = len(dataset.class_names)
     if args.sweep:
-        import torch
-
         sweep = ThresholdSweep(sweep_thresholds(args.sweep), classes)
         for sample in samples:
             with np.load(folder / f"{sample.id}.npz") as saved:
@@ -358,8 +356,6 @@ def evaluate_command(args) -> int:
             print(f"  {threshold:.3f}   {100 * miou:5.1f}" + ("  <- best" if i == result.best else ""))
         heading = f"per-class IoU at the best threshold {result.thresholds[result.best]:.3f}:"
     else:
-        import torch
-
         matrix = ConfusionMatrix(classes)
         for sample in samples:
             truth = dataset.truth(sample)
@@ -387,7 +383,7 @@ def evaluate_command(args) -> int:
 
 
 def demo_dataset_command(args) -> int:
-    from ...demo import voc_dataset
+    from ...demo import voc_dataset  # the demo scenes: only this command needs them
 
     for name in ("train", "val"):
         if getattr(args, name) < 0:

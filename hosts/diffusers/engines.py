@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from PIL import Image
 
 from ...attnseg.errors import AttnSegError
 from .datasets import read_image, save_label_png, voc_palette, write_atomically
@@ -80,8 +81,6 @@ class Outputs:
 
 
 def _write_png(path: Path, array: np.ndarray) -> None:
-    from PIL import Image
-
     picture = Image.fromarray(array)
     write_atomically(path, lambda file: picture.save(file, format="PNG"))
 
