@@ -23,7 +23,8 @@ from comfy_server import ComfyServer  # noqa: E402
 # The output node whose image stands for each workflow.
 MAIN_OUTPUT = {"segment-image": "4", "diffsegmenter-segment": "7", "generate-and-segment": "10", "iseg-segment": "8", "iseg-seeds": "7",
                "goca-segment": "7", "scfg-generate": "8", "p2p-edit-generated": "12", "p2p-edit-image": "11",
-               "unsupervised-segments": "6", "flux-demo-segment-image": "7", "flux-demo-generate-and-segment": "10"}
+               "unsupervised-segments": "6", "flux-demo-segment-image": "7", "flux-demo-generate-and-segment": "10",
+               "flux-demo-edit-image": "11"}
 WIDTH = 256
 
 
