@@ -14,7 +14,6 @@ import comfy.sd  # noqa: E402
 import comfy.utils  # noqa: E402
 import nodes as comfy_nodes  # noqa: E402  (ComfyUI's own nodes: KSampler)
 
-from attnseg_pack.hosts.comfyui.p2p import EditSettings, edit_sample  # noqa: E402
 from attnseg_pack.attnseg import AttnSegError, LayerKey  # noqa: E402
 from attnseg_pack.hosts.comfyui.text import prompt_of  # noqa: E402
 
@@ -135,9 +134,6 @@ def test_unet_presets_are_refused_on_a_dit_by_name(flux, vae):
         capture(model, vae, cond, picture, heads="auto (GoCA)")
     with pytest.raises(AttnSegError, match="self_layer_picks: 'double' is not 'TYPE INDEX'"):
         capture(model, vae, cond, picture, self_layer_picks="double")
-    with pytest.raises(AttnSegError, match="Prompt-to-Prompt runs on UNet models"):
-        edit_sample(model, clip, PROMPT, "a red circle and a green square", cond, {"samples": torch.zeros(1, 16, 8, 8)},
-                    0, 2, 1.0, "euler", "simple", 1.0, EditSettings())
 
 
 def test_the_capture_sampler_on_flux_is_the_stock_sampler_and_records_its_steps(flux):
