@@ -169,7 +169,8 @@ def test_editing_from_an_inversion_reconstructs_the_image_and_recolours_the_obje
     target = "a yellow circle and a blue square"
     edited, source, mask, _ = edit(model, clip, latent, target=target, steps=12, keep_outside="input latent",
                                    blend_words="red circle, yellow circle", inversion=inversion)
-    torch.testing.assert_close(source["samples"], alone, atol=1e-4, rtol=0)
+    # a row of a batch of two rounds apart from a batch of one (measured up to 2e-4 over 12 steps)
+    torch.testing.assert_close(source["samples"], alone, atol=1e-3, rtol=0)
     keep = outside(mask)[:, None].expand_as(latent["samples"])
     assert float(keep.float().mean()) > 0.4
     torch.testing.assert_close(edited["samples"][keep], latent["samples"][keep], atol=1e-4, rtol=0)

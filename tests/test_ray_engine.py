@@ -74,7 +74,10 @@ def test_ray_and_local_engines_write_the_same_label_maps(cluster, model, voc, lo
         stem = name.removesuffix(".png")
         with np.load(out / "scores" / f"{stem}.npz") as ray_scores, np.load(local_run / "scores" /
                                                                              f"{stem}.npz") as local_scores:
-            assert np.array_equal(ray_scores["scores"], local_scores["scores"])
+            # Ray's workers run torch with one thread (it sets OMP_NUM_THREADS to the actor's CPUs),
+            # so the scores' float sums may round apart; the labels above are byte-identical
+            np.testing.assert_allclose(ray_scores["scores"].astype(np.float32),
+                                       local_scores["scores"].astype(np.float32), atol=2e-3, rtol=0)
             assert ray_scores["label_ids"].tolist() == local_scores["label_ids"].tolist()
     runs = json.loads((out / "manifest.json").read_text())["runs"]
     assert runs[0]["engine"] == "ray" and runs[0]["num_workers"] == 2
