@@ -8,7 +8,8 @@ from ..attnseg.presets import CUSTOM, ISEG_BACKGROUND_WORDS, SEED_PRESET, SEED_S
 from ..attnseg.seeds import parse_seeds, seeded_maps
 from ..attnseg.smoothing import KL_ITERATIONS
 from ..hosts.comfyui.progress import comfy_progress
-from ..hosts.comfyui.text import CAT_CROSS_MODES, encode_cat_cross
+from ..attnseg.prompt_weights import CAT_CROSS_MODES
+from ..hosts.comfyui.text import encode_cat_cross
 from .presets import preset_input
 from .segmenters import parse_weights, require_store
 from .types import ATTNSEG_SCORES, ATTNSEG_STORE, REFINE, SEGMENT, TEXT

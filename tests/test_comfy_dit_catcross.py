@@ -14,7 +14,7 @@ import_pack()
 from attnseg_pack.attnseg import AttentionStore, LayerKey  # noqa: E402
 from attnseg_pack.attnseg.layers import LayerPick  # noqa: E402
 from attnseg_pack.hosts.comfyui.capture import CapturePlan  # noqa: E402
-from attnseg_pack.hosts.comfyui.catcross import KeyScale  # noqa: E402
+from attnseg_pack.attnseg.prompt_weights import KeyScale  # noqa: E402
 from attnseg_pack.hosts.comfyui.dit import describe_dit, install_dit_capture  # noqa: E402
 from attnseg_pack.hosts.comfyui.models import install_model_capture  # noqa: E402
 

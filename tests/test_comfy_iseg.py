@@ -9,7 +9,8 @@ from tiny_models import SD15_LAYOUT, tiny_clip, tiny_unet, tiny_vae
 
 pack = import_pack()
 from attnseg_pack.attnseg import AttnSegError  # noqa: E402
-from attnseg_pack.hosts.comfyui.catcross import KeyScale, install_key_scale  # noqa: E402
+from attnseg_pack.attnseg.prompt_weights import KeyScale  # noqa: E402
+from attnseg_pack.hosts.comfyui.catcross import install_key_scale  # noqa: E402
 from attnseg_pack.hosts.comfyui.passes import segment_image  # noqa: E402
 from attnseg_pack.hosts.comfyui.text import KEY_SCALE_KEY, encode_cat_cross  # noqa: E402
 from attnseg_pack.hosts.comfyui.unet import describe_unet  # noqa: E402

@@ -4,32 +4,13 @@ attention is softmax(Q (W . K)^T / sqrt(d)) with V and the uncond branch untouch
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from comfy.ldm.modules.attention import optimized_attention
 
+from ...attnseg.prompt_weights import KeyScale
 from .unet import UNetInfo
 
 COND = 0  # ComfyUI's cond_or_uncond code of the positive branch
-
-
-@dataclass(frozen=True)
-class KeyScale:
-    """Multiply the keys at ``positions`` (of a ``token_count``-token prompt) by ``gamma``."""
-
-    positions: tuple[int, ...]
-    gamma: float
-    token_count: int
-
-    def weights(self, tokens: int, device, dtype) -> torch.Tensor:
-        """(tokens,) weights; a context the host tiled to a longer length repeats the prompt."""
-        w = torch.ones(tokens, device=device, dtype=dtype)
-        for start in range(0, tokens, self.token_count):
-            for p in self.positions:
-                if start + p < tokens:
-                    w[start + p] = self.gamma
-        return w
 
 
 def install_key_scale(model, info: UNetInfo, scale: KeyScale) -> None:

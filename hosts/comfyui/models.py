@@ -8,8 +8,9 @@ from __future__ import annotations
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from ...attnseg import AttentionStore
+from ...attnseg.prompt_weights import KeyScale
 from .capture import CapturePlan, head_counter, install_capture
-from .catcross import KeyScale, install_key_scale
+from .catcross import install_key_scale
 from .dit import DiTInfo, check_dit_conditioning, describe_dit, dit_family, install_dit_capture, unsupported
 from .unet import UNetInfo, check_conditioning, describe_unet
 

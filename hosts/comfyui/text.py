@@ -10,13 +10,12 @@ import torch
 from ...attnseg.errors import AttnSegError
 from ...attnseg.tokens import (SegPrompt, find_subsequence, fuse_ing_words, iseg_template_prompt, joined,
                                locate_classes, locate_pieces, parse_class_list, template_prompt)
-from .catcross import KeyScale
+from ...attnseg.prompt_weights import KeyScale, check_cat_cross, check_class_weight, reweight_class_tokens
 
 # The conditioning dict keys that carry the class metadata and Cat-Cross's
 # key weighting to later nodes.
 PROMPT_KEY = "attnseg_prompt"
 KEY_SCALE_KEY = "attnseg_key_scale"
-CAT_CROSS_MODES = ("keys", "embedding")
 
 
 def _stream(tokens: dict) -> str:
@@ -182,22 +181,15 @@ def encode_segmentation_prompt(clip, prompt: str, classes: str, class_weight: fl
     does (Compel-style): ``z_empty + w (z - z_empty)`` at their positions, with
     ``z_empty`` the encoding of the empty prompt. ``fuse_ing`` adds a following
     "-ing" word's token to its class."""
-    if not class_weight > 0:
-        raise AttnSegError(f"class_weight: {class_weight} must be positive (1 = off, DiffSegmenter 1.21).")
+    check_class_weight(class_weight)
     _, meta, tokens = segmentation_prompt(clip, prompt, classes, part=part)
     if fuse_ing:
         meta = fuse_ing_words(meta)
     conditioning = clip.encode_from_tokens_scheduled(tokens)
     if class_weight != 1.0:
         empty = clip.encode_from_tokens_scheduled(clip.tokenize(""))[0][0]
-        positions = list(meta.class_positions)
-        weighted = []
-        for cond, extras in conditioning:
-            z_empty = empty.to(cond).repeat(1, cond.shape[1] // empty.shape[1] + 1, 1)[:, :cond.shape[1]]
-            cond = cond.clone()
-            cond[:, positions] = z_empty[:, positions] + class_weight * (cond[:, positions] - z_empty[:, positions])
-            weighted.append([cond, extras])
-        conditioning = weighted
+        conditioning = [[reweight_class_tokens(cond, empty, meta.class_positions, class_weight), extras]
+                        for cond, extras in conditioning]
     return [[c, {**extras, PROMPT_KEY: meta}] for c, extras in conditioning], meta
 
 
@@ -207,10 +199,7 @@ def encode_cat_cross(clip, prompt: str, classes: str, gamma: float, mode: str, b
     keys inside the attention ("keys", the paper; applied by AttnSeg's capture
     nodes) or on the text embedding, which scales keys and values ("embedding",
     the released code). An empty prompt becomes iSeg's template."""
-    if not gamma > 0:
-        raise AttnSegError(f"gamma: {gamma} must be positive (iSeg: 1.6; 1 turns Cat-Cross off).")
-    if mode not in CAT_CROSS_MODES:
-        raise AttnSegError(f"mode: '{mode}' is not one of {', '.join(CAT_CROSS_MODES)}.")
+    check_cat_cross(gamma, mode)
     extra_words = [w.strip() for w in background_words.split(",") if w.strip()]
     _, meta, tokens = segmentation_prompt(clip, prompt, classes,
                                           template=lambda names: iseg_template_prompt(names, extra_words), part=part)

@@ -25,16 +25,9 @@ import torch
 from ...attnseg import AttentionStore, AttnSegError, LayerKey
 from ...attnseg.attention import GridPool, attention_with_maps, chosen_heads_mean, head_mean
 from ...attnseg.goca import output_weighted_heads
+from ...attnseg.prompt_weights import KeyScale
 from ...attnseg.plan import CapturePlan
 from .unet import DiffusersLayer, DiffusersUNetInfo, describe_unet, grid_at
-
-
-@dataclass(frozen=True)
-class KeyScale:
-    """iSeg's Cat-Cross on the keys: the keys at ``positions`` times ``gamma``, cond rows only."""
-
-    positions: tuple[int, ...]
-    gamma: float
 
 
 @dataclass

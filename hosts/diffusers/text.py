@@ -12,9 +12,7 @@ from ...attnseg import AttnSegError, SegPrompt
 from ...attnseg.presets import TextSetup
 from ...attnseg.tokens import (GOCA_BACKGROUND, fuse_ing_words, goca_template_prompt, iseg_template_prompt,
                                locate_classes, template_prompt)
-from .capture import KeyScale
-
-CAT_CROSS_MODES = ("keys", "embedding")
+from ...attnseg.prompt_weights import KeyScale, check_cat_cross, check_class_weight, reweight_class_tokens
 
 
 @dataclass
@@ -78,18 +76,14 @@ def encode_segmentation_prompt(pipe, prompt: str, names: list[str], class_weight
     """The prompt (the template when empty) encoded with its class metadata. ``class_weight``
     != 1 re-weights the class tokens as DiffSegmenter's "class++" does: ``z_empty + w
     (z - z_empty)`` at their positions, ``z_empty`` the empty prompt's encoding."""
-    if not class_weight > 0:
-        raise AttnSegError(f"class_weight: {class_weight} must be positive (1 = off, DiffSegmenter 1.21).")
+    check_class_weight(class_weight)
     text = prompt.strip() or template_prompt(names)
     meta = locate_words(pipe.tokenizer, text, names)
     if fuse_ing:
         meta = fuse_ing_words(meta)
     embeds, pooled = encode_text(pipe, text)
     if class_weight != 1.0:
-        empty = encode_text(pipe, "")[0]
-        positions = list(meta.class_positions)
-        embeds = embeds.clone()
-        embeds[:, positions] = empty[:, positions] + class_weight * (embeds[:, positions] - empty[:, positions])
+        embeds = reweight_class_tokens(embeds, encode_text(pipe, "")[0], meta.class_positions, class_weight)
     return Conditioning(embeds, pooled, meta)
 
 
@@ -98,10 +92,7 @@ def encode_cat_cross(pipe, prompt: str, names: list[str], gamma: float, mode: st
     """iSeg's Cat-Cross: the class tokens weighted by ``gamma`` on the keys inside the
     attention ("keys", the paper) or on the text embedding ("embedding", the released
     code). An empty prompt becomes iSeg's template."""
-    if not gamma > 0:
-        raise AttnSegError(f"gamma: {gamma} must be positive (iSeg: 1.6; 1 turns Cat-Cross off).")
-    if mode not in CAT_CROSS_MODES:
-        raise AttnSegError(f"mode: '{mode}' is not one of {', '.join(CAT_CROSS_MODES)}.")
+    check_cat_cross(gamma, mode)
     text = prompt.strip() or iseg_template_prompt(names, background_words)
     meta = locate_words(pipe.tokenizer, text, names)
     embeds, pooled = encode_text(pipe, text)
@@ -110,7 +101,7 @@ def encode_cat_cross(pipe, prompt: str, names: list[str], gamma: float, mode: st
         embeds = embeds.clone()
         embeds[:, list(positions)] *= gamma
         return Conditioning(embeds, pooled, meta)
-    return Conditioning(embeds, pooled, meta, KeyScale(positions, float(gamma)))
+    return Conditioning(embeds, pooled, meta, KeyScale(positions, float(gamma), meta.token_count))
 
 
 def encode_for_preset(pipe, text: TextSetup, prompt: str, names: list[str]) -> list[Conditioning]:
