@@ -62,6 +62,17 @@ def fallback_attention(previous):
     return fast
 
 
+def cond_rows(cond_or_uncond, batch: int) -> slice | None:
+    """The cond branch's rows of a model call's batch (its first chunk), None when
+    the call has no cond rows."""
+    chunks = list(cond_or_uncond or [0])
+    if 0 not in chunks:
+        return None
+    per_chunk = batch // len(chunks)
+    start = chunks.index(0) * per_chunk
+    return slice(start, start + per_chunk)
+
+
 def wanted_rows(transformer_options: dict, batch: int, branches) -> list[tuple[str, slice]]:
     """The batch rows of each captured branch in this call (its first chunk)."""
     chunks = transformer_options.get("cond_or_uncond") or [0]

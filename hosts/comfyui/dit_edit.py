@@ -29,7 +29,7 @@ import torch
 
 from ...attnseg import AttnSegError
 from ...attnseg.layers import LayerPick
-from .capture import CapturePlan, step_index
+from .capture import CapturePlan, cond_rows, step_index
 from .dit import OVERRIDE, DiTInfo, _install_block_identity
 
 AUTO = "auto (the model's preset)"
@@ -60,11 +60,6 @@ def block_counts(info: DiTInfo) -> tuple[int, ...]:
     return tuple(counts.values())
 
 
-def numbered_blocks(info: DiTInfo) -> list[tuple[str, int]]:
-    """The model's blocks in the paper's numbering (Flux: double, then single)."""
-    return info.blocks()
-
-
 def _preset_for(info: DiTInfo) -> str | None:
     return next((name for name, (family, counts, _) in PRESETS.items()
                  if family == info.family and counts == block_counts(info)), None)
@@ -90,7 +85,7 @@ def resolve_blocks(info: DiTInfo, choice: str, custom: str = "") -> list[tuple[s
     """The (block type, index) pairs ``choice`` names on this model."""
     if choice not in BLOCK_CHOICES:
         raise AttnSegError(f"blocks: '{choice}' is not one of {', '.join(BLOCK_CHOICES)}.")
-    blocks = numbered_blocks(info)
+    blocks = info.blocks()  # in the paper's numbering (Flux: double, then single)
     if choice == AUTO:
         choice = _preset_for(info) or ALL_BLOCKS
     if choice == ALL_BLOCKS:
@@ -124,17 +119,8 @@ def blend_plan(info: DiTInfo) -> CapturePlan:
 
 
 def describe_numbers(info: DiTInfo, blocks: list[tuple[str, int]]) -> str:
-    numbering = numbered_blocks(info)
+    numbering = info.blocks()
     return ", ".join(str(numbering.index(block)) for block in blocks)
-
-
-def _cond_rows(chunks, batch: int) -> slice | None:
-    chunks = list(chunks or [0])
-    if 0 not in chunks:
-        return None
-    per_chunk = batch // len(chunks)
-    start = chunks.index(0) * per_chunk
-    return slice(start, start + per_chunk)
 
 
 def _source_image_qk(args: tuple, kwargs: dict, rows: slice, image: slice) -> tuple:
@@ -182,7 +168,7 @@ def install_mmdit_control(model, info: DiTInfo, blocks: list[tuple[str, int]], f
                 (transformer_options.get("block_type"), transformer_options.get("block_index")) in chosen:
             length = args[1].shape[2 if kwargs.get("skip_reshape") else 1]
             txt, (gh, gw) = call["txt"], call["grid"]
-            rows = _cond_rows(transformer_options.get("cond_or_uncond"), args[0].shape[0])
+            rows = cond_rows(transformer_options.get("cond_or_uncond"), args[0].shape[0])
             # MMDiT-X's second attention is over the image tokens alone: not a joint call.
             if rows is not None and length >= txt + gh * gw:
                 args = _source_image_qk(args, kwargs, rows, slice(txt, txt + gh * gw))
@@ -210,7 +196,7 @@ def install_mmdit_control(model, info: DiTInfo, blocks: list[tuple[str, int]], f
         c = args["c"]
         call_options = c.get("transformer_options", {})
         steps.step, steps.total = step_index(call_options.get("sample_sigmas"), args["timestep"])
-        rows = _cond_rows(args.get("cond_or_uncond"), args["input"].shape[0])
+        rows = cond_rows(args.get("cond_or_uncond"), args["input"].shape[0])
         if rows is not None:
             edit = slice(rows.start + (rows.stop - rows.start) // 2, rows.stop)
             context = c["c_crossattn"].clone()

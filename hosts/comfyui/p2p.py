@@ -34,7 +34,7 @@ from ...attnseg.fusion import DIFFSEGMENTER_WEIGHTS, applied_weights, diffsegmen
 from ...attnseg.p2p import (TokenAlignment, align_tokens, blend_mask, check_fraction, controlled_cross_attention,
                             local_blend)
 from ...attnseg.tokens import parse_class_list
-from .capture import CapturePlan, fallback_attention, install_capture, step_index
+from .capture import CapturePlan, cond_rows, fallback_attention, install_capture, step_index
 from .text import locate_dit_words, locate_words, tokenized
 from .dit import check_dit_conditioning, describe_dit, dit_family, install_dit_capture
 from .dit_edit import AUTO, QK_REPLACE, ControlSteps, blend_plan, describe_numbers, install_mmdit_control, \
@@ -131,16 +131,8 @@ def install_prompt_to_prompt(model, info: UNetInfo, edit_context: torch.Tensor, 
     and the size embeddings) for the edit rows' ``y``."""
     tiled, contexts = {}, {}
 
-    def cond_rows(extra: dict, batch: int) -> slice | None:
-        chunks = extra.get("cond_or_uncond") or [0]
-        if 0 not in chunks:
-            return None
-        per_chunk = batch // len(chunks)
-        start = chunks.index(0) * per_chunk
-        return slice(start, start + per_chunk)
-
     def swap_context(n, context, value, extra):
-        rows = cond_rows(extra, context.shape[0])
+        rows = cond_rows(extra.get("cond_or_uncond"), context.shape[0])
         if rows is None:
             return n, context, value
         half = (rows.stop - rows.start) // 2
@@ -161,7 +153,7 @@ def install_prompt_to_prompt(model, info: UNetInfo, edit_context: torch.Tensor, 
         fast = fallback_attention(previous)
 
         def patch(q, k, v, extra):
-            rows = cond_rows(extra, q.shape[0])
+            rows = cond_rows(extra.get("cond_or_uncond"), q.shape[0])
             # As in P2P, both the copy and the re-weighting end with the cross-replace steps.
             if rows is None or not steps.before(settings.cross_replace):
                 return fast(q, k, v, extra)
@@ -189,7 +181,7 @@ def install_prompt_to_prompt(model, info: UNetInfo, edit_context: torch.Tensor, 
         fast = fallback_attention(previous)
 
         def patch(q, k, v, extra):
-            rows = cond_rows(extra, q.shape[0])
+            rows = cond_rows(extra.get("cond_or_uncond"), q.shape[0])
             if rows is None or q.shape[1] > SELF_REPLACE_MAX_TOKENS or not steps.before(settings.self_replace):
                 return fast(q, k, v, extra)
             half = (rows.stop - rows.start) // 2
@@ -212,7 +204,7 @@ def install_prompt_to_prompt(model, info: UNetInfo, edit_context: torch.Tensor, 
         options = args["c"].get("transformer_options", {})
         steps.step, steps.total = step_index(options.get("sample_sigmas"), args["timestep"])
         y = args["c"].get("y")
-        rows = cond_rows(args, y.shape[0]) if edit_adm is not None and y is not None else None
+        rows = cond_rows(args.get("cond_or_uncond"), y.shape[0]) if edit_adm is not None and y is not None else None
         if rows is not None:
             half = (rows.stop - rows.start) // 2
             y = y.clone()
