@@ -142,3 +142,61 @@ def parse_heads(text: str, input_name: str) -> tuple[int, ...] | None:
     if any(h < 0 for h in heads) or len(set(heads)) != len(heads):
         raise AttnSegError(f"{input_name}: '{text}' must list distinct head indices from 0.")
     return heads or None
+
+
+# GoCA's Flux choices, as (type, index): propagation self-attention of blocks 12 and 18 of
+# 57, and block 27's attention output as the layer-weight reference (single block 8).
+FLUX_SELF_BLOCKS = (("double", 12), ("double", 18))
+FLUX_REFERENCE = ("single", 8)
+# Seg4Diff's SD3 block: its I2T maps segment best (SD3-medium, 24 joint blocks).
+SD3_BLOCK = ("joint", 9)
+
+
+@dataclass(frozen=True)
+class DiTInfo:
+    """What a capture needs to know about a DiT, whichever host read it: its blocks as
+    layers (block type, index, depth 0, factor = the patch size, one resolution for
+    all), heads, the text width its context has and what comes before the context in
+    the text part of the sequence (SD3's register tokens)."""
+
+    family: str  # "flux" or "sd3"
+    model_id: str
+    context_dim: int
+    layers: tuple  # of Located layers, in the host's own layer type
+    heads: int
+    patch_size: int
+    latent_channels: int
+    text_prefix: int = 0
+
+    @property
+    def finest_factor(self) -> int:
+        return self.patch_size
+
+    def blocks(self) -> list[tuple[str, int]]:
+        return [(layer.block, layer.block_id) for layer in self.layers]
+
+    def layer(self, block: tuple[str, int]) -> Located | None:
+        return next((la for la in self.layers if (la.block, la.block_id) == block), None)
+
+    def _middle(self) -> Located:
+        return self.layers[len(self.layers) // 2]
+
+    def default_self_layers(self) -> list[Located]:
+        """Self-attention recorded unless a plan names blocks: GoCA's propagation blocks
+        on Flux, Seg4Diff's block on SD3; the middle block where the model lacks them."""
+        wanted = FLUX_SELF_BLOCKS if self.family == "flux" else (SD3_BLOCK,)
+        found = [la for la in map(self.layer, wanted) if la is not None]
+        return found or [self._middle()]
+
+    def reference_at(self, factor: int) -> Located:
+        """GoCA's reference block (Flux: block 27 of 57); the factor means nothing on a DiT."""
+        return (self.layer(FLUX_REFERENCE) if self.family == "flux" else None) or self._middle()
+
+    def head_count(self, layer: Located) -> int:
+        return self.heads
+
+    def describe_blocks(self) -> str:
+        counts = {}
+        for layer in self.layers:
+            counts[layer.block] = counts.get(layer.block, 0) + 1
+        return " and ".join(f"{kind} blocks 0-{n - 1}" for kind, n in counts.items())

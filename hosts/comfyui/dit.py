@@ -31,8 +31,6 @@ from __future__ import annotations
 import itertools
 import math
 import threading
-from dataclasses import dataclass
-
 import comfy.ldm.chroma.model
 import comfy.ldm.chroma_radiance.model
 import comfy.ldm.flux.model
@@ -42,6 +40,7 @@ import comfy.model_management
 import torch
 
 from ...attnseg import AttentionStore, AttnSegError, LayerKey
+from ...attnseg.layers import DiTInfo
 from ...attnseg.attention import (GridPool, attention_with_lse, chosen_heads_mean, fold_repeated_tokens, head_mean,
                                   joint_attention_maps)
 from .capture import CapturePlan, grid_pool, head_counter, step_index, wanted_rows
@@ -50,64 +49,8 @@ from .unet import AttentionLayer
 
 OVERRIDE = "optimized_attention_override"
 SUPPORTED = "Flux (Flux.1 dev/schnell, Chroma and models of that layout) and SD3/SD3.5 (MMDiT)"
-# GoCA's Flux choices, as (type, index): propagation self-attention of blocks 12 and 18 of
-# 57, and block 27's attention output as the layer-weight reference (single block 8).
-FLUX_SELF_BLOCKS = (("double", 12), ("double", 18))
-FLUX_REFERENCE = ("single", 8)
-# Seg4Diff's SD3 block: its I2T maps segment best (SD3-medium, 24 joint blocks).
-SD3_BLOCK = ("joint", 9)
 # Each install's transformer_options key: captures stacked on one model each read their own call info.
 _INSTALLS = itertools.count()
-
-
-@dataclass(frozen=True)
-class DiTInfo:
-    """What the capture needs to know about a DiT: its blocks as layers (block
-    type, index, depth 0, factor = the patch size, one resolution for all), heads,
-    the text width its context has and what comes before the context in the text
-    part of the sequence (SD3's register tokens)."""
-
-    family: str  # "flux" or "sd3"
-    model_id: str
-    context_dim: int
-    layers: tuple[AttentionLayer, ...]
-    heads: int
-    patch_size: int
-    latent_channels: int
-    text_prefix: int = 0
-
-    @property
-    def finest_factor(self) -> int:
-        return self.patch_size
-
-    def blocks(self) -> list[tuple[str, int]]:
-        return [(layer.block, layer.block_id) for layer in self.layers]
-
-    def layer(self, block: tuple[str, int]) -> AttentionLayer | None:
-        return next((la for la in self.layers if (la.block, la.block_id) == block), None)
-
-    def _middle(self) -> AttentionLayer:
-        return self.layers[len(self.layers) // 2]
-
-    def default_self_layers(self) -> list[AttentionLayer]:
-        """Self-attention recorded unless a plan names blocks: GoCA's propagation blocks
-        on Flux, Seg4Diff's block on SD3; the middle block where the model lacks them."""
-        wanted = FLUX_SELF_BLOCKS if self.family == "flux" else (SD3_BLOCK,)
-        found = [la for la in map(self.layer, wanted) if la is not None]
-        return found or [self._middle()]
-
-    def reference_at(self, factor: int) -> AttentionLayer:
-        """GoCA's reference block (Flux: block 27 of 57); the factor means nothing on a DiT."""
-        return (self.layer(FLUX_REFERENCE) if self.family == "flux" else None) or self._middle()
-
-    def head_count(self, layer: AttentionLayer) -> int:
-        return self.heads
-
-    def describe_blocks(self) -> str:
-        counts = {}
-        for layer in self.layers:
-            counts[layer.block] = counts.get(layer.block, 0) + 1
-        return " and ".join(f"{kind} blocks 0-{n - 1}" for kind, n in counts.items())
 
 
 def _flux_layout(net) -> bool:
