@@ -25,9 +25,9 @@ from ...attnseg.scores import ScoreMaps
 from ...attnseg.tokens import parse_class_list
 from .loading import load_pipeline
 from .capture import head_counter
-from .passes import capture_pass, capture_sample, encode_image
+from .dit import DiffusersDiTInfo, dit_head_counter
+from .passes import capture_pass, capture_sample, describe_model, encode_image
 from .text import encode_for_preset, encode_segmentation_prompt
-from .unet import describe_unet
 
 __all__ = ["Segmentation", "segment", "generate_and_segment", "load_pipeline", "DEFAULT_PRESET"]
 
@@ -99,12 +99,18 @@ def _class_lists(classes, count: int) -> list[list[str]]:
             for i, c in enumerate(classes)]
 
 
-def _preset(name: str) -> Preset:
+def _preset(name: str | Preset) -> Preset:
+    if isinstance(name, Preset):  # a researcher's own settings (e.g. dataclasses.replace of a preset)
+        return name
     chosen = find_preset(name, SEGMENTERS)
     if chosen is None:
         raise AttnSegError(f"preset: 'custom' has no settings of its own here; choose one of the presets (e.g. "
                            f"'{DEFAULT_PRESET}'), or build a CapturePlan and call the core methods.")
     return chosen
+
+
+def heads_of(info):
+    return dit_head_counter(info) if isinstance(info, DiffusersDiTInfo) else head_counter(info)
 
 
 def _result(scores: ScoreMaps, chosen: Preset, threshold: float) -> Segmentation:
@@ -117,10 +123,10 @@ def _result(scores: ScoreMaps, chosen: Preset, threshold: float) -> Segmentation
 def segment_scores(pipe, pixels: torch.Tensor, names: list[str], chosen: Preset, prompt: str = "",
                    resolution: int | None = None, seed: int | None = None, info=None) -> ScoreMaps:
     """One image (1, 3, H, W) -> the preset method's score maps (before labelling)."""
-    info = info or describe_unet(pipe.unet)
+    info = info or describe_model(pipe)
     setup = chosen.capture
     plan = CapturePlan.from_setup(setup, chosen.name)
-    plan.check(info, head_counter(info))
+    plan.check(info, heads_of(info))
     propagation = getattr(chosen.settings, "propagation_layers", None)
     if propagation:
         resolve(info.layers, propagation, chosen.name)
@@ -154,7 +160,7 @@ def segment(pipe, images, classes, preset: str = DEFAULT_PRESET, prompt: str = "
     chosen = _preset(preset)
     pictures = _images(images)
     class_lists = _class_lists(classes, len(pictures))
-    info = describe_unet(pipe.unet)
+    info = describe_model(pipe)
     cut = chosen.threshold if threshold is None else threshold
     results = []
     for pixels, names in zip(pictures, class_lists):
@@ -169,17 +175,20 @@ def generate_and_segment(pipe, prompt: str, classes, preset: str = DEFAULT_PRESE
     images from the attention of their own denoising (the cond branch over ``steps`` of
     the call, the preset's layers, heads and method). ``classes`` must be words of
     ``prompt``. Returns (the pipeline's output, one :class:`Segmentation` per image at
-    the generated size)."""
+    the generated size). On Flux pipelines the branch of each transformer call follows
+    FluxPipeline's true CFG (the prompt's call, then the negative prompt's)."""
     chosen = _preset(preset)
     names = _class_lists(classes, 1)[0]
-    info = describe_unet(pipe.unet)
+    info = describe_model(pipe)
     plan = dataclasses.replace(CapturePlan.from_setup(chosen.capture, chosen.name), cross_steps=steps,
                                self_steps=steps)
-    plan.check(info, head_counter(info))
+    plan.check(info, heads_of(info))
     meta = encode_segmentation_prompt(pipe, prompt, names).prompt  # refuses classes not in the prompt
     per_prompt = pipeline_kwargs.get("num_images_per_prompt", 1)
-    height = pipeline_kwargs.get("height") or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    width = pipeline_kwargs.get("width") or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    # the pipelines' own default size: the UNet's sample size, a DiT pipeline's default_sample_size
+    default = getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size
+    height = pipeline_kwargs.get("height") or default * pipe.vae_scale_factor
+    width = pipeline_kwargs.get("width") or default * pipe.vae_scale_factor
     factor = pipe.vae_scale_factor
     store = AttentionStore(info.model_id, per_prompt, (height // factor, width // factor), (height, width), meta)
     output = capture_sample(pipe, store, plan, per_prompt, info, prompt=prompt, **pipeline_kwargs)

@@ -42,8 +42,8 @@ class Parser(argparse.ArgumentParser):
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", required=True,
-                       help="a local diffusers pipeline folder (with model_index.json) or a single-file SD1.x/2.x/SDXL "
-                            "checkpoint (.safetensors/.ckpt)")
+                       help="a local diffusers pipeline folder (with model_index.json; SD1.x/2.x/SDXL, Flux, SD3/SD3.5) "
+                            "or a single-file SD1.x/2.x/SDXL checkpoint (.safetensors/.ckpt)")
     group.add_argument("--model-config", help="offline, a single-file checkpoint needs the configs of its model: a "
                                               "local diffusers folder of the same model")
     group.add_argument("--allow-hub", action="store_true",
@@ -51,9 +51,10 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     group.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                        help="default: float16 on CUDA, float32 on the CPU")
-    unet_presets = [name for name, p in PRESETS.items() if p.method in SEGMENTERS and p.family == "unet"]
+    presets = [f"{name} [{p.family}]" for name, p in PRESETS.items() if p.method in SEGMENTERS]
     group.add_argument("--preset", default=DEFAULT_PRESET, metavar="NAME",
-                       help=f"the segmenter's preset (default: {DEFAULT_PRESET}); one of: {'; '.join(unet_presets)}")
+                       help=f"the segmenter's preset (default: {DEFAULT_PRESET}); one of the model family's: "
+                            f"{'; '.join(presets)}")
     group.add_argument("--threshold", type=float, help="background threshold (default: the preset's)")
     group.add_argument("--resolution", type=int, help="working resolution in pixels (default: the preset's)")
     group.add_argument("--seed", type=int, help="noise seed (default: the preset's)")
@@ -218,9 +219,9 @@ def image_jobs(args) -> tuple[list[Job], tuple[str, ...]]:
 
 def model_settings(args) -> ModelSettings:
     preset = find_preset(args.preset, SEGMENTERS, "--preset")
-    if preset is None or preset.family != "unet":
-        raise AttnSegError(f"--preset: '{args.preset}' is not a UNet (SD1.x/2.x/SDXL) segmenter preset; the "
-                           f"diffusers host runs DiffSegmenter, iSeg and GoCA presets (see --help).")
+    if preset is None:
+        raise AttnSegError(f"--preset: '{args.preset}' has no settings of its own; the diffusers host runs the "
+                           f"DiffSegmenter, iSeg and GoCA presets (see --help).")
     model = Path(args.model).expanduser()
     if not model.exists() and not args.allow_hub:
         raise AttnSegError(f"--model: {args.model} does not exist (hub ids are only looked up with --allow-hub).")

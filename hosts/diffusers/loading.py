@@ -12,6 +12,7 @@ from ...attnseg import AttnSegError
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin", ".pth")
 # A key only SDXL's single-file checkpoints have (its second text encoder).
 SDXL_KEY = "conditioner.embedders.1"
+DENOISERS = ("UNet2DConditionModel", "FluxTransformer2DModel", "SD3Transformer2DModel")
 
 
 def _device(device) -> torch.device:
@@ -50,7 +51,9 @@ def load_pipeline(path_or_file, device=None, dtype=None, allow_hub: bool = False
     local diffusers folder of the same model) or the local Hugging Face cache). A hub
     id ("org/name") is only tried with ``allow_hub``. ``device``: None for CUDA when
     available, else the CPU; ``dtype``: None for fp16 on CUDA, fp32 elsewhere. The
-    pipeline must have a UNet2DConditionModel; anything else is a one-line AttnSegError."""
+    pipeline must have a UNet2DConditionModel (SD1.x/2.x/SDXL), or a FluxTransformer2DModel
+    or SD3Transformer2DModel (Flux, SD3/SD3.5: from a pipeline folder; single files here
+    are SD checkpoints); anything else is a one-line AttnSegError."""
     from diffusers import DiffusionPipeline
 
     target = _device(device)
@@ -84,8 +87,9 @@ def load_pipeline(path_or_file, device=None, dtype=None, allow_hub: bool = False
             " Offline, a single file needs config=<a local diffusers folder of that model>, or allow_hub=True.")
         raise AttnSegError(f"path_or_file: '{path_or_file}' did not load as a diffusers pipeline ({reason[:200]})."
                            + (hint if path.is_file() else ""))
-    unet = getattr(pipe, "unet", None)
-    if type(unet).__name__ != "UNet2DConditionModel":
-        raise AttnSegError(f"path_or_file: '{path_or_file}' is a {type(pipe).__name__} without a "
-                           f"UNet2DConditionModel; the diffusers host segments with SD1.x, SD2.x or SDXL pipelines.")
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if type(denoiser).__name__ not in DENOISERS:
+        raise AttnSegError(f"path_or_file: '{path_or_file}' is a {type(pipe).__name__} whose denoiser is a "
+                           f"{type(denoiser).__name__}; the diffusers host segments with SD1.x, SD2.x, SDXL, Flux "
+                           f"and SD3/SD3.5 pipelines ({', '.join(DENOISERS)}).")
     return pipe.to(target)

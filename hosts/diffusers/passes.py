@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ...attnseg import AttentionStore, AttnSegError
 from .capture import capture_attention
+from .dit import DiffusersDiTInfo, capture_dit_attention, describe_transformer, is_dit
 from ...attnseg.plan import CapturePlan, working_size
 from .text import Conditioning
 from .unet import DiffusersUNetInfo, check_latent_grid, describe_unet
@@ -80,46 +81,126 @@ def added_conditions(pipe, conditioning: Conditioning, rows: int, pixel_size: tu
 def check_conditioning(info: DiffusersUNetInfo, conditioning: Conditioning, input_name: str = "pipe") -> None:
     dim = conditioning.embeds.shape[-1]
     if dim != info.context_dim:
-        raise AttnSegError(f"{input_name}: its text encoder gives {dim}-wide embeddings but the UNet expects "
+        raise AttnSegError(f"{input_name}: its text encoder gives {dim}-wide embeddings but the denoiser expects "
                            f"{info.context_dim} ({info.model_id}); the pipeline's parts do not belong together.")
 
 
+def denoiser(pipe):
+    """The pipeline's UNet or DiT transformer."""
+    model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if model is None:
+        raise AttnSegError(f"pipe: {type(pipe).__name__} has neither a unet nor a transformer to capture.")
+    return model
+
+
+def describe_model(pipe, input_name: str = "pipe") -> DiffusersUNetInfo | DiffusersDiTInfo:
+    model = denoiser(pipe)
+    return describe_transformer(model, input_name) if is_dit(model) else describe_unet(model, input_name)
+
+
+def dit_grid(latent_size: tuple[int, int], info: DiffusersDiTInfo, vae_factor: int, input_name: str) -> tuple[int, int]:
+    """The image token grid of a latent; Flux's packing and SD3's patches need even sides."""
+    h, w = latent_size
+    if h % info.patch_size or w % info.patch_size:
+        raise AttnSegError(f"{input_name}: a {w * vae_factor}x{h * vae_factor} image gives a {w}x{h} latent, which "
+                           f"{info.model_id} cannot cut into {info.patch_size}x{info.patch_size} patches; use sides "
+                           f"that are multiples of {info.patch_size * vae_factor} pixels.")
+    return h // info.patch_size, w // info.patch_size
+
+
+def flow_noised(latent: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
+    """A rectified flow's forward process: (1 - sigma) x0 + sigma eps with sigma = t / 1000
+    (as ComfyUI noises Flux and SD3, and diffusers' flow schedulers name t)."""
+    sigma = timestep / 1000.0
+    return (1 - sigma) * latent.float() + sigma * noise.float()
+
+
+def pack_flux(latent: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h/2 * w/2, 4C): Flux's 2x2 patches as tokens, rows first."""
+    b, c, h, w = latent.shape
+    return latent.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
+
+
+def flux_image_ids(grid: tuple[int, int], device, dtype) -> torch.Tensor:
+    """(rows * columns, 3) RoPE positions of Flux's image tokens: (0, row, column)."""
+    ids = torch.zeros(*grid, 3)
+    ids[..., 1] = torch.arange(grid[0])[:, None]
+    ids[..., 2] = torch.arange(grid[1])[None, :]
+    return ids.reshape(-1, 3).to(device, dtype)
+
+
+# Flux-dev's default guidance, as ComfyUI's Flux conditioning and diffusers' FluxPipeline set it.
+FLUX_GUIDANCE = 3.5
+
+
+def _dit_call(pipe, info: DiffusersDiTInfo, sample: torch.Tensor, timesteps: torch.Tensor,
+              conditioning: Conditioning, grid: tuple[int, int]) -> None:
+    """One transformer call on noised latents (B, C, h, w) at ``timesteps`` (B,) of 1000."""
+    transformer = pipe.transformer
+    device, dtype = transformer.device, transformer.dtype
+    rows = sample.shape[0]
+    embeds = conditioning.embeds.to(device, dtype).expand(rows, -1, -1)
+    pooled = conditioning.pooled.to(device, dtype).expand(rows, -1)
+    if info.family == "sd3":
+        transformer(sample.to(dtype), encoder_hidden_states=embeds, pooled_projections=pooled,
+                    timestep=timesteps.to(dtype), return_dict=False)
+        return
+    guidance = (torch.full((rows,), FLUX_GUIDANCE, device=device, dtype=torch.float32)
+                if transformer.config.guidance_embeds else None)
+    transformer(pack_flux(sample).to(dtype), encoder_hidden_states=embeds, pooled_projections=pooled,
+                timestep=(timesteps / 1000).to(dtype), img_ids=flux_image_ids(grid, device, dtype),
+                txt_ids=torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype), guidance=guidance,
+                return_dict=False)
+
+
 def capture_pass(pipe, latent: torch.Tensor, conditioning: Conditioning, timesteps: list[int], seed: int,
-                 image_size: tuple[int, int], plan: CapturePlan | None = None, info: DiffusersUNetInfo | None = None,
-                 per_pass: int | None = None, keep_timesteps: bool = False) -> AttentionStore:
+                 image_size: tuple[int, int], plan: CapturePlan | None = None,
+                 info: DiffusersUNetInfo | DiffusersDiTInfo | None = None, per_pass: int | None = None,
+                 keep_timesteps: bool = False) -> AttentionStore:
     """Noise ``latent`` (B, C, h, w) to each timestep (one noise draw for all, as
-    ComfyUI's prepare_noise draws it from ``seed``) and run cond-only UNet calls,
-    ``per_pass`` timesteps stacked in a batch (None: all), capturing into a new store
-    (maps averaged over the timesteps; with ``keep_timesteps`` and several, also one
-    store per timestep in ``store.per_timestep``)."""
-    info = info or describe_unet(pipe.unet)
+    ComfyUI's prepare_noise draws it from ``seed``; a UNet by its scheduler's schedule,
+    a DiT by the flow's) and run cond-only denoiser calls, ``per_pass`` timesteps
+    stacked in a batch (None: all), capturing into a new store (maps averaged over the
+    timesteps; with ``keep_timesteps`` and several, also one store per timestep in
+    ``store.per_timestep``)."""
+    info = info or describe_model(pipe)
+    dit = isinstance(info, DiffusersDiTInfo)
     plan = plan or CapturePlan()
     timesteps = parse_timesteps(timesteps)
     check_conditioning(info, conditioning)
     latent_size = tuple(latent.shape[-2:])
-    check_latent_grid(latent_size, info, vae_factor(pipe), "images")
+    if dit:
+        grid = dit_grid(latent_size, info, vae_factor(pipe), "images")
+    else:
+        check_latent_grid(latent_size, info, vae_factor(pipe), "images")
     batch = latent.shape[0]
     new_store = lambda: AttentionStore(info.model_id, batch, latent_size, image_size,  # noqa: E731
                                        conditioning.prompt)
     store = new_store()
     if keep_timesteps and len(timesteps) > 1:
         store.per_timestep = [new_store() for _ in timesteps]
-    unet = pipe.unet
-    device, dtype = unet.device, unet.dtype
+    model = denoiser(pipe)
+    device, dtype = model.device, model.dtype
     noise = torch.randn(latent.shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
     latent, noise = latent.float().to(device), noise.to(device)
     per_pass = per_pass or len(timesteps)
     pixel_size = (latent_size[0] * vae_factor(pipe), latent_size[1] * vae_factor(pipe))
-    with capture_attention(unet, store, plan, info, key_scale=conditioning.key_scale), torch.no_grad():
+    capture = (capture_dit_attention(model, store, plan, grid, info, key_scale=conditioning.key_scale) if dit else
+               capture_attention(model, store, plan, info, key_scale=conditioning.key_scale))
+    with capture, torch.no_grad():
         for start in range(0, len(timesteps), per_pass):
             group = timesteps[start:start + per_pass]
             rows = len(group) * batch
-            sample = torch.cat([noised(pipe.scheduler, latent, noise, t) for t in group]).to(dtype)
             steps = torch.tensor(group, device=device).repeat_interleave(batch)
             store.stacked_timesteps, store.first_timestep = len(group), start
             try:
-                unet(sample, steps, encoder_hidden_states=conditioning.embeds.to(device, dtype).expand(rows, -1, -1),
-                     added_cond_kwargs=added_conditions(pipe, conditioning, rows, pixel_size), return_dict=False)
+                if dit:
+                    sample = torch.cat([flow_noised(latent, noise, t) for t in group])
+                    _dit_call(pipe, info, sample, steps.float(), conditioning, grid)
+                    continue
+                sample = torch.cat([noised(pipe.scheduler, latent, noise, t) for t in group]).to(dtype)
+                model(sample, steps, encoder_hidden_states=conditioning.embeds.to(device, dtype).expand(rows, -1, -1),
+                      added_cond_kwargs=added_conditions(pipe, conditioning, rows, pixel_size), return_dict=False)
             finally:
                 store.stacked_timesteps = 1
     return store
@@ -148,11 +229,36 @@ def guided_rows(pipe, images: int):
     return rows
 
 
-def capture_sample(pipe, store: AttentionStore, plan: CapturePlan, images: int, info: DiffusersUNetInfo | None = None,
-                   **pipeline_kwargs):
-    """Run ``pipe(**pipeline_kwargs)`` with ``images`` images per UNet batch half,
+def flux_true_cfg_rows(true_cfg: bool):
+    """The branches of FluxPipeline's transformer calls: with true CFG each step calls the
+    prompt's batch, then the negative prompt's; without it every call is the prompt's."""
+    calls = {"count": 0}
+
+    def rows(batch: int) -> list:
+        calls["count"] += 1
+        if true_cfg and calls["count"] % 2 == 0:
+            return [("uncond", slice(0, batch))]
+        return [("cond", slice(0, batch))]
+    return rows
+
+
+def capture_sample(pipe, store: AttentionStore, plan: CapturePlan, images: int,
+                   info: DiffusersUNetInfo | DiffusersDiTInfo | None = None, **pipeline_kwargs):
+    """Run ``pipe(**pipeline_kwargs)`` with ``images`` images per denoiser batch half,
     filling ``store`` during the steps ``plan`` names. Returns the pipeline's output."""
-    info = info or describe_unet(pipe.unet)
-    with capture_attention(pipe.unet, store, plan, info, step_of=pipeline_steps(pipe.scheduler),
-                           branch_rows=guided_rows(pipe, images)):
+    info = info or describe_model(pipe)
+    if not isinstance(info, DiffusersDiTInfo):
+        with capture_attention(pipe.unet, store, plan, info, step_of=pipeline_steps(pipe.scheduler),
+                               branch_rows=guided_rows(pipe, images)):
+            return pipe(**pipeline_kwargs)
+    grid = dit_grid(store.latent_size, info, vae_factor(pipe), "height / width")
+    steps = pipeline_steps(pipe.scheduler)
+    if info.family == "flux":  # FluxPipeline hands the transformer t / 1000
+        step_of = lambda timestep: steps(timestep * 1000)  # noqa: E731
+        # FluxPipeline's own test: true CFG runs when the scale is above 1 and a negative is given ("" counts)
+        negative = any(pipeline_kwargs.get(k) is not None for k in ("negative_prompt", "negative_prompt_embeds"))
+        branch_rows = flux_true_cfg_rows(pipeline_kwargs.get("true_cfg_scale", 1.0) > 1 and negative)
+    else:
+        step_of, branch_rows = steps, guided_rows(pipe, images)
+    with capture_dit_attention(pipe.transformer, store, plan, grid, info, step_of=step_of, branch_rows=branch_rows):
         return pipe(**pipeline_kwargs)

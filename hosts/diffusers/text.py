@@ -4,6 +4,7 @@ templates, class weighting, Cat-Cross, "-ing" fusion)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +12,7 @@ import torch
 from ...attnseg import AttnSegError, SegPrompt
 from ...attnseg.presets import TextSetup
 from ...attnseg.tokens import (GOCA_BACKGROUND, fuse_ing_words, goca_template_prompt, iseg_template_prompt,
-                               locate_classes, template_prompt)
+                               joined, locate_classes, locate_pieces, template_prompt)
 from ...attnseg.prompt_weights import KeyScale, check_cat_cross, check_class_weight, reweight_class_tokens
 
 
@@ -35,15 +36,20 @@ def _word(tokenizer, piece: str) -> str:
         return piece.replace("</w>", "")
 
 
-def prompt_tokens(tokenizer, text: str, input_name: str = "prompt") -> tuple[list[int], list[str]]:
-    """(token ids of ``text`` padded to the encoder's length, readable words: "" for BOS,
-    EOS and padding). A prompt longer than the encoder reads is refused: the pipeline
-    would cut it, and classes past the cut would have no attention."""
-    length = tokenizer.model_max_length
+def padded_ids(tokenizer, text: str, length: int, input_name: str = "prompt") -> list[int]:
+    """Token ids of ``text`` padded to ``length``. A prompt longer than the encoder reads
+    is refused: the pipeline would cut it, and classes past the cut would have no attention."""
     ids = tokenizer(text, padding="max_length", max_length=length, truncation=False)["input_ids"]
     if len(ids) > length:
         raise AttnSegError(f"{input_name}: '{text[:60]}...' is {len(ids)} tokens; this pipeline's text encoder reads "
                            f"{length}. Shorten the prompt or the class list.")
+    return ids
+
+
+def prompt_tokens(tokenizer, text: str, input_name: str = "prompt") -> tuple[list[int], list[str]]:
+    """(token ids of ``text`` padded to the encoder's length, readable words: "" for BOS,
+    EOS and padding)."""
+    ids = padded_ids(tokenizer, text, tokenizer.model_max_length, input_name)
     specials = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
     end = ids.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in ids else len(ids)
     pieces = tokenizer.convert_ids_to_tokens(ids)
@@ -59,11 +65,71 @@ def locate_words(tokenizer, text: str, names: list[str], input_name: str = "clas
     return locate_classes(ids, class_tokens, words, text, input_name=input_name)
 
 
+# The T5 length Flux's and SD3's pipelines pad to by default (their max_sequence_length).
+T5_LENGTH = {"FluxTransformer2DModel": 512, "SD3Transformer2DModel": 256}
+
+
+def dit_family(pipe) -> str | None:
+    """"flux" / "sd3" for a pipeline whose denoiser is Flux's / SD3's transformer, else None."""
+    name = type(getattr(pipe, "transformer", None)).__name__
+    return {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}.get(name)
+
+
+def t5_tokenizer(pipe):
+    """The T5 tokenizer of a Flux (tokenizer_2) or SD3 (tokenizer_3) pipeline; None where SD3 runs without T5."""
+    if dit_family(pipe) == "flux":
+        return pipe.tokenizer_2
+    return pipe.tokenizer_3 if getattr(pipe, "text_encoder_3", None) is not None else None
+
+
+def t5_length(pipe) -> int:
+    """The pipeline's default T5 length, or the tokenizer's own where shorter (a small model's)."""
+    return min(T5_LENGTH[type(pipe.transformer).__name__], t5_tokenizer(pipe).model_max_length)
+
+
+def t5_prompt(tokenizer, text: str, names: list[str], length: int, input_name: str = "classes") -> SegPrompt:
+    """Class metadata in T5's tokens of ``text`` padded to ``length`` (SentencePiece pieces)."""
+    ids = padded_ids(tokenizer, text, length)
+    specials = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    pieces = [None if token in specials else piece for token, piece in zip(ids, tokenizer.convert_ids_to_tokens(ids))]
+    class_pieces = {name: tokenizer.convert_ids_to_tokens(tokenizer(name, add_special_tokens=False)["input_ids"])
+                    for name in names}
+    return locate_pieces(pieces, class_pieces, text, input_name)
+
+
+def locate_pipeline_words(pipe, text: str, names: list[str], input_name: str = "classes") -> SegPrompt:
+    """Class positions in the sequence the denoiser attends over: the UNet's CLIP tokens;
+    Flux's T5 tokens; SD3's CLIP tokens (77, CLIP-L's and -G's side by side) then T5's
+    (both parts, as the ComfyUI host's dit_text 'both')."""
+    family = dit_family(pipe)
+    if family is None:
+        return locate_words(pipe.tokenizer, text, names, input_name)
+    if family == "flux":
+        return t5_prompt(pipe.tokenizer_2, text, names, t5_length(pipe), input_name)
+    clip = locate_words(pipe.tokenizer, text, names, input_name)
+    if t5_tokenizer(pipe) is None:  # the pipeline pads the T5 part with zeros: no class there
+        return joined(clip, dataclasses.replace(clip, words=("",) * clip.token_count), from_second=False)
+    return joined(clip, t5_prompt(pipe.tokenizer_3, text, names, t5_length(pipe), input_name))
+
+
 def encode_text(pipe, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(prompt embeddings (1, T, C), pooled embeddings or None) from the pipeline's own
-    ``encode_prompt`` (SDXL's two encoders concatenated, as its call does)."""
-    device = getattr(pipe, "_execution_device", None) or pipe.unet.device  # where an offloading pipeline encodes
+    ``encode_prompt`` (SDXL's two encoders concatenated, as its call does; Flux's T5
+    sequence and CLIP-L pooled vector; SD3's CLIP pair then T5, and both pooled vectors)."""
+    family = dit_family(pipe)
+    model = pipe.transformer if family else pipe.unet
+    device = getattr(pipe, "_execution_device", None) or model.device  # where an offloading pipeline encodes
     with torch.no_grad():
+        if family == "flux":
+            embeds, pooled, _ = pipe.encode_prompt(prompt=text, prompt_2=None, device=device,
+                                                   num_images_per_prompt=1, max_sequence_length=t5_length(pipe))
+            return embeds, pooled
+        if family == "sd3":
+            length = t5_length(pipe) if t5_tokenizer(pipe) is not None else T5_LENGTH["SD3Transformer2DModel"]
+            embeds, _, pooled, _ = pipe.encode_prompt(prompt=text, prompt_2=None, prompt_3=None, device=device,
+                                                      num_images_per_prompt=1, do_classifier_free_guidance=False,
+                                                      max_sequence_length=length)
+            return embeds, pooled
         encoded = pipe.encode_prompt(prompt=text, device=device, num_images_per_prompt=1,
                                      do_classifier_free_guidance=False)
     embeds = encoded[0]
@@ -78,7 +144,7 @@ def encode_segmentation_prompt(pipe, prompt: str, names: list[str], class_weight
     (z - z_empty)`` at their positions, ``z_empty`` the empty prompt's encoding."""
     check_class_weight(class_weight)
     text = prompt.strip() or template_prompt(names)
-    meta = locate_words(pipe.tokenizer, text, names)
+    meta = locate_pipeline_words(pipe, text, names)
     if fuse_ing:
         meta = fuse_ing_words(meta)
     embeds, pooled = encode_text(pipe, text)
@@ -94,7 +160,7 @@ def encode_cat_cross(pipe, prompt: str, names: list[str], gamma: float, mode: st
     code). An empty prompt becomes iSeg's template."""
     check_cat_cross(gamma, mode)
     text = prompt.strip() or iseg_template_prompt(names, background_words)
-    meta = locate_words(pipe.tokenizer, text, names)
+    meta = locate_pipeline_words(pipe, text, names)
     embeds, pooled = encode_text(pipe, text)
     positions = meta.class_positions
     if mode == "embedding":

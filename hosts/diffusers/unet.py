@@ -70,7 +70,8 @@ def describe_unet(unet, input_name: str = "pipe") -> DiffusersUNetInfo:
     for the downsampler; its ``output_blocks`` one per resnet of each up block."""
     if type(unet).__name__ != "UNet2DConditionModel":
         raise AttnSegError(f"{input_name}: its denoiser is a {type(unet).__name__}; the diffusers host segments "
-                           f"with a UNet2DConditionModel (SD1.x, SD2.x, SDXL pipelines).")
+                           f"with a UNet2DConditionModel (SD1.x, SD2.x, SDXL), FluxTransformer2DModel (Flux) or "
+                           f"SD3Transformer2DModel (SD3/SD3.5).")
     layers, modules = [], {}
 
     def add(block: str, block_id: int, depth: int, factor: int, module, path: str) -> None:
