@@ -74,14 +74,19 @@ def resolve(layers: Sequence[Located], picks: Sequence[LayerPick], preset: str, 
         at_level = [layer for layer in layers if layer.block == pick.block and layer.factor == factors[pick.level]]
         if pick.index is None:
             found = at_level
+        elif pick.block in DIT_BLOCKS:  # a DiT block is named by its index, also among a store's few blocks
+            found = [layer for layer in at_level if layer.block_id == pick.index]
         elif pick.index < len(at_level):
             found = [at_level[pick.index]]
         else:
             found = []
         if not found and pick.block in DIT_BLOCKS:
-            raise AttnSegError(
-                f"{input_name}: '{preset}' reads {pick}, but this model has {len(at_level)} {pick.block} blocks "
-                f"(0 to {len(at_level) - 1}). Choose a preset made for this model, or 'custom'.")
+            ids = sorted(layer.block_id for layer in at_level)
+            have = (f"this model has {len(ids)} {pick.block} blocks (0 to {len(ids) - 1})"
+                    if ids == list(range(len(ids))) else
+                    f"the {input_name} holds {pick.block} blocks {', '.join(map(str, ids)) or 'none'}")
+            raise AttnSegError(f"{input_name}: '{preset}' reads {pick}, but {have}. Choose a preset made for this "
+                               f"model, or 'custom'.")
         if not found:
             have = f"{len(at_level)} {pick.block} layers there" if at_level else f"no {pick.block} layer there"
             raise AttnSegError(

@@ -43,6 +43,24 @@ def test_sdxl_picks_follow_its_depth_two_layout():
         ("output", 5, 0)]
 
 
+def test_dit_picks_name_blocks_by_index_also_among_a_stores_few_blocks():
+    """GoCA Flux low memory stores the self-attention of blocks 12, 18 (double) and 27-29
+    (single 8-10) only: its propagation picks, double blocks 12 and 18, are found among
+    those by their index, not by their position among the stored blocks."""
+    flux = [LayerKey("self", "double", i, 0, 2) for i in range(19)] + \
+        [LayerKey("self", "single", i, 0, 2) for i in range(38)]
+    preset = PRESETS["GoCA Flux low memory (released code)"]
+    stored = resolve(flux, preset.capture.self_layers, preset.name)
+    assert [(k.block, k.block_id) for k in stored] == [("double", 12), ("double", 18), ("single", 8),
+                                                         ("single", 9), ("single", 10)]
+    picked = resolve(stored, preset.settings.propagation_layers, preset.name, "store")
+    assert [(k.block, k.block_id) for k in picked] == [("double", 12), ("double", 18)]
+    with pytest.raises(AttnSegError, match="the store holds double blocks 12, 18"):
+        resolve(stored, (LayerPick.dit("double", 5),), preset.name, "store")
+    with pytest.raises(AttnSegError, match=r"this model has 19 double blocks \(0 to 18\)"):
+        resolve(flux, (LayerPick.dit("double", 19),), preset.name)
+
+
 def test_a_preset_the_model_cannot_run_names_the_preset_and_what_is_missing():
     sdxl = sd_layers(finest_factor=2, depth=2)
     with pytest.raises(AttnSegError, match=r"'iSeg VOC \(released code\)' reads attention level 2 .* 2 attention levels"):
