@@ -113,3 +113,94 @@ def test_a_chained_processor_still_makes_the_output(comfy_model, transformer):
         assert torch.allclose(entry.mean(), theirs.entries[key].mean(), atol=2e-3)
     later = next(key for key in ours.entries if key[0].block_id == 2)
     assert (ours.entries[later].mean() - theirs.entries[later].mean()).abs().max() > 1e-2
+
+
+@pytest.fixture(scope="module")
+def sd3_pipe(transformer):
+    """A StableDiffusion3Pipeline of tiny random parts around the converted transformer:
+    CLIP-L and CLIP-G with projections, a T5 as wide as the transformer's context, a
+    16-channel autoencoder, on the tokenizers ComfyUI ships."""
+    import json
+    from pathlib import Path
+
+    import comfy.text_encoders.t5
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+    from transformers import T5TokenizerFast
+    from diffusers_demo import comfy_sd1_folder
+    from tiny_dit import CLIP_G_WIDTH, CLIP_L_WIDTH, T5_WIDTH
+
+    torch.manual_seed(0)
+    clip_json = json.loads((comfy_sd1_folder() / "sd1_clip_config.json").read_text())
+    encoders = [CLIPTextModelWithProjection(CLIPTextConfig(**{
+        **clip_json, "hidden_size": width, "intermediate_size": 2 * width, "num_attention_heads": 2,
+        "num_hidden_layers": 3, "projection_dim": width})).eval() for width in (CLIP_L_WIDTH, CLIP_G_WIDTH)]
+    t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=T5_WIDTH, d_kv=32, num_heads=2, d_ff=256, num_layers=2,
+                                 feed_forward_proj="gated-gelu")).eval()
+    t5_folder = Path(comfy.text_encoders.t5.__file__).parent / "t5_tokenizer"
+    tokenizers = [CLIPTokenizer.from_pretrained(str(comfy_sd1_folder() / "sd1_tokenizer"), model_max_length=77)
+                  for _ in range(2)]
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=1, norm_num_groups=8, scaling_factor=1.5305, shift_factor=0.0609).eval()
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=encoders[0], tokenizer=tokenizers[0],
+                                    text_encoder_2=encoders[1], tokenizer_2=tokenizers[1], text_encoder_3=t5,
+                                    tokenizer_3=T5TokenizerFast.from_pretrained(str(t5_folder)))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_sd3_class_positions_are_the_clip_then_the_t5_ones_the_comfyui_host_finds(sd3_pipe):
+    """SD3's context is CLIP-L+G's 77 tokens, then T5's (256 in diffusers' pipeline, 77 in
+    ComfyUI's): each class takes its CLIP positions and its T5 positions moved past 77."""
+    from tiny_dit import sd3_clip
+    from attnseg_pack.hosts.comfyui.text import locate_dit_words
+    from attnseg_pack.hosts.diffusers import text as diffusers_text
+
+    text, names = "a hummingbird and a red car, background", ["hummingbird", "red car"]
+    ours = diffusers_text.encode_segmentation_prompt(sd3_pipe, text, names)
+    theirs, _ = locate_dit_words(sd3_clip(), text, names)
+    assert ours.prompt.classes == theirs.classes
+    assert ours.prompt.token_count == 77 + 256 == ours.embeds.shape[1]
+    clip_positions, t5_positions = (sorted(p for p in ours.prompt.classes[1].positions if (p >= 77) == t5)
+                                    for t5 in (False, True))
+    assert len(clip_positions) == 2 and len(t5_positions) == 2  # 'red', 'car' in each part
+    assert ours.pooled.shape == (1, 96)  # CLIP-L's and CLIP-G's projected pooled vectors
+
+
+def test_sd3_segment_and_generate_run_on_the_pipeline(sd3_pipe):
+    """The public API on an SD3 pipeline: Seg4Diff's single-block I2T (moved to this
+    model's block 2) over an image, and generate + segment, whose capture keeps the cond
+    half of the [uncond, cond] batch on the steps asked for."""
+    import dataclasses
+
+    from attnseg_pack.attnseg import AttentionStore
+    from attnseg_pack.attnseg.layers import LayerPick
+    from attnseg_pack.attnseg.plan import StepRange
+    from attnseg_pack.attnseg.presets import PRESETS
+    from attnseg_pack.hosts.diffusers import api
+
+    seg4diff = PRESETS["Seg4Diff SD3 (paper)"]
+    chosen = dataclasses.replace(seg4diff, capture=dataclasses.replace(
+        seg4diff.capture, resolution=128, cross_layers=(LayerPick.dit("joint", 2),)))
+    image = torch.rand(3, 96, 128, generator=torch.Generator().manual_seed(0))
+    [result] = api.segment(sd3_pipe, image, ["cat", "dog"], preset=chosen)
+    assert result.labels.shape == (96, 128) and result.scores.shape == (2, 96, 128)
+    assert bool(torch.isfinite(result.scores).all()) and 0.5 < float(result.scores.amax()) <= 1
+    assert (result.scores[0] - result.scores[1]).abs().max() > 1e-2  # each class its own map
+    with pytest.raises(Exception, match="preset"):  # the paper's block 9 is not on a 4-block model
+        api.segment(sd3_pipe, image, ["cat"], preset="Seg4Diff SD3 (paper)")
+
+    output, [generated] = api.generate_and_segment(
+        sd3_pipe, "a cat and a dog", ["cat", "dog"], preset=chosen, steps=StepRange(1, 2), height=64, width=96,
+        num_inference_steps=3, guidance_scale=4.0, generator=torch.Generator().manual_seed(0), output_type="latent")
+    assert generated.labels.shape == (64, 96)
+    store = AttentionStore("", 1, (8, 12), (64, 96), None)
+    plan = CapturePlan(cross_layers=(LayerPick.dit("joint", 2),), cross_steps=StepRange(1, 2), self_steps=None)
+    from attnseg_pack.hosts.diffusers.passes import capture_sample
+    capture_sample(sd3_pipe, store, plan, 1, prompt="a cat", height=64, width=96, num_inference_steps=3,
+                   guidance_scale=4.0, output_type="latent")
+    [(key, branch)] = store.entries
+    assert branch == "cond" and store.steps == {1, 2} and store.entries[(key, branch)].count == 2
+    assert store.entries[(key, branch)].total.shape == (1, 4 * 6, 77 + 256)
