@@ -204,3 +204,17 @@ def test_sd3_segment_and_generate_run_on_the_pipeline(sd3_pipe):
     [(key, branch)] = store.entries
     assert branch == "cond" and store.steps == {1, 2} and store.entries[(key, branch)].count == 2
     assert store.entries[(key, branch)].total.shape == (1, 4 * 6, 77 + 256)
+
+
+def test_processors_and_the_hook_are_restored_after_an_exception(transformer):
+    from attnseg_pack.attnseg import AttentionStore
+    from attnseg_pack.hosts.diffusers.dit import capture_dit_attention
+
+    before = [block.attn.processor for block in transformer.transformer_blocks]
+    store = AttentionStore("", 1, (8, 12), (64, 96), None)
+    with pytest.raises(RuntimeError, match="stopped"):
+        with capture_dit_attention(transformer, store, CapturePlan(self_every_layer=True), (4, 6)):
+            assert all(block.attn.processor is not old for block, old in zip(transformer.transformer_blocks, before))
+            raise RuntimeError("stopped")
+    assert [block.attn.processor for block in transformer.transformer_blocks] == before
+    assert not transformer._forward_pre_hooks
