@@ -175,6 +175,39 @@ def head_counter(info: DiffusersUNetInfo):
     return lambda layer, kind: info.attention(layer, kind).heads
 
 
+def begin_call(state: CallState, plan: CapturePlan, store: AttentionStore, timestep, batch: int,
+               step_of: StepOf | None, branch_rows: BranchRows) -> None:
+    """What one denoiser call records, set by the pre-hook before its first attention:
+    the kinds its step captures, the rows of each captured branch, the cond rows."""
+    step, total = step_of(timestep) if step_of is not None else (0, 1)
+    state.flags = {"cross": plan.cross_steps is not None and plan.cross_steps.contains(step, total),
+                   "self": plan.self_steps is not None and plan.self_steps.contains(step, total)}
+    layout = branch_rows(batch)
+    state.rows = [(branch, rows) for branch, rows in layout if branch in plan.branches]
+    state.cond_rows = dict(layout).get("cond", slice(0, 0))
+    if state.flags["cross"] or state.flags["self"]:
+        store.steps.add(step)
+
+
+@contextlib.contextmanager
+def restored(installed: list) -> Iterator[None]:
+    """On exit, an exception included, every (attention, processor) in ``installed`` gets that processor back."""
+    try:
+        yield
+    finally:
+        for attn, previous in reversed(installed):
+            attn.set_processor(previous)
+
+
+@contextlib.contextmanager
+def pre_hook(module, before_call) -> Iterator[None]:
+    hook = module.register_forward_pre_hook(before_call, with_kwargs=True)
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
 @contextlib.contextmanager
 def capture_attention(unet, store: AttentionStore, plan: CapturePlan, info: DiffusersUNetInfo | None = None,
                       step_of: StepOf | None = None, branch_rows: BranchRows = all_cond,
@@ -193,7 +226,7 @@ def capture_attention(unet, store: AttentionStore, plan: CapturePlan, info: Diff
     selected = {kind: plan.layers(info, kind) for kind in ("cross", "self")}
     pools: dict = {}
     installed = []
-    try:
+    with restored(installed):
         for layer in info.layers:
             for kind in ("cross", "self"):
                 scaled = key_scale is not None and kind == "cross"
@@ -216,21 +249,8 @@ def capture_attention(unet, store: AttentionStore, plan: CapturePlan, info: Diff
         def before_call(module, args, kwargs):
             sample = args[0] if args else kwargs["sample"]
             timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-            step, total = step_of(timestep) if step_of is not None else (0, 1)
             state.latent_size = tuple(sample.shape[-2:])
-            state.flags = {"cross": plan.cross_steps is not None and plan.cross_steps.contains(step, total),
-                           "self": plan.self_steps is not None and plan.self_steps.contains(step, total)}
-            layout = branch_rows(sample.shape[0])
-            state.rows = [(branch, rows) for branch, rows in layout if branch in plan.branches]
-            state.cond_rows = dict(layout).get("cond", slice(0, 0))
-            if state.flags["cross"] or state.flags["self"]:
-                store.steps.add(step)
+            begin_call(state, plan, store, timestep, sample.shape[0], step_of, branch_rows)
 
-        hook = unet.register_forward_pre_hook(before_call, with_kwargs=True)
-        try:
+        with pre_hook(unet, before_call):
             yield info
-        finally:
-            hook.remove()
-    finally:
-        for attn, previous in reversed(installed):
-            attn.set_processor(previous)

@@ -31,7 +31,7 @@ from ...attnseg.attention import GridPool, attention_with_lse, chosen_heads_mean
 from ...attnseg.layers import DiTInfo
 from ...attnseg.plan import CapturePlan
 from ...attnseg.prompt_weights import KeyScale
-from .capture import BranchRows, StepOf, all_cond
+from .capture import BranchRows, CallState, StepOf, all_cond, begin_call, pre_hook, restored
 from .unet import DiffusersLayer
 
 FLUX_PACK = 2  # Flux's pipeline packs 2x2 latent patches into one token
@@ -140,12 +140,9 @@ def sd3_output(attn, out: torch.Tensor, encoder: torch.Tensor | None, image_toke
 
 
 @dataclass
-class DiTCallState:
+class DiTCallState(CallState):
     """What the pre-hook learnt about the running transformer call."""
 
-    flags: dict = field(default_factory=lambda: {"cross": False, "self": False})
-    rows: list = field(default_factory=list)  # [(branch, slice)] of the captured branches
-    cond_rows: slice = field(default_factory=lambda: slice(0, 0))
     text: int = 0  # text tokens in the joint sequence
 
 
@@ -272,7 +269,7 @@ def capture_dit_attention(transformer, store: AttentionStore, plan: CapturePlan,
     state = DiTCallState()
     pools: dict = {}
     installed = []
-    try:
+    with restored(installed):
         for layer in info.layers:
             kinds = {kind for kind in ("cross", "self") if layer in selected[kind]}
             if not kinds and layer != reference and key_scale is None:
@@ -293,21 +290,8 @@ def capture_dit_attention(transformer, store: AttentionStore, plan: CapturePlan,
             sample = args[0] if args else kwargs["hidden_states"]
             encoder = args[1] if len(args) > 1 else kwargs["encoder_hidden_states"]
             timestep = kwargs.get("timestep", args[3] if len(args) > 3 else None)
-            step, total = step_of(timestep) if step_of is not None else (0, 1)
-            state.flags = {"cross": plan.cross_steps is not None and plan.cross_steps.contains(step, total),
-                           "self": plan.self_steps is not None and plan.self_steps.contains(step, total)}
-            layout = branch_rows(sample.shape[0])
-            state.rows = [(branch, rows) for branch, rows in layout if branch in plan.branches]
-            state.cond_rows = dict(layout).get("cond", slice(0, 0))
             state.text = encoder.shape[1]
-            if state.flags["cross"] or state.flags["self"]:
-                store.steps.add(step)
+            begin_call(state, plan, store, timestep, sample.shape[0], step_of, branch_rows)
 
-        hook = transformer.register_forward_pre_hook(before_call, with_kwargs=True)
-        try:
+        with pre_hook(transformer, before_call):
             yield info
-        finally:
-            hook.remove()
-    finally:
-        for attn, previous in reversed(installed):
-            attn.set_processor(previous)
