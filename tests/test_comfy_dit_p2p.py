@@ -19,7 +19,7 @@ import comfy.sample  # noqa: E402
 from attnseg_pack.attnseg import AttnSegError  # noqa: E402
 from attnseg_pack.attnseg.inversion import RF_INVERSION  # noqa: E402
 from attnseg_pack.hosts.comfyui import demo_dit  # noqa: E402
-from attnseg_pack.hosts.comfyui.dit import OVERRIDE, _install_block_identity, describe_dit  # noqa: E402
+from attnseg_pack.hosts.comfyui.dit import OVERRIDE, install_block_identity, describe_dit  # noqa: E402
 from attnseg_pack.hosts.comfyui.dit_edit import ControlSteps, install_mmdit_control, resolve_blocks  # noqa: E402
 from attnseg_pack.hosts.comfyui.inversion import invert, sample_from_inversion  # noqa: E402
 from demo.scenes import colour_mask  # noqa: E402
@@ -117,7 +117,7 @@ def traced_run(model, positive, latent, chosen=None, text=5):
     patched = model.clone()
     info = describe_dit(patched)
     if info.family == "sd3":
-        _install_block_identity(patched, info, info.blocks())
+        install_block_identity(patched, info, info.blocks())
     options = patched.model_options.setdefault("transformer_options", {})
     inner, outer = [], []
     options[OVERRIDE] = probe(inner)

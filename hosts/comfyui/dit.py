@@ -144,7 +144,7 @@ def _scaled_keys(args: tuple, kwargs: dict, weights: torch.Tensor) -> tuple:
     return (args[0], k, *args[2:])
 
 
-def _install_block_identity(model, info: DiTInfo, blocks) -> None:
+def install_block_identity(model, info: DiTInfo, blocks) -> None:
     """SD3: a dit block wrapper per captured block that names the block in a copy of
     its transformer_options (MMDiT sets no block_type / block_index itself)."""
     replaces = model.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
@@ -277,7 +277,7 @@ def install_dit_capture(model, info: DiTInfo, store: AttentionStore, plan: Captu
 
     options[OVERRIDE] = override
     if info.family == "sd3":
-        _install_block_identity(model, info, sorted(selected["cross"] | selected["self"] | {reference} - {None}))
+        install_block_identity(model, info, sorted(selected["cross"] | selected["self"] | {reference} - {None}))
     previous_wrapper = model.model_options.get("model_function_wrapper")
 
     def wrapper(apply_model, args):

@@ -30,7 +30,7 @@ import torch
 from ...attnseg import AttnSegError
 from ...attnseg.layers import LayerPick
 from .capture import CapturePlan, cond_rows, step_index
-from .dit import OVERRIDE, DiTInfo, _install_block_identity
+from .dit import OVERRIDE, DiTInfo, install_block_identity
 
 AUTO = "auto (the model's preset)"
 FLUX_TOP5 = "Flux top 5 (18, 17, 12, 14, 11)"
@@ -176,7 +176,7 @@ def install_mmdit_control(model, info: DiTInfo, blocks: list[tuple[str, int]], f
 
     options[OVERRIDE] = override
     if info.family == "sd3":
-        _install_block_identity(model, info, sorted(chosen))
+        install_block_identity(model, info, sorted(chosen))
     on_device = {}
     previous_wrapper = model.model_options.get("model_function_wrapper")
 
