@@ -17,6 +17,7 @@ from .diffseg import DIFFSEG_TIMESTEP, DiffSegSettings
 from .errors import AttnSegError
 from .layers import LayerPick
 from .scfg import RATE_LIMITS, RELEASED_BLUR
+from .tokens import GOCA_BACKGROUND, goca_template_prompt, template_prompt
 
 CUSTOM = "custom"
 
@@ -76,6 +77,21 @@ class TextSetup:
     background_words: tuple[str, ...] = ()
     per_class: bool = False
 
+
+
+def preset_prompts(text: TextSetup, prompt: str, names: list[str]) -> list[tuple[str, str, list[str]]]:
+    """The prompts a preset's text setup asks a host to encode, as (kind, prompt, class
+    names): kind "cat_cross" (iSeg's Cat-Cross encoding, an empty prompt its template) or
+    "segmentation" (an empty prompt DiffSegmenter's template). One for all the classes,
+    or one per class (in class order) when the preset prompts each class alone and no
+    prompt is given; GoCA's template adds its background class."""
+    if text.per_class and not prompt.strip():
+        return [("segmentation", template_prompt([name]), [name]) for name in names]
+    if text.template == "iseg":
+        return [("cat_cross", prompt, list(names))]
+    if text.template == "goca":
+        return [("segmentation", prompt.strip() or goca_template_prompt(names), list(names) + [GOCA_BACKGROUND])]
+    return [("segmentation", prompt, list(names))]
 
 @dataclass(frozen=True)
 class CaptureSetup:

@@ -10,9 +10,9 @@ import torch
 
 from ...attnseg.layers import resolve
 from ...attnseg.methods import run_method
-from ...attnseg.presets import ONE_PASS_METHODS, Preset, TextSetup, check_family
+from ...attnseg.presets import ONE_PASS_METHODS, Preset, TextSetup, check_family, preset_prompts
 from ...attnseg.scores import ScoreMaps
-from ...attnseg.tokens import GOCA_BACKGROUND, goca_template_prompt, parse_class_list, template_prompt
+from ...attnseg.tokens import parse_class_list, template_prompt
 from .capture import CapturePlan, head_counter
 from .concept import segment_concepts
 from .models import checked_model, describe_model
@@ -21,22 +21,17 @@ from .text import encode_cat_cross, encode_segmentation_prompt
 
 
 def encode(clip, text: TextSetup, prompt: str, classes: list[str]) -> list:
-    """The preset's conditionings for ``classes``: one for all of them, or one per
-    class (in class order) when the preset prompts each class alone."""
-    if text.per_class and not prompt.strip():
-        return [encode_segmentation_prompt(clip, template_prompt([name]), name, text.class_weight, text.fuse_ing)[0]
-                for name in classes]
-    joined = ", ".join(classes)
-    if text.template == "iseg":
-        conditioning, _ = encode_cat_cross(clip, prompt, joined, text.cat_cross_gamma, text.cat_cross_mode,
-                                           ", ".join(text.background_words))
-    elif text.template == "goca":
-        conditioning, _ = encode_segmentation_prompt(clip, prompt.strip() or goca_template_prompt(classes),
-                                                     ", ".join(classes + [GOCA_BACKGROUND]), text.class_weight,
-                                                     text.fuse_ing)
-    else:
-        conditioning, _ = encode_segmentation_prompt(clip, prompt, joined, text.class_weight, text.fuse_ing)
-    return [conditioning]
+    """The preset's conditionings for ``classes`` (see ``preset_prompts``)."""
+    conditionings = []
+    for kind, words, names in preset_prompts(text, prompt, classes):
+        if kind == "cat_cross":
+            conditioning, _ = encode_cat_cross(clip, words, ", ".join(names), text.cat_cross_gamma,
+                                               text.cat_cross_mode, ", ".join(text.background_words))
+        else:
+            conditioning, _ = encode_segmentation_prompt(clip, words, ", ".join(names), text.class_weight,
+                                                         text.fuse_ing)
+        conditionings.append(conditioning)
+    return conditionings
 
 
 def segment_with_preset(model, clip, vae, image: torch.Tensor, classes: str, chosen: Preset, prompt: str = "",

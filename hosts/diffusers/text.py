@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 
 from ...attnseg import AttnSegError, SegPrompt
-from ...attnseg.presets import TextSetup
-from ...attnseg.tokens import (GOCA_BACKGROUND, fuse_ing_words, goca_template_prompt, iseg_template_prompt,
-                               joined, locate_classes, locate_pieces, template_prompt)
+from ...attnseg.presets import TextSetup, preset_prompts
+from ...attnseg.tokens import (fuse_ing_words, iseg_template_prompt, joined, locate_classes, locate_pieces,
+                               template_prompt)
 from ...attnseg.prompt_weights import KeyScale, check_cat_cross, check_class_weight, reweight_class_tokens
 
 
@@ -171,15 +171,8 @@ def encode_cat_cross(pipe, prompt: str, names: list[str], gamma: float, mode: st
 
 
 def encode_for_preset(pipe, text: TextSetup, prompt: str, names: list[str]) -> list[Conditioning]:
-    """The preset's conditionings for ``names``: one for all of them, or one per class
-    (in class order) when the preset prompts each class alone and no prompt is given."""
-    if text.per_class and not prompt.strip():
-        return [encode_segmentation_prompt(pipe, template_prompt([name]), [name], text.class_weight, text.fuse_ing)
-                for name in names]
-    if text.template == "iseg":
-        return [encode_cat_cross(pipe, prompt, names, text.cat_cross_gamma, text.cat_cross_mode,
-                                 text.background_words)]
-    if text.template == "goca":
-        return [encode_segmentation_prompt(pipe, prompt.strip() or goca_template_prompt(names),
-                                           names + [GOCA_BACKGROUND], text.class_weight, text.fuse_ing)]
-    return [encode_segmentation_prompt(pipe, prompt, names, text.class_weight, text.fuse_ing)]
+    """The preset's conditionings for ``names`` (see ``preset_prompts``)."""
+    return [encode_cat_cross(pipe, words, classes, text.cat_cross_gamma, text.cat_cross_mode, text.background_words)
+            if kind == "cat_cross" else
+            encode_segmentation_prompt(pipe, words, classes, text.class_weight, text.fuse_ing)
+            for kind, words, classes in preset_prompts(text, prompt, names)]
