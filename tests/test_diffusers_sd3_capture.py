@@ -218,3 +218,38 @@ def test_processors_and_the_hook_are_restored_after_an_exception(transformer):
             raise RuntimeError("stopped")
     assert [block.attn.processor for block in transformer.transformer_blocks] == before
     assert not transformer._forward_pre_hooks
+
+
+def test_a_chained_processor_keeps_its_own_keyword_arguments(transformer):
+    """diffusers' Attention drops the joint_attention_kwargs a processor's signature does
+    not name: the capture processor announces the chained one's, so they still arrive."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+    from attnseg_pack.attnseg import AttentionStore
+    from attnseg_pack.hosts.diffusers.dit import capture_dit_attention
+    from tiny_dit import SD3_POOLED_DIM, T5_WIDTH
+
+    class Scaling(JointAttnProcessor2_0):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, factor=1.0):
+            image, text = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask)
+            return image * factor, text
+
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 16, 8, 12, generator=g),
+                  encoder_hidden_states=torch.randn(1, TOKENS, T5_WIDTH, generator=g),
+                  pooled_projections=torch.randn(1, SD3_POOLED_DIM, generator=g), timestep=torch.tensor([500.0]),
+                  return_dict=False)
+    block = transformer.transformer_blocks[1].attn
+    stock = block.processor
+    block.set_processor(Scaling())
+    try:
+        with torch.no_grad():
+            plain = transformer(**inputs)[0]
+            doubled = transformer(**inputs, joint_attention_kwargs={"factor": 2.0})[0]
+            store = AttentionStore("", 1, (8, 12), (64, 96), None)
+            with capture_dit_attention(transformer, store, CapturePlan(self_every_layer=True), (4, 6)):
+                captured = transformer(**inputs, joint_attention_kwargs={"factor": 2.0})[0]
+    finally:
+        block.set_processor(stock)
+    assert (doubled - plain).abs().max() > 1e-3
+    torch.testing.assert_close(captured, doubled, atol=1e-5, rtol=1e-5)
+    assert len(store.entries) == 2 * SD3_CONFIG["depth"]

@@ -58,7 +58,7 @@ def _check_plain(attn, layer: DiffusersLayer, kind: str) -> None:
                            f"does not reproduce; this UNet is not one of SD1.x, SD2.x, SDXL.")
 
 
-def _forwarding_signature(cls: type, previous) -> type:
+def forwarding_signature(cls: type, previous) -> type:
     """A subclass of ``cls`` whose ``__call__`` announces ``previous``'s parameters:
     diffusers' Attention drops the cross_attention_kwargs a processor's signature
     does not name, so a chained processor must still receive its own (an
@@ -239,7 +239,7 @@ def capture_attention(unet, store: AttentionStore, plan: CapturePlan, info: Diff
                     raise AttnSegError(f"preset: Cat-Cross on the keys re-weights {layer.path}'s attention, whose "
                                        f"processor is {type(previous).__name__}; use a preset with Cat-Cross on "
                                        f"the embedding, or the pipeline without that processor.")
-                processor_class = _forwarding_signature(CaptureProcessor, previous)
+                processor_class = forwarding_signature(CaptureProcessor, previous)
                 processor = processor_class(previous, layer, kind if layer in selected[kind] else None, state, store,
                                             plan, picked.get((layer, kind)), kind == "cross" and layer == reference,
                                             key_scale if scaled else None, pools)

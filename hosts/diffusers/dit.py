@@ -31,10 +31,13 @@ from ...attnseg.attention import GridPool, attention_with_lse, chosen_heads_mean
 from ...attnseg.layers import DiTInfo
 from ...attnseg.plan import CapturePlan
 from ...attnseg.prompt_weights import KeyScale
-from .capture import BranchRows, CallState, StepOf, all_cond, begin_call, pre_hook, restored
+from .capture import (BranchRows, CallState, StepOf, forwarding_signature, all_cond, begin_call, pre_hook,
+                      restored)
 from .unet import DiffusersLayer
 
 FLUX_PACK = 2  # Flux's pipeline packs 2x2 latent patches into one token
+# A joint attention processor's inputs, in the order Flux's attention passes them.
+CALL_INPUTS = ("hidden_states", "encoder_hidden_states", "attention_mask", "image_rotary_emb")
 
 
 @dataclass(frozen=True)
@@ -161,14 +164,15 @@ class DiTCaptureProcessor:
         self.reducers = {kind: chosen_heads_mean(picked[kind]) if kind in picked else head_mean for kind in kinds}
         self.key_weights: dict[tuple, torch.Tensor] = {}
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 image_rotary_emb=None, *args, **kwargs):
+    def __call__(self, attn, *args, **kwargs):
         state = self.state
         kinds = [kind for kind in ("cross", "self") if kind in self.kinds and state.flags[kind]] if state.rows else []
         wants_output = self.reference and state.flags["self"] and bool(state.rows)
         if not kinds and not wants_output and self.key_scale is None:
-            return self.previous(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
-                                 *args, **kwargs)
+            return self.previous(attn, *args, **kwargs)
+        # Flux's attention passes these positionally, SD3's by name; a chained processor gets them as they came.
+        given = {**dict(zip(CALL_INPUTS, args)), **{k: v for k, v in kwargs.items() if k in CALL_INPUTS}}
+        hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb = (given.get(n) for n in CALL_INPUTS)
         if attention_mask is not None:
             raise AttnSegError(f"pipe: {self.layer.path} was called with an attention mask, which the capture does "
                                f"not reproduce; run the pipeline without one.")
@@ -196,8 +200,7 @@ class DiTCaptureProcessor:
             for branch, part in state.rows:
                 self.store.add(key, branch, self.grid, out[part, image])
         if not self.stock:
-            return self.previous(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
-                                 *args, **kwargs)
+            return self.previous(attn, *args, **kwargs)
         return flux_output(attn, out, encoder_hidden_states) if flux else sd3_output(attn, out,
                                                                                        encoder_hidden_states,
                                                                                        image_tokens)
@@ -281,8 +284,9 @@ def capture_dit_attention(transformer, store: AttentionStore, plan: CapturePlan,
                                    f"processor is {type(previous).__name__}; use Cat-Cross on the embedding, or the "
                                    f"pipeline without that processor.")
             picked = {kind: chosen[(layer, kind)] for kind in kinds if chosen.get((layer, kind))}
-            processor = DiTCaptureProcessor(previous, info, layer, kinds, layer == reference, state, store, plan,
-                                            picked, key_scale, grid, pools)
+            processor_class = forwarding_signature(DiTCaptureProcessor, previous)
+            processor = processor_class(previous, info, layer, kinds, layer == reference, state, store, plan,
+                                        picked, key_scale, grid, pools)
             installed.append((attn, previous))
             attn.set_processor(processor)
 
