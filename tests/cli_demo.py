@@ -4,6 +4,8 @@ test's conversion) and the tiny VOC-layout dataset of demo scenes."""
 
 from __future__ import annotations
 
+import io
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 PRESET = "DiffSegmenter (demo model, tuned)"
@@ -29,3 +31,13 @@ def dataset_arguments(root: Path, split: str = "train") -> list[str]:
 
 def model_arguments(model: Path) -> list[str]:
     return ["--model", str(model), "--preset", PRESET, "--device", "cpu", "--no-progress"]
+
+
+def run_cli(*argv) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of the command line run in this process."""
+    from attnseg_pack.hosts.diffusers import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = cli.main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()

@@ -3,18 +3,16 @@ dataset: pseudo-labels (WSSS, open vocabulary), evaluate (and its sweep),
 segment (labels, masks, overlays), resuming, a corrupt image mid-run, and the
 one-line errors of bad input."""
 
-import io
 import json
 import shutil
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from cli_demo import dataset_arguments, model_arguments, save_demo_pipeline, write_demo_dataset
+from cli_demo import dataset_arguments, model_arguments, run_cli, save_demo_pipeline, write_demo_dataset
 from comfy_env import REPO, import_pack
 
 pack = import_pack()
@@ -22,13 +20,6 @@ from attnseg_pack.demo import voc_dataset  # noqa: E402
 from attnseg_pack.hosts.diffusers import cli, datasets  # noqa: E402
 
 PYTHON = sys.executable
-
-
-def run_cli(*argv):
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = cli.main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

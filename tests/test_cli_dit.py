@@ -3,29 +3,20 @@ counts (19 double, 38 single; random weights at a tiny width) between the DiT de
 text encoders and autoencoder, saved as a diffusers folder, runs the authors' GoCA
 Flux configuration by name; a UNet preset on it is a one-line error."""
 
-import io
-from contextlib import redirect_stderr, redirect_stdout
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from cli_demo import run_cli
 from comfy_env import import_pack
 
 pack = import_pack()
 import diffusers_dit_demo  # noqa: E402
 from attnseg_pack.demo import voc_dataset  # noqa: E402
-from attnseg_pack.hosts.diffusers import cli, datasets  # noqa: E402
+from attnseg_pack.hosts.diffusers import datasets  # noqa: E402
 
 PRESET = "GoCA Flux low memory (released code)"  # blocks 12, 18 and 27-29 of Flux's 57
-
-
-def run_cli(*argv):
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = cli.main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

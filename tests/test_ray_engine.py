@@ -2,14 +2,12 @@
 engine, byte for byte; a run stopped part way and restarted writes only the
 missing images; an actor's bad-input error is the command line's one line."""
 
-import io
 import json
-from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
 import pytest
 
-from cli_demo import dataset_arguments, model_arguments, save_demo_pipeline, write_demo_dataset
+from cli_demo import dataset_arguments, model_arguments, run_cli, save_demo_pipeline, write_demo_dataset
 from comfy_env import import_pack
 
 pack = import_pack()
@@ -18,13 +16,6 @@ from attnseg_pack.attnseg import AttnSegError  # noqa: E402
 from attnseg_pack.hosts.diffusers import cli, engines  # noqa: E402
 
 IMAGES = 6
-
-
-def run_cli(*argv):
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = cli.main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
