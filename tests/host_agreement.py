@@ -65,3 +65,12 @@ def assert_same_masks(ours, theirs, threshold, background="threshold"):
     other_labels, _, other_scores = make_masks(theirs, threshold, background)
     assert (scores - other_scores).abs().max() < SCORE_TOLERANCE
     assert_same_labels(labels, other_labels, other_scores, threshold, background)
+
+
+def scene_image(item) -> torch.Tensor:
+    """A demo scene as ComfyUI's IMAGE (B, H, W, 3) in [0, 1]."""
+    return torch.from_numpy(item.image).float().div(255)[None]
+
+
+def scene_classes(item) -> list[str]:
+    return [o.name for o in item.objects]

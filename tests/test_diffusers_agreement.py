@@ -13,7 +13,7 @@ from comfy_env import import_pack
 pack = import_pack()
 import diffusers_demo  # noqa: E402
 from host_agreement import (MAP_TOLERANCE, SCORE_TOLERANCE, assert_same_labels, assert_same_masks,  # noqa: E402
-                            assert_same_store)
+                            assert_same_store, scene_classes, scene_image)
 from attnseg_pack.attnseg.goca import goca  # noqa: E402
 from attnseg_pack.attnseg.iseg import iseg  # noqa: E402
 from attnseg_pack.attnseg.masks import make_masks  # noqa: E402
@@ -49,14 +49,6 @@ def item():
     return evaluate.scene(1)  # 128 x 192: not square, two objects
 
 
-def _image(item) -> torch.Tensor:
-    return torch.from_numpy(item.image).float().div(255)[None]  # ComfyUI's IMAGE (B, H, W, 3)
-
-
-def _names(item) -> list[str]:
-    return [o.name for o in item.objects]
-
-
 def comfy_stores(comfy, conditionings, plan, timesteps, seed, image, keep_timesteps=False):
     model, _, vae = comfy
     info = checked_model(model, conditionings[0], "clip")
@@ -77,7 +69,7 @@ def test_a_preset_pass_gives_the_same_store_and_masks_on_both_hosts(comfy, pipe,
     """The whole preset path: the prompt template, class weighting and -ing fusion (the
     paper preset: one pass per class, four timesteps stacked in one batch, per-timestep stores)."""
     chosen = PRESETS[preset]
-    setup, image, names = chosen.capture, _image(item), _names(item)
+    setup, image, names = chosen.capture, scene_image(item), scene_classes(item)
     ours = diffusers_stores(pipe, diffusers_text.encode_for_preset(pipe, chosen.text, "", names),
                             CapturePlan.from_setup(setup, chosen.name), setup.timesteps, setup.seed, image,
                             setup.keep_timesteps)
@@ -93,12 +85,12 @@ def test_a_preset_pass_gives_the_same_store_and_masks_on_both_hosts(comfy, pipe,
 def test_segment_gives_the_comfyui_segmenters_masks(comfy, pipe, item):
     """The public API end to end against the ComfyUI host's one-node segmenter."""
     chosen = PRESETS["DiffSegmenter (demo model, tuned)"]
-    image = _image(item)
-    [result] = api.segment(pipe, image[0].movedim(-1, 0), _names(item), chosen.name, resolution=RESOLUTION)
-    scores = comfy_presets.segment_with_preset(*comfy, image, ", ".join(_names(item)), chosen,
+    image = scene_image(item)
+    [result] = api.segment(pipe, image[0].movedim(-1, 0), scene_classes(item), chosen.name, resolution=RESOLUTION)
+    scores = comfy_presets.segment_with_preset(*comfy, image, ", ".join(scene_classes(item)), chosen,
                                                resolution=RESOLUTION)
     labels, masks, maps = make_masks(scores, chosen.threshold, chosen.background)
-    assert result.class_names == _names(item) and result.image_size == tuple(image.shape[1:3])
+    assert result.class_names == scene_classes(item) and result.image_size == tuple(image.shape[1:3])
     assert (result.scores - maps[0]).abs().max() < SCORE_TOLERANCE
     assert_same_labels(result.labels[None], labels, maps, chosen.threshold, chosen.background)
     assert torch.equal(result.masks, torch.stack([result.labels == k + 1 for k in range(len(result.class_names))]))
@@ -108,7 +100,7 @@ def test_goca_capture_output_weighted_heads_and_queries_agree(comfy, pipe, item)
     """GoCA's capture: heads weighted by their share of the output inside the processor,
     every layer's self-attention, the reference layer's queries; then GoCA's masks."""
     settings = dict(cross_heads="auto", self_every_layer=True, reference_factor=2)
-    image, names = _image(item), _names(item)
+    image, names = scene_image(item), scene_classes(item)
     prompt = goca_template_prompt(names)
     [ours] = diffusers_stores(pipe, [diffusers_text.encode_segmentation_prompt(pipe, prompt, names + ["background"])],
                               CapturePlan(**settings), [100], 0, image)
@@ -125,7 +117,7 @@ def test_iseg_with_cat_cross_on_the_keys_and_chosen_heads_agrees(comfy, pipe, it
     """iSeg's paper form: Cat-Cross scaling the class keys inside every cross-attention
     (not only the captured ones), one head kept of a self-attention layer; then iSeg."""
     settings = dict(self_heads=(1,), cross_factors=frozenset({2}))
-    image, names = _image(item), _names(item)
+    image, names = scene_image(item), scene_classes(item)
     [ours] = diffusers_stores(pipe, [diffusers_text.encode_cat_cross(pipe, "", names, 1.6, "keys")],
                               CapturePlan(**settings), [100], 1101, image)
     [theirs] = comfy_stores(comfy, [comfy_text.encode_cat_cross(comfy[1], "", ", ".join(names), 1.6, "keys")[0]],
@@ -139,7 +131,7 @@ def test_iseg_with_cat_cross_on_the_keys_and_chosen_heads_agrees(comfy, pipe, it
 
 def test_the_tolerance_tells_a_different_noise_apart(comfy, pipe, item):
     """The comparison can fail: the same pass with another seed is off by far more."""
-    image, names = _image(item), _names(item)
+    image, names = scene_image(item), scene_classes(item)
     plan_kwargs = dict(self_steps=None)
     [ours] = diffusers_stores(pipe, [diffusers_text.encode_segmentation_prompt(pipe, "", names)],
                               CapturePlan(**plan_kwargs), [100], 1, image)

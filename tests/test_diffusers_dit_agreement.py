@@ -19,7 +19,8 @@ from comfy_env import import_pack
 
 pack = import_pack()
 import diffusers_dit_demo  # noqa: E402
-from host_agreement import MAP_TOLERANCE, assert_same_masks, assert_same_store  # noqa: E402
+from host_agreement import (MAP_TOLERANCE, assert_same_masks, assert_same_store, scene_classes,  # noqa: E402
+                            scene_image)
 from attnseg_pack.attnseg import AttentionStore  # noqa: E402
 from attnseg_pack.attnseg.layers import LayerPick  # noqa: E402
 from attnseg_pack.attnseg.plan import CapturePlan, StepRange  # noqa: E402
@@ -62,17 +63,9 @@ def item():
     return evaluate.scene(1)  # 128 x 192: not square, two objects
 
 
-def _image(item) -> torch.Tensor:
-    return torch.from_numpy(item.image).float().div(255)[None]  # ComfyUI's IMAGE (B, H, W, 3)
-
-
-def _names(item) -> list[str]:
-    return [o.name for o in item.objects]
-
-
 def both_stores(comfy, pipe, item, chosen: Preset, seed: int = 0):
     """(diffusers' stores, ComfyUI's stores) of the preset's pass over the scene."""
-    setup, image, names = chosen.capture, _image(item), _names(item)
+    setup, image, names = chosen.capture, scene_image(item), scene_classes(item)
     plan = CapturePlan.from_setup(setup, chosen.name)
     model, clip, vae = comfy
     conditionings = comfy_presets.encode(clip, chosen.text, "", names)
@@ -99,7 +92,7 @@ def test_the_layout_names_the_blocks_as_the_comfyui_host(comfy, pipe):
 
 def test_the_class_tokens_are_found_at_the_same_t5_positions(comfy, pipe, item):
     text = item.caption
-    names = _names(item)
+    names = scene_classes(item)
     _, meta = encode_segmentation_prompt(comfy[1], text, ", ".join(names))
     ours = diffusers_text.encode_segmentation_prompt(pipe, text, names)
     assert ours.prompt.classes == meta.classes and ours.prompt.token_count == meta.token_count == 32
@@ -147,9 +140,9 @@ def test_iseg_with_cat_cross_on_the_keys_agrees(comfy, pipe, item):
 
 
 def test_segment_gives_the_comfyui_segmenters_masks(comfy, pipe, item):
-    [result] = api.segment(pipe, _image(item).movedim(-1, 1), _names(item), preset=DEMO)
+    [result] = api.segment(pipe, scene_image(item).movedim(-1, 1), scene_classes(item), preset=DEMO)
     model, clip, vae = comfy
-    scores = comfy_presets.segment_with_preset(model, clip, vae, _image(item), ", ".join(_names(item)), DEMO)
+    scores = comfy_presets.segment_with_preset(model, clip, vae, scene_image(item), ", ".join(scene_classes(item)), DEMO)
     from attnseg_pack.attnseg.masks import make_masks
     labels, _, maps = make_masks(scores, THRESHOLD, DEMO.background)
     assert (result.scores - maps[0]).abs().max() < 1e-3
@@ -172,11 +165,11 @@ def test_generate_and_segment_matches_a_comfyui_sampling_run(comfy, pipe, item):
     plan = CapturePlan(self_every_layer=True, cross_steps=StepRange(2, 5), self_steps=StepRange(2, 5))
     chosen = dataclasses.replace(DEMO, capture=dataclasses.replace(DEMO.capture, resolution=max(height, width)))
     output, [result] = api.generate_and_segment(
-        pipe, item.caption, _names(item), preset=chosen, steps=StepRange(2, 5), height=height, width=width,
+        pipe, item.caption, scene_classes(item), preset=chosen, steps=StepRange(2, 5), height=height, width=width,
         num_inference_steps=steps, guidance_scale=1.0, true_cfg_scale=cfg, negative_prompt="",
         generator=torch.Generator().manual_seed(seed), max_sequence_length=32, output_type="latent")
     model, clip, vae = comfy
-    positive, _ = encode_segmentation_prompt(clip, item.caption, ", ".join(_names(item)))
+    positive, _ = encode_segmentation_prompt(clip, item.caption, ", ".join(scene_classes(item)))
     negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
     empty = {"samples": torch.zeros(1, 4, height // 8, width // 8)}
     sampled, theirs = comfy_passes.capture_sample(model, seed, steps, cfg, "euler", "simple", positive, negative,
