@@ -82,9 +82,13 @@ def resolve(layers: Sequence[Located], picks: Sequence[LayerPick], preset: str, 
             found = []
         if not found and pick.block in DIT_BLOCKS:
             ids = sorted(layer.block_id for layer in at_level)
-            have = (f"this model has {len(ids)} {pick.block} blocks (0 to {len(ids) - 1})"
-                    if ids == list(range(len(ids))) else
-                    f"the {input_name} holds {pick.block} blocks {', '.join(map(str, ids)) or 'none'}")
+            if not ids:
+                kinds = sorted({layer.block for layer in layers})
+                have = f"there are no {pick.block} blocks, only {' and '.join(kinds)} blocks"
+            elif ids == list(range(len(ids))):
+                have = f"this model has {len(ids)} {pick.block} blocks (0 to {len(ids) - 1})"
+            else:
+                have = f"the {input_name} holds {pick.block} blocks {', '.join(map(str, ids))}"
             raise AttnSegError(f"{input_name}: '{preset}' reads {pick}, but {have}. Choose a preset made for this "
                                f"model, or 'custom'.")
         if not found:

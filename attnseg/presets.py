@@ -78,7 +78,6 @@ class TextSetup:
     per_class: bool = False
 
 
-
 def preset_prompts(text: TextSetup, prompt: str, names: list[str]) -> list[tuple[str, str, list[str]]]:
     """The prompts a preset's text setup asks a host to encode, as (kind, prompt, class
     names): kind "cat_cross" (iSeg's Cat-Cross encoding, an empty prompt its template) or
@@ -92,6 +91,7 @@ def preset_prompts(text: TextSetup, prompt: str, names: list[str]) -> list[tuple
     if text.template == "goca":
         return [("segmentation", prompt.strip() or goca_template_prompt(names), list(names) + [GOCA_BACKGROUND])]
     return [("segmentation", prompt, list(names))]
+
 
 @dataclass(frozen=True)
 class CaptureSetup:

@@ -59,6 +59,8 @@ def test_dit_picks_name_blocks_by_index_also_among_a_stores_few_blocks():
         resolve(stored, (LayerPick.dit("double", 5),), preset.name, "store")
     with pytest.raises(AttnSegError, match=r"this model has 19 double blocks \(0 to 18\)"):
         resolve(flux, (LayerPick.dit("double", 19),), preset.name)
+    with pytest.raises(AttnSegError, match="there are no single blocks, only double blocks"):
+        resolve(stored[:2], (LayerPick.dit("single", 8),), preset.name, "store")
 
 
 def test_a_preset_the_model_cannot_run_names_the_preset_and_what_is_missing():

@@ -185,3 +185,28 @@ def test_generate_and_segment_matches_a_comfyui_sampling_run(comfy, pipe, item):
     assert store.steps == theirs.steps == {2, 3, 4, 5}
     assert_same_store(store, theirs)
     assert len(result.labels.unique()) >= 2
+
+
+def test_a_bf16_flux_pipeline_captures_the_steps_asked_for():
+    """FluxPipeline hands the transformer t / 1000 in the model's dtype, which in bf16 no
+    longer tells the schedule's timesteps apart: the step comes from the pipeline's own
+    fp32 timestep, so a step window still captures exactly its steps."""
+    pipe = diffusers_dit_demo.flux_pipeline().to(torch.bfloat16)
+    plan = CapturePlan(cross_steps=StepRange(2, 4), self_steps=None)
+    store = AttentionStore("", 1, (16, 24), (128, 192), None)
+    with torch.no_grad():
+        diffusers_passes.capture_sample(pipe, store, plan, 1, prompt="a red circle", height=128, width=192,
+                                        num_inference_steps=6, guidance_scale=1.0, max_sequence_length=32,
+                                        output_type="latent")
+    assert store.steps == {2, 3, 4}
+    assert all(entry.count == 3 for entry in store.entries.values())
+
+
+def test_generate_locates_the_classes_at_the_calls_t5_length_and_refuses_a_second_prompt(pipe, item):
+    output, [result] = api.generate_and_segment(
+        pipe, item.caption, scene_classes(item), preset=DEMO, height=64, width=96, num_inference_steps=2,
+        guidance_scale=1.0, max_sequence_length=16, generator=torch.Generator().manual_seed(0), output_type="latent")
+    assert result.labels.shape == (64, 96)
+    with pytest.raises(Exception, match="prompt_2: the classes are found in `prompt`"):
+        api.generate_and_segment(pipe, item.caption, scene_classes(item), preset=DEMO, prompt_2="a cat",
+                                 num_inference_steps=1, max_sequence_length=32)

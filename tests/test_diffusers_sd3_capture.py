@@ -253,3 +253,52 @@ def test_a_chained_processor_keeps_its_own_keyword_arguments(transformer):
     assert (doubled - plain).abs().max() > 1e-3
     torch.testing.assert_close(captured, doubled, atol=1e-5, rtol=1e-5)
     assert len(store.entries) == 2 * SD3_CONFIG["depth"]
+
+
+def test_sd3_without_t5_locates_the_classes_in_clip_and_counts_the_zero_t5_part(sd3_pipe):
+    """SD3 run without its T5 pads the context with zeros of the T5 length: the class
+    positions are CLIP's only, the token count the whole context's (so Cat-Cross scales
+    no key inside the zeros)."""
+    from diffusers import StableDiffusion3Pipeline
+    from attnseg_pack.hosts.diffusers import text as diffusers_text
+
+    no_t5 = StableDiffusion3Pipeline(**{**sd3_pipe.components, "text_encoder_3": None, "tokenizer_3": None})
+    ours = diffusers_text.encode_segmentation_prompt(no_t5, "a red car", ["red car"])
+    assert ours.prompt.token_count == ours.embeds.shape[1] == 77 + 256
+    assert all(p < 77 for p in ours.prompt.classes[0].positions)
+    scale = diffusers_text.encode_cat_cross(no_t5, "a red car and a dog", ["red car"], 2.0, "keys").key_scale
+    weights = scale.weights(ours.embeds.shape[1], "cpu", torch.float32)
+    assert (weights[77:] == 1).all() and (weights[:77] == 2).sum() == 2
+
+
+def test_sd3_skip_layer_guidance_calls_and_odd_batches(sd3_pipe):
+    """SD3's skip-layer guidance adds a perturbed call each step: not recorded as cond.
+    A batch that is neither [cond] nor [uncond, cond] (a perturbed-attention pipeline's
+    three parts) is refused by name."""
+    from attnseg_pack.attnseg import AttentionStore, AttnSegError
+    from attnseg_pack.attnseg.layers import LayerPick
+    from attnseg_pack.attnseg.plan import StepRange
+    from attnseg_pack.hosts.diffusers.passes import capture_sample, guided_rows
+
+    store = AttentionStore("", 1, (8, 12), (64, 96), None)
+    plan = CapturePlan(cross_layers=(LayerPick.dit("joint", 2),), cross_steps=StepRange(0, -1), self_steps=None)
+    capture_sample(sd3_pipe, store, plan, 1, prompt="a cat", height=64, width=96, num_inference_steps=3,
+                   guidance_scale=4.0, skip_guidance_layers=[1], skip_layer_guidance_start=0.0,
+                   skip_layer_guidance_stop=1.0, output_type="latent")
+    [entry] = store.entries.values()
+    assert entry.count == 3  # one cond per step, the skip-layer calls of steps 1 and 2 left out
+    with pytest.raises(AttnSegError, match="3 rows for 1 images is neither"):
+        guided_rows(sd3_pipe, 1)(3)
+
+
+def test_a_flux_layout_with_extra_input_channels_is_refused_by_name():
+    from diffusers import FluxTransformer2DModel
+    from attnseg_pack.attnseg import AttnSegError
+
+    fill = FluxTransformer2DModel(patch_size=1, in_channels=32, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                  pooled_projection_dim=8, axes_dims_rope=(4, 6, 6))
+    pipe = SimpleNamespace(transformer=fill, vae_scale_factor=8)
+    conditioning = Conditioning(torch.zeros(1, 4, 32), torch.zeros(1, 8), None)
+    with pytest.raises(AttnSegError, match="pipe: .* takes 8-channel latents"):
+        diffusers_passes.capture_pass(pipe, torch.zeros(1, 4, 8, 12), conditioning, [100], 0, (64, 96))

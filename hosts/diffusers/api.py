@@ -27,7 +27,7 @@ from .loading import load_pipeline
 from .capture import head_counter
 from .dit import DiffusersDiTInfo, dit_head_counter
 from .passes import capture_pass, capture_sample, describe_model, encode_image
-from .text import encode_for_preset, encode_segmentation_prompt
+from .text import encode_for_preset, locate_pipeline_words
 
 __all__ = ["Segmentation", "segment", "generate_and_segment", "load_pipeline", "DEFAULT_PRESET"]
 
@@ -101,6 +101,9 @@ def _class_lists(classes, count: int) -> list[list[str]]:
 
 def _preset(name: str | Preset) -> Preset:
     if isinstance(name, Preset):  # a researcher's own settings (e.g. dataclasses.replace of a preset)
+        if name.method not in SEGMENTERS:
+            raise AttnSegError(f"preset: '{name.name}' is a {name.method} preset; segment() runs "
+                               f"{', '.join(SEGMENTERS)} presets.")
         return name
     chosen = find_preset(name, SEGMENTERS)
     if chosen is None:
@@ -148,13 +151,15 @@ def segment(pipe, images, classes, preset: str = DEFAULT_PRESET, prompt: str = "
             threshold: float | None = None, seed: int | None = None) -> list[Segmentation]:
     """Segment ``images`` into ``classes`` the way ``preset`` does; one :class:`Segmentation` per image.
 
-    ``pipe``: a diffusers pipeline with a UNet2DConditionModel (SD1.x, SD2.x, SDXL),
-    its VAE, tokenizer, text encoder(s) and scheduler (e.g. from :func:`load_pipeline`).
+    ``pipe``: a diffusers pipeline with a UNet2DConditionModel (SD1.x, SD2.x, SDXL), a
+    FluxTransformer2DModel (Flux) or an SD3Transformer2DModel (SD3/SD3.5), its VAE,
+    tokenizers, text encoders and scheduler (e.g. from :func:`load_pipeline`).
     ``images``: a PIL image, a (3, H, W) or (B, 3, H, W) tensor (float in [0, 1] or
     uint8), or a list of those; any size (resized to the preset's working resolution
     as the ComfyUI host does, results at each image's own size). ``classes``: "cat, dog"
     or ["cat", "dog"] for every image, or one list (or string) per image. ``preset``: a
-    DiffSegmenter, iSeg or GoCA preset of ``attnseg.presets.PRESETS``. ``prompt``: ""
+    DiffSegmenter, iSeg or GoCA preset of ``attnseg.presets.PRESETS`` made for the
+    pipeline's model family, or a Preset object. ``prompt``: ""
     for the preset's template, else a prompt naming every class. ``resolution``,
     ``threshold``, ``seed``: None for the preset's. Raises AttnSegError on bad input."""
     chosen = _preset(preset)
@@ -183,7 +188,12 @@ def generate_and_segment(pipe, prompt: str, classes, preset: str = DEFAULT_PRESE
     plan = dataclasses.replace(CapturePlan.from_setup(chosen.capture, chosen.name), cross_steps=steps,
                                self_steps=steps)
     plan.check(info, heads_of(info))
-    meta = encode_segmentation_prompt(pipe, prompt, names).prompt  # refuses classes not in the prompt
+    for other in ("prompt_2", "prompt_3"):
+        if pipeline_kwargs.get(other) is not None:
+            raise AttnSegError(f"{other}: the classes are found in `prompt`, which every text encoder then reads; "
+                               f"leave {other} unset.")
+    # refuses classes not in the prompt; T5's length as the call pads it
+    meta = locate_pipeline_words(pipe, prompt, names, t5_tokens=pipeline_kwargs.get("max_sequence_length"))
     per_prompt = pipeline_kwargs.get("num_images_per_prompt", 1)
     # the pipelines' own default size: the UNet's sample size, a DiT pipeline's default_sample_size
     default = getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size

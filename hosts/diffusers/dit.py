@@ -84,12 +84,24 @@ def describe_transformer(transformer, input_name: str = "pipe") -> DiffusersDiTI
                        f"FluxTransformer2DModel and SD3Transformer2DModel.")
 
 
+def _native_backend() -> bool:
+    """Whether diffusers' global attention backend is torch's own SDPA (the default; a
+    user may pick flash or sage with ``attention_backend`` / DIFFUSERS_ATTN_BACKEND)."""
+    try:
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+        backend = _AttentionBackendRegistry._active_backend  # an AttentionBackendName, or the name set
+        return str(getattr(backend, "value", backend)) == "native"
+    except ImportError:  # a diffusers without the dispatcher: its processors call SDPA
+        return True
+
+
 def _stock(family: str, processor) -> bool:
     """Whether ``processor`` is diffusers' default one on the default attention backend,
-    whose output the capture then makes itself."""
+    unsharded, whose output the capture then makes itself (else it is chained)."""
     if family == "flux":
         from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
-        return type(processor) is FluxAttnProcessor and getattr(processor, "_attention_backend", None) is None
+        return (type(processor) is FluxAttnProcessor and getattr(processor, "_attention_backend", None) is None
+                and getattr(processor, "_parallel_config", None) is None and _native_backend())
     from diffusers.models.attention_processor import JointAttnProcessor2_0
     return type(processor) is JointAttnProcessor2_0
 
@@ -296,6 +308,8 @@ def capture_dit_attention(transformer, store: AttentionStore, plan: CapturePlan,
             timestep = kwargs.get("timestep", args[3] if len(args) > 3 else None)
             state.text = encoder.shape[1]
             begin_call(state, plan, store, timestep, sample.shape[0], step_of, branch_rows)
+            if kwargs.get("skip_layers"):  # SD3's skip-layer guidance: a perturbed extra call, not a branch
+                state.rows = []
 
         with pre_hook(transformer, before_call):
             yield info

@@ -143,7 +143,7 @@ def _dit_call(pipe, info: DiffusersDiTInfo, sample: torch.Tensor, timesteps: tor
     pooled = conditioning.pooled.to(device, dtype).expand(rows, -1)
     if info.family == "sd3":
         transformer(sample.to(dtype), encoder_hidden_states=embeds, pooled_projections=pooled,
-                    timestep=timesteps.to(dtype), return_dict=False)
+                    timestep=timesteps.float(), return_dict=False)  # fp32, as its pipeline passes it
         return
     guidance = (torch.full((rows,), FLUX_GUIDANCE, device=device, dtype=torch.float32)
                 if transformer.config.guidance_embeds else None)
@@ -171,6 +171,10 @@ def capture_pass(pipe, latent: torch.Tensor, conditioning: Conditioning, timeste
     latent_size = tuple(latent.shape[-2:])
     if dit:
         grid = dit_grid(latent_size, info, vae_factor(pipe), "images")
+        if latent.shape[1] != info.latent_channels:
+            raise AttnSegError(f"pipe: {info.model_id} takes {info.latent_channels}-channel latents (its extra "
+                               f"input channels: a Fill / Depth / Canny variant?) but the VAE gives "
+                               f"{latent.shape[1]}; the capture pass runs text-to-image DiTs.")
     else:
         check_latent_grid(latent_size, info, vae_factor(pipe), "images")
     batch = latent.shape[0]
@@ -225,8 +229,22 @@ def guided_rows(pipe, images: int):
     def rows(batch: int) -> list:
         if batch == 2 * images:
             return [("uncond", slice(0, images)), ("cond", slice(images, batch))]
+        if batch != images:
+            raise AttnSegError(f"pipe: a denoiser call of {batch} rows for {images} images is neither [cond] nor "
+                               f"[uncond, cond] (a perturbed-attention pipeline?); capture during a plain SD, "
+                               f"SDXL, SD3 or Flux pipeline call.")
         return [("cond", slice(0, batch))]
     return rows
+
+
+def flux_step_of(pipe, steps):
+    """(step, total) of a Flux transformer call. FluxPipeline hands the transformer
+    t / 1000 in the model's dtype, which in fp16 / bf16 no longer tells neighbouring
+    timesteps apart; the fp32 t it sets as ``_current_timestep`` before the call does."""
+    def step_of(timestep) -> tuple[int, int]:
+        current = getattr(pipe, "_current_timestep", None)
+        return steps(current if current is not None else timestep.float() * 1000)
+    return step_of
 
 
 def flux_true_cfg_rows(true_cfg: bool):
@@ -253,8 +271,8 @@ def capture_sample(pipe, store: AttentionStore, plan: CapturePlan, images: int,
             return pipe(**pipeline_kwargs)
     grid = dit_grid(store.latent_size, info, vae_factor(pipe), "height / width")
     steps = pipeline_steps(pipe.scheduler)
-    if info.family == "flux":  # FluxPipeline hands the transformer t / 1000
-        step_of = lambda timestep: steps(timestep * 1000)  # noqa: E731
+    if info.family == "flux":
+        step_of = flux_step_of(pipe, steps)
         # FluxPipeline's own test: true CFG runs when the scale is above 1 and a negative is given ("" counts)
         negative = any(pipeline_kwargs.get(k) is not None for k in ("negative_prompt", "negative_prompt_embeds"))
         branch_rows = flux_true_cfg_rows(pipeline_kwargs.get("true_cfg_scale", 1.0) > 1 and negative)

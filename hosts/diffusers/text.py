@@ -82,9 +82,14 @@ def t5_tokenizer(pipe):
     return pipe.tokenizer_3 if getattr(pipe, "text_encoder_3", None) is not None else None
 
 
-def t5_length(pipe) -> int:
-    """The pipeline's default T5 length, or the tokenizer's own where shorter (a small model's)."""
-    return min(T5_LENGTH[type(pipe.transformer).__name__], t5_tokenizer(pipe).model_max_length)
+def t5_length(pipe, requested: int | None = None) -> int:
+    """The T5 length a pipeline call pads to: its ``max_sequence_length`` when given,
+    else the pipeline's default, or the tokenizer's own where shorter (a small model's)."""
+    if requested is not None:
+        return int(requested)
+    tokenizer = t5_tokenizer(pipe)
+    default = T5_LENGTH[type(pipe.transformer).__name__]
+    return default if tokenizer is None else min(default, tokenizer.model_max_length)
 
 
 def t5_prompt(tokenizer, text: str, names: list[str], length: int, input_name: str = "classes") -> SegPrompt:
@@ -97,19 +102,23 @@ def t5_prompt(tokenizer, text: str, names: list[str], length: int, input_name: s
     return locate_pieces(pieces, class_pieces, text, input_name)
 
 
-def locate_pipeline_words(pipe, text: str, names: list[str], input_name: str = "classes") -> SegPrompt:
+def locate_pipeline_words(pipe, text: str, names: list[str], input_name: str = "classes",
+                          t5_tokens: int | None = None) -> SegPrompt:
     """Class positions in the sequence the denoiser attends over: the UNet's CLIP tokens;
     Flux's T5 tokens; SD3's CLIP tokens (77, CLIP-L's and -G's side by side) then T5's
-    (both parts, as the ComfyUI host's dit_text 'both')."""
+    (both parts, as the ComfyUI host's dit_text 'both'). ``t5_tokens``: the call's
+    max_sequence_length (None: the pipeline's default)."""
     family = dit_family(pipe)
     if family is None:
         return locate_words(pipe.tokenizer, text, names, input_name)
+    length = t5_length(pipe, t5_tokens)
     if family == "flux":
-        return t5_prompt(pipe.tokenizer_2, text, names, t5_length(pipe), input_name)
+        return t5_prompt(pipe.tokenizer_2, text, names, length, input_name)
     clip = locate_words(pipe.tokenizer, text, names, input_name)
     if t5_tokenizer(pipe) is None:  # the pipeline pads the T5 part with zeros: no class there
-        return joined(clip, dataclasses.replace(clip, words=("",) * clip.token_count), from_second=False)
-    return joined(clip, t5_prompt(pipe.tokenizer_3, text, names, t5_length(pipe), input_name))
+        zeros = dataclasses.replace(clip, token_count=length, words=("",) * length)
+        return joined(clip, zeros, from_second=False)
+    return joined(clip, t5_prompt(pipe.tokenizer_3, text, names, length, input_name))
 
 
 def encode_text(pipe, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -125,7 +134,7 @@ def encode_text(pipe, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
                                                    num_images_per_prompt=1, max_sequence_length=t5_length(pipe))
             return embeds, pooled
         if family == "sd3":
-            length = t5_length(pipe) if t5_tokenizer(pipe) is not None else T5_LENGTH["SD3Transformer2DModel"]
+            length = t5_length(pipe)
             embeds, _, pooled, _ = pipe.encode_prompt(prompt=text, prompt_2=None, prompt_3=None, device=device,
                                                       num_images_per_prompt=1, do_classifier_free_guidance=False,
                                                       max_sequence_length=length)
