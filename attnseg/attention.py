@@ -187,6 +187,23 @@ def joint_attention_maps(q: torch.Tensor, k: torch.Tensor, query_rows: slice,
 _FUSED_LSE: dict[tuple, bool] = {}
 
 
+def joint_maps_per_reducer(q: torch.Tensor, k: torch.Tensor, query_rows: slice,
+                           key_blocks: dict[str, tuple[slice, GridPool | None]], reducers: dict[str, HeadReducer],
+                           keep: slice = slice(None), mask: torch.Tensor | None = None,
+                           lse: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """``joint_attention_maps`` with each key block reduced over heads by its own reducer
+    (``reducers[name]``, the head mean where absent): one pass over the keys per distinct
+    reducer, usually one."""
+    groups: dict[HeadReducer, list[str]] = {}
+    for name in key_blocks:
+        groups.setdefault(reducers.get(name, head_mean), []).append(name)
+    maps = {}
+    for reducer, names in groups.items():
+        maps.update(joint_attention_maps(q, k, query_rows, {name: key_blocks[name] for name in names}, reducer,
+                                         keep, mask, lse))
+    return maps
+
+
 def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """torch's fused attention kernels that return the softmax's log-sum-exp beside the
     output: the ones scaled_dot_product_attention dispatches to without a mask."""

@@ -119,6 +119,14 @@ class CapturePlan:
         self.reference_layer(info)
         self.heads(info, head_count)
 
+    def check_dit_heads(self, info) -> None:
+        """A DiT capture averages the heads (GoCA's DiT configurations): refuse the
+        output-weighted heads, which read a UNet layer's output projection."""
+        if self.cross_heads != "mean":
+            raise AttnSegError(f"heads: '{self.cross_heads}' (GoCA's output-weighted heads) is for UNet models; on "
+                               f"{info.model_id} GoCA uses the head mean, as its Flux configuration does. Set heads "
+                               f"to mean.")
+
     def heads(self, info, head_count: HeadCount) -> dict[tuple[object, str], tuple[int, ...]]:
         """{(layer, kind): heads} for the layers that keep some heads only, checked
         against each layer's head count."""

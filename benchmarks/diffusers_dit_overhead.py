@@ -100,16 +100,16 @@ def run_model(family: str, args) -> dict:
 
     # q, k of every block as the capture forms them (one recording call)
     from attnseg_pack.hosts.diffusers import dit as dit_host
-    recorded = dit_host.joint_attention_maps
+    recorded = dit_host.joint_maps_per_reducer
 
     def recording(q, k, *rest, **kw):
         naive_qk[len(naive_qk)] = (q.detach(), k.detach())
         return recorded(q, k, *rest, **kw)
-    dit_host.joint_attention_maps = recording
+    dit_host.joint_maps_per_reducer = recording
     try:
         captured(plans["I2T of every block"])()
     finally:
-        dit_host.joint_attention_maps = recorded
+        dit_host.joint_maps_per_reducer = recorded
 
     cpu: dict = {}
     variants = {"stock": stock, **{name: captured(plan) for name, plan in plans.items()},

@@ -41,8 +41,8 @@ import torch
 
 from ...attnseg import AttentionStore, AttnSegError, LayerKey
 from ...attnseg.layers import DiTInfo
-from ...attnseg.attention import (GridPool, attention_with_lse, chosen_heads_mean, fold_repeated_tokens, head_mean,
-                                  joint_attention_maps)
+from ...attnseg.attention import (GridPool, attention_with_lse, chosen_heads_mean, fold_repeated_tokens,
+                                  joint_maps_per_reducer)
 from .capture import CapturePlan, grid_pool, head_counter, step_index, wanted_rows
 from .catcross import COND
 from .unet import AttentionLayer
@@ -165,10 +165,7 @@ def install_dit_capture(model, info: DiTInfo, store: AttentionStore, plan: Captu
     """Patch ``model`` (a clone the caller owns) so its runs fill ``store``. ``key_scale``
     (Cat-Cross "keys") multiplies the cond rows' class-token keys inside every joint
     attention, captured or not, so the sample and the maps see the weighted attention."""
-    if plan.cross_heads != "mean":
-        raise AttnSegError(f"heads: '{plan.cross_heads}' (GoCA's output-weighted heads) is for UNet models; on "
-                           f"{info.model_id} GoCA uses the head mean, as its Flux configuration does. Set heads "
-                           f"to mean.")
+    plan.check_dit_heads(info)
     store.head_reduction = plan.cross_heads
     store.architecture, store.family = "dit", info.family
     selected = {kind: {(la.block, la.block_id) for la in plan.layers(info, kind)} for kind in ("cross", "self")}
@@ -215,13 +212,8 @@ def install_dit_capture(model, info: DiTInfo, store: AttentionStore, plan: Captu
         if "self" in kinds:
             key_blocks["self"] = (image, grid_pool(pools, gh, gw, plan.self_max_tokens, q.device))
         keep = rows[0][1] if len(rows) == 1 else slice(None)
-        maps = {}
-        by_reducer = {}  # one pass over the keys per head selection (usually one: the head mean)
-        for kind in key_blocks:
-            by_reducer.setdefault(reducers.get(block + (kind,), head_mean), []).append(kind)
-        for reducer, group in by_reducer.items():
-            maps.update(joint_attention_maps(q, k, image, {kind: key_blocks[kind] for kind in group}, reducer,
-                                             keep, kwargs.get("mask"), lse))
+        block_reducers = {kind: reducers[block + (kind,)] for kind in key_blocks if block + (kind,) in reducers}
+        maps = joint_maps_per_reducer(q, k, image, key_blocks, block_reducers, keep, kwargs.get("mask"), lse)
         for kind, block_maps in maps.items():
             key = LayerKey.dit(kind, block[0], block[1], info.patch_size)
             grid = key_blocks[kind][1].grid if kind == "self" else (gh, gw)

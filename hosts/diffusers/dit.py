@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ...attnseg import AttentionStore, AttnSegError, LayerKey
-from ...attnseg.attention import GridPool, attention_with_lse, chosen_heads_mean, head_mean, joint_attention_maps
+from ...attnseg.attention import GridPool, attention_with_lse, chosen_heads_mean, joint_maps_per_reducer
 from ...attnseg.layers import DiTInfo
 from ...attnseg.plan import CapturePlan
 from ...attnseg.prompt_weights import KeyScale
@@ -50,8 +50,12 @@ class DiffusersDiTInfo(DiTInfo):
         return self.modules[layer]
 
 
+# The DiT classes the host captures, and the family each is.
+FAMILIES = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
+
+
 def is_dit(transformer) -> bool:
-    return type(transformer).__name__ in ("FluxTransformer2DModel", "SD3Transformer2DModel")
+    return type(transformer).__name__ in FAMILIES
 
 
 def describe_transformer(transformer, input_name: str = "pipe") -> DiffusersDiTInfo:
@@ -173,7 +177,7 @@ class DiTCaptureProcessor:
         self.state, self.store, self.plan, self.picked, self.key_scale = state, store, plan, picked, key_scale
         self.grid, self.pools = grid, pools
         self.stock = _stock(info.family, previous)
-        self.reducers = {kind: chosen_heads_mean(picked[kind]) if kind in picked else head_mean for kind in kinds}
+        self.reducers = {kind: chosen_heads_mean(heads) for kind, heads in picked.items()}
         self.key_weights: dict[tuple, torch.Tensor] = {}
 
     def __call__(self, attn, *args, **kwargs):
@@ -225,13 +229,7 @@ class DiTCaptureProcessor:
         if "self" in kinds:
             blocks["self"] = (image, self._pool(q.device))
         keep = rows[0][1] if len(rows) == 1 else slice(None)
-        by_reducer: dict = {}
-        for kind in blocks:
-            by_reducer.setdefault(self.reducers[kind], []).append(kind)
-        maps = {}
-        for reducer, group in by_reducer.items():
-            maps.update(joint_attention_maps(q, k, image, {kind: blocks[kind] for kind in group}, reducer, keep,
-                                             None, lse))
+        maps = joint_maps_per_reducer(q, k, image, blocks, self.reducers, keep, None, lse)
         for kind, block_maps in maps.items():
             key = LayerKey.dit(kind, self.layer.block, self.layer.block_id, self.info.patch_size)
             grid = blocks[kind][1].grid if kind == "self" else self.grid
@@ -271,10 +269,7 @@ def capture_dit_attention(transformer, store: AttentionStore, plan: CapturePlan,
     ``step_of(timestep)`` places a call in the steps (the timestep as the transformer
     receives it), ``branch_rows(batch)`` names each branch's rows."""
     info = info or describe_transformer(transformer)
-    if plan.cross_heads != "mean":
-        raise AttnSegError(f"heads: '{plan.cross_heads}' (GoCA's output-weighted heads) is for UNet models; on "
-                           f"{info.model_id} GoCA uses the head mean, as its Flux configuration does. Set heads "
-                           f"to mean.")
+    plan.check_dit_heads(info)
     plan.check(info, dit_head_counter(info))
     store.head_reduction = plan.cross_heads
     store.architecture, store.family = "dit", info.family
