@@ -14,6 +14,7 @@ from ...attnseg.presets import TextSetup, preset_prompts
 from ...attnseg.tokens import (fuse_ing_words, iseg_template_prompt, joined, locate_classes, locate_pieces,
                                template_prompt)
 from ...attnseg.prompt_weights import KeyScale, check_cat_cross, check_class_weight, reweight_class_tokens
+from .dit import FAMILIES
 
 
 @dataclass
@@ -66,13 +67,12 @@ def locate_words(tokenizer, text: str, names: list[str], input_name: str = "clas
 
 
 # The T5 length Flux's and SD3's pipelines pad to by default (their max_sequence_length).
-T5_LENGTH = {"FluxTransformer2DModel": 512, "SD3Transformer2DModel": 256}
+T5_LENGTH = {"flux": 512, "sd3": 256}
 
 
 def dit_family(pipe) -> str | None:
     """"flux" / "sd3" for a pipeline whose denoiser is Flux's / SD3's transformer, else None."""
-    name = type(getattr(pipe, "transformer", None)).__name__
-    return {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}.get(name)
+    return FAMILIES.get(type(getattr(pipe, "transformer", None)).__name__)
 
 
 def t5_tokenizer(pipe):
@@ -88,7 +88,7 @@ def t5_length(pipe, requested: int | None = None) -> int:
     if requested is not None:
         return int(requested)
     tokenizer = t5_tokenizer(pipe)
-    default = T5_LENGTH[type(pipe.transformer).__name__]
+    default = T5_LENGTH[dit_family(pipe)]
     return default if tokenizer is None else min(default, tokenizer.model_max_length)
 
 
@@ -134,10 +134,9 @@ def encode_text(pipe, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
                                                    num_images_per_prompt=1, max_sequence_length=t5_length(pipe))
             return embeds, pooled
         if family == "sd3":
-            length = t5_length(pipe)
             embeds, _, pooled, _ = pipe.encode_prompt(prompt=text, prompt_2=None, prompt_3=None, device=device,
                                                       num_images_per_prompt=1, do_classifier_free_guidance=False,
-                                                      max_sequence_length=length)
+                                                      max_sequence_length=t5_length(pipe))
             return embeds, pooled
         encoded = pipe.encode_prompt(prompt=text, device=device, num_images_per_prompt=1,
                                      do_classifier_free_guidance=False)
