@@ -3,7 +3,6 @@ input image on the DiT demo model (from its RF inversion), the edit row's own
 conditioning, and on tiny random Flux and SD3 models the image query / key
 injection against a hook-free run, block by block."""
 
-import math
 
 import numpy as np
 import pytest

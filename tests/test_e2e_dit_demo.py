@@ -8,7 +8,6 @@ text split at the wrong token gives masks that miss the objects); how well the
 DiT demo segments over many scenes is benchmarks/dit_segmentation_quality.py's
 to measure."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
