@@ -3,7 +3,8 @@
 The UNet table's protocol (benchmarks/segmentation_quality.py) on the DiT demo model
 (hosts/comfyui/demo_dit.py): thresholds tuned per method and token choice on the 50
 tuning scenes, mIoU (background included) on the 200 test scenes, half of them
-non-square, one pass at twice the scene's size, t = 100. The methods
+non-square, passes at twice the scene's size at evaluate.DIT_TIMESTEPS (first
+checked against the other candidate timesteps on the tuning scenes). The methods
 (demo/evaluate.py's ``dit_methods``) read one capture of every block's I2T and I2I
 maps: I2T of block groups and of each block (the Seg4Diff-style choice of one block,
 made on the tuning scenes), DiffSegmenter's completion, iSeg's Ent-Self, GoCA's
@@ -54,8 +55,10 @@ def table(result: dict) -> str:
     best_block = result["best_single_block"]
     caption = (
         f"DiT demo model, {result['test_scenes']} held-out scenes (half non-square), thresholds tuned on "
-        f"{result['tune_scenes']} other scenes, one pass at {evaluate.SEGMENT_SCALE}x the scene's size, timestep "
-        f"{','.join(map(str, evaluate.TIMESTEPS))} (sigma 0.1), CPU. mIoU includes background; the token columns "
+        f"{result['tune_scenes']} other scenes, one pass at {evaluate.SEGMENT_SCALE}x the scene's size at each of "
+        f"timesteps {' and '.join(map(str, result['timesteps']))} (sigma "
+        f"{' and '.join(str(t / 1000) for t in result['timesteps'])}; the maps averaged), CPU. mIoU includes "
+        f"background; the token columns "
         f"segment each \"colour shape\" class with one of its words alone. I2I: the image x image part of a block's "
         f"joint attention. ConceptAttention labels by the argmax against a \"background\" concept, its threshold "
         f"column an offset on that concept's probability (0: the authors' argmax). Best single block, chosen on the "
@@ -70,13 +73,42 @@ def table(result: dict) -> str:
                                     "s / image"], rows)
 
 
+def timestep_sweep(model, clip, vae, tune: list, methods) -> list[dict]:
+    """Each of evaluate.DIT_TIMESTEP_CANDIDATES on the tuning scenes: the attention-reading
+    methods (not ConceptAttention, which runs passes of its own) at their best threshold;
+    per candidate the I2T block groups and the best method."""
+    swept = [m for m in methods if m.direct is None]
+    out = []
+    for timesteps in evaluate.DIT_TIMESTEP_CANDIDATES:
+        scores = evaluate.score(model, clip, vae, tune, methods=swept, thresholds=evaluate.dit_thresholds,
+                                timesteps=timesteps)
+        tuned = {m.name: round(scores.miou(m.name, MAIN, scores.best_threshold(m.name, MAIN)), 4) for m in swept}
+        best = max(tuned, key=tuned.get)
+        out.append({"timesteps": list(timesteps), "best": {"method": best, "tune_miou": tuned[best]},
+                    **{name: tuned[name] for name in ("I2T, all blocks", "I2T, double blocks", "I2T, single blocks")
+                       if name in tuned}})
+        print(f"timesteps {timesteps}: best {best} {tuned[best]:.3f}", flush=True)
+    return out
+
+
+def sweep_table(result: dict) -> str:
+    groups = [k for k in result["timestep_sweep"][0] if k.startswith("I2T, ")]
+    rows = [[" and ".join(map(str, r["timesteps"])) + (" (used)" if r["timesteps"] == result["timesteps"] else ""),
+             *(f"{r[g]:.3f}" for g in groups), f"{r['best']['tune_miou']:.3f}", r["best"]["method"]]
+            for r in result["timestep_sweep"]]
+    return markdown_table(
+        f"DiT demo model, the segmentation pass's timestep: tuning-scene mIoU ({result['tune_scenes']} scenes, "
+        f"each method at its best threshold; the passes' maps averaged where two timesteps are listed).",
+        ["timesteps", *groups, "best method", "which"], rows)
+
+
 def comparisons(rows: list[dict]) -> dict:
-    """The issue's rankings, each as the two mIoUs it compares: ConceptAttention (at the I2T
-    rows' t) against the raw I2T of the same double blocks; the best self-attention
+    """The issue's rankings, each as the two mIoUs it compares: ConceptAttention (at the
+    authors' t = 500, one of the I2T rows' timesteps) against the raw I2T of the same double blocks; the best self-attention
     refinement (DiffSegmenter, iSeg with N > 0, GoCA with propagation) against the best raw I2T."""
     miou = {r["method"]: r["parts"][MAIN]["miou"] for r in rows}
-    concept = next(n for n in miou if n.startswith("ConceptAttention") and f"t = {evaluate.TIMESTEPS[0]}," in n
-                   and not n.endswith("argmax"))
+    concept = next(n for n in miou if n.startswith("ConceptAttention") and f"t = {evaluate.CONCEPT_TIMESTEPS[0]},"
+                   in n and not n.endswith("argmax"))
     raw = {n: m for n, m in miou.items() if n.startswith("I2T, ")}
     def propagates(name: str) -> bool:
         if name.startswith("GoCA"):
@@ -104,10 +136,18 @@ def main(argv: list[str] | None = None) -> None:
     tune = [evaluate.scene(s) for s in evaluate.TUNE_SEEDS[:args.tune]]
     test = [evaluate.scene(s) for s in evaluate.TEST_SEEDS[:args.test]]
 
-    tuned = evaluate.score(model, clip, vae, tune, methods=methods, thresholds=evaluate.dit_thresholds)
+    timesteps = evaluate.DIT_TIMESTEPS
+    sweep = timestep_sweep(model, clip, vae, tune, methods)
+    best_timesteps = max(sweep, key=lambda r: r["best"]["tune_miou"])["timesteps"]
+    if best_timesteps != timesteps:
+        print(f"NOTE: on these tuning scenes timesteps {best_timesteps} beat evaluate.DIT_TIMESTEPS {timesteps}: "
+              f"consider updating it (the workflows, the training validation and this table read it)")
+    tuned = evaluate.score(model, clip, vae, tune, methods=methods, thresholds=evaluate.dit_thresholds,
+                           timesteps=timesteps)
     chosen = {(m.name, p): tuned.best_threshold(m.name, p) for m in methods for p in m.token_parts}
     print(f"tuned on {len(tune)} scenes ({time.time() - began:.0f} s)", flush=True)
-    measured = evaluate.score(model, clip, vae, test, methods=methods, thresholds=lambda m, p: (chosen[(m, p)],))
+    measured = evaluate.score(model, clip, vae, test, methods=methods, thresholds=lambda m, p: (chosen[(m, p)],),
+                              timesteps=timesteps)
     rows = []
     for method in methods:
         parts = {p: {"threshold": chosen[(method.name, p)],
@@ -127,11 +167,11 @@ def main(argv: list[str] | None = None) -> None:
     slice_threshold = chosen[(slice_method.name, MAIN)]
     slice_scenes = test[:SLICE_SCENES]
     sliced = evaluate.score(model, clip, vae, slice_scenes, methods=(slice_method,),
-                            thresholds=lambda m, p: (slice_threshold,))
+                            thresholds=lambda m, p: (slice_threshold,), timesteps=timesteps)
     slice_miou = sliced.miou(slice_method.name, MAIN, slice_threshold)
     print(f"CI slice ({len(slice_scenes)} scenes, {slice_method.name}): {slice_miou:.4f}")
     result = {
-        "test_scenes": len(test), "tune_scenes": len(tune), "timesteps": evaluate.TIMESTEPS,
+        "test_scenes": len(test), "tune_scenes": len(tune), "timesteps": timesteps, "timestep_sweep": sweep,
         "segment_scale": evaluate.SEGMENT_SCALE, "threads": torch.get_num_threads(),
         "checkpoint": {"file": args.checkpoint.name, **demo_dit.training_info(args.checkpoint).get("training", {})},
         "methods": rows, "references": evaluate.reference_mious(test),
@@ -144,6 +184,8 @@ def main(argv: list[str] | None = None) -> None:
         "seconds": round(time.time() - began)}
     for key in ("validation", "buckets"):  # the training log lives in demo/attnseg-shapes-dit.json
         result["checkpoint"].pop(key, None)
+    print(sweep_table(result))
+    print()
     print(table(result))
     for name, pair in result["comparisons"].items():
         print(f"{name}: " + " vs ".join(f"{m} {v:.3f}" for m, v in pair.items()))

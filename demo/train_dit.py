@@ -33,7 +33,7 @@ the middle of the schedule where the caption decides the layout).
   (demo/train.py's WeightAverage) is validated and saved.
 - Validation: every ``--validate-every`` minutes of training, I2T localisation
   on demo/evaluate.py's tuning scenes (never the test scenes) through the pack's
-  own DiT capture at twice the scene's size, t = 100: the class tokens' cross
+  own DiT capture at twice the scene's size and evaluate.DIT_TIMESTEPS: the class tokens' cross
   maps of all blocks, of the double blocks, of the single blocks and of each block,
   mIoU at the best threshold; the weights of the best score are kept.
 
@@ -67,6 +67,7 @@ import_pack()
 import comfy.ldm.flux.layers  # noqa: E402
 import comfy.text_encoders.t5  # noqa: E402
 from attnseg_pack.hosts.comfyui import demo_dit, demo_model  # noqa: E402
+from demo import evaluate  # noqa: E402
 from demo.scenes import make_scene  # noqa: E402
 from demo.train import (SD_LATENT_FACTOR, TRAIN_SEED0, WeightAverage, caption_variant, encode_all,  # noqa: E402
                         init_fresh, optimizer_step, warmup_cosine)
@@ -75,7 +76,6 @@ from demo.train import (SD_LATENT_FACTOR, TRAIN_SEED0, WeightAverage, caption_va
 # image tokens. The 2x buckets are what a segmentation pass at twice the scene's size sees.
 BUCKETS = ((128, 128, 32, 0.40), (128, 192, 24, 0.10), (192, 128, 24, 0.10),
            (256, 256, 8, 0.25), (256, 384, 6, 0.075), (384, 256, 6, 0.075))
-VALIDATION_TIMESTEP = 100  # evaluate.TIMESTEPS: sigma 0.1
 VALIDATION_SCALE = 2  # evaluate.SEGMENT_SCALE
 
 
@@ -209,7 +209,7 @@ def flow_loss(model, z0: torch.Tensor, context: torch.Tensor, pooled: torch.Tens
 class Validation:
     """I2T localisation of the tuning scenes (demo/evaluate.py's TUNE_SEEDS) through
     the pack's DiT capture (capture_pass, as AttnSeg Capture Image Attention runs it)
-    at twice the scene's size, t = 100; the autoencoder's latents and the prompts are
+    at twice the scene's size and the DiT benchmark's timesteps; the autoencoder's latents and the prompts are
     made once. Scores: the class tokens' cross maps (colour + shape tokens) of all
     blocks, the double ones, the single ones and each block alone, min-max per
     class, mIoU at the best of evaluate.THRESHOLDS; the best of them ranks the weights."""
@@ -217,11 +217,10 @@ class Validation:
     def __init__(self, model, clip, vae, minutes: float, scenes: int, log):
         from attnseg_pack.hosts.comfyui.passes import encode_image
         from attnseg_pack.hosts.comfyui.text import encode_segmentation_prompt
-        from demo import evaluate
 
         if not 0 < scenes <= len(evaluate.TUNE_SEEDS):
             raise SystemExit(f"--validate-scenes: give 1 to {len(evaluate.TUNE_SEEDS)} (the tuning scenes)")
-        self.evaluate, self.model, self.log, self.minutes = evaluate, model, log, minutes
+        self.model, self.log, self.minutes = model, log, minutes
         self.items = []
         for seed in evaluate.TUNE_SEEDS[:scenes]:
             item = evaluate.scene(seed)
@@ -240,12 +239,11 @@ class Validation:
         from attnseg_pack.hosts.comfyui.capture import CapturePlan
         from attnseg_pack.hosts.comfyui.passes import capture_pass
 
-        evaluate = self.evaluate
         plan = CapturePlan(self_steps=None)
         confusion = {(g, t): evaluate.Confusion() for g in self.groups for t in evaluate.THRESHOLDS}
         for item, latent, positive in self.items:
             with torch.inference_mode():
-                store = capture_pass(self.model, latent, positive, [VALIDATION_TIMESTEP], 0,
+                store = capture_pass(self.model, latent, positive, evaluate.DIT_TIMESTEPS, 0,
                                      tuple(item.image.shape[:2]), plan)
             truth = evaluate.truth_labels(item)
             lookup = torch.tensor([0] + [evaluate.LABELS.index(o.name) for o in item.objects])
@@ -415,10 +413,11 @@ def main() -> None:
            "scenes": args.scenes, "seed": args.seed, "threads": torch.get_num_threads(), "text_encoder": "frozen",
            "ema_decay": args.ema_decay, "pooled_dropout": args.pooled_dropout, "caption_dropout": 0.1,
            "sigma_sampling": "half uniform, half logit-normal(0, 1)", "vae": "the UNet demo's (attnseg-shapes)",
-           "validation_timestep": VALIDATION_TIMESTEP, "validation_scale": VALIDATION_SCALE}
+           "validation_timesteps": evaluate.DIT_TIMESTEPS, "validation_scale": VALIDATION_SCALE}
     if earlier is not None:
         run["continued_from"] = {"file": args.init.name, "dit_steps": earlier["dit_steps"],
-                                 "training_seconds": earlier["training_seconds"]}
+                                 "training_seconds": earlier["training_seconds"],
+                                 **({"continued_from": earlier["continued_from"]} if "continued_from" in earlier else {})}
     if validation:
         run["dit_steps"] = validation.restore_best()
         run["validation"] = validation.history

@@ -44,7 +44,8 @@ def test_a_slice_of_the_dit_quality_benchmark_stays_above_its_floor(demo, result
     methods = evaluate.dit_methods(describe_dit(demo[0]).blocks())
     method = next(m for m in methods if m.name == expected["method"])
     scenes = [evaluate.scene(s) for s in evaluate.TEST_SEEDS[:expected["scenes"]]]
-    result = evaluate.score(*demo, scenes, methods=(method,), thresholds=lambda m, p: (expected["threshold"],))
+    result = evaluate.score(*demo, scenes, methods=(method,), thresholds=lambda m, p: (expected["threshold"],),
+                            timesteps=results["timesteps"])
     miou = result.miou(method.name, "colour + shape", expected["threshold"])
     assert miou >= expected["miou"] - SLICE_MARGIN, f"mIoU {miou:.3f}, full run {expected['miou']:.3f}"
 
@@ -53,3 +54,11 @@ def test_the_slice_is_the_full_runs_best_method(results):
     """The floor guards the method the table ranks first, not one that was once the best."""
     best = max(results["methods"], key=lambda r: r["parts"]["colour + shape"]["miou"])
     assert results["ci_slice"]["method"] == best["method"] == results["best_method"]["method"]
+
+
+def test_the_segmentation_timesteps_are_the_ones_the_sweep_chose(results):
+    """The workflows and the training validation read evaluate.DIT_TIMESTEPS: the full run
+    measured at them, and on the tuning scenes no other candidate beat them."""
+    assert results["timesteps"] == evaluate.DIT_TIMESTEPS
+    best = max(results["timestep_sweep"], key=lambda r: r["best"]["tune_miou"])
+    assert best["timesteps"] == evaluate.DIT_TIMESTEPS, best
