@@ -48,6 +48,14 @@ def markdown_table(caption: str, header: list[str], rows: list[list[str]]) -> st
                       *("| " + " | ".join(row) + " |" for row in rows)])
 
 
+def passes(timesteps: list[int]) -> str:
+    sigmas = " and ".join(str(t / 1000) for t in timesteps)
+    if len(timesteps) == 1:
+        return f"one pass at {evaluate.SEGMENT_SCALE}x the scene's size at timestep {timesteps[0]} (sigma {sigmas})"
+    return (f"one pass at {evaluate.SEGMENT_SCALE}x the scene's size at each of timesteps "
+            f"{' and '.join(map(str, timesteps))} (sigma {sigmas}; the passes' attention averaged)")
+
+
 def table(result: dict) -> str:
     def cell(parts: dict, part: str) -> str:
         return f"{parts[part]['miou']:.3f}" if part in parts else "–"
@@ -55,11 +63,8 @@ def table(result: dict) -> str:
     best_block = result["best_single_block"]
     caption = (
         f"DiT demo model, {result['test_scenes']} held-out scenes (half non-square), thresholds tuned on "
-        f"{result['tune_scenes']} other scenes, one pass at {evaluate.SEGMENT_SCALE}x the scene's size at each of "
-        f"timesteps {' and '.join(map(str, result['timesteps']))} (sigma "
-        f"{' and '.join(str(t / 1000) for t in result['timesteps'])}; the maps averaged), CPU. mIoU includes "
-        f"background; the token columns "
-        f"segment each \"colour shape\" class with one of its words alone. I2I: the image x image part of a block's "
+        f"{result['tune_scenes']} other scenes, {passes(result['timesteps'])}, CPU. mIoU "
+        f"includes background; the token columns segment each \"colour shape\" class with one of its words alone. I2I: the image x image part of a block's "
         f"joint attention. ConceptAttention labels by the argmax against a \"background\" concept, its threshold "
         f"column an offset on that concept's probability (0: the authors' argmax). Best single block, chosen on the "
         f"tuning scenes: {best_block['block']} (tuning {best_block['tune_miou']:.3f}). s / image: the one capture of "
@@ -98,14 +103,14 @@ def sweep_table(result: dict) -> str:
             for r in result["timestep_sweep"]]
     return markdown_table(
         f"DiT demo model, the segmentation pass's timestep: tuning-scene mIoU ({result['tune_scenes']} scenes, "
-        f"each method at its best threshold; the passes' maps averaged where two timesteps are listed).",
+        f"each method at its best threshold; the passes' attention averaged where two timesteps are listed).",
         ["timesteps", *groups, "best method", "which"], rows)
 
 
 def comparisons(rows: list[dict]) -> dict:
     """The issue's rankings, each as the two mIoUs it compares: ConceptAttention (at the
-    authors' t = 500, one of the I2T rows' timesteps) against the raw I2T of the same double blocks; the best self-attention
-    refinement (DiffSegmenter, iSeg with N > 0, GoCA with propagation) against the best raw I2T."""
+    authors' t = 500, one of the I2T rows' timesteps) against the raw I2T of the same
+    double blocks; the best self-attention refinement (DiffSegmenter, iSeg with N > 0, GoCA with propagation) against the best raw I2T."""
     miou = {r["method"]: r["parts"][MAIN]["miou"] for r in rows}
     concept = next(n for n in miou if n.startswith("ConceptAttention") and f"t = {evaluate.CONCEPT_TIMESTEPS[0]},"
                    in n and not n.endswith("argmax"))

@@ -409,14 +409,13 @@ def shapes_present(image: np.ndarray, caption: str) -> list[bool]:
 # attention, head mean (a DiT's only reduction: GoCA's Flux setting), and the image
 # tokens' attention output at GoCA's reference block (the middle one on this model).
 DIT_PLAN = CapturePlan(self_every_layer=True, reference_factor=GOCA_REFERENCE_FACTOR)
-# The DiT demo's segmentation pass: timesteps 500 and 700 (sigma 0.5 and 0.7, each
-# pass's maps averaged), not the UNet's 100. This model reads its words where they
-# decide the picture: at t = 100 the image all but tells itself and its I2T barely
-# localises (tuning mIoU of single block 0: 0.34 at t 100, 0.44 at 300, 0.56 at 500,
-# 0.61 at 700, 0.52 at 800). benchmarks/dit_segmentation_quality.py sweeps
-# DIT_TIMESTEP_CANDIDATES on the tuning scenes and reports whether this is still their best.
-DIT_TIMESTEPS = [500, 700]
-DIT_TIMESTEP_CANDIDATES = ([100], [300], [500], [700], [800], [500, 700], [300, 700])
+# The DiT demo's segmentation pass: one at t = 500 (sigma 0.5), not the UNet's 100.
+# This model reads its words where they decide the picture: at t = 100 the image all
+# but tells itself and its I2T barely localises. benchmarks/dit_segmentation_quality.py
+# sweeps DIT_TIMESTEP_CANDIDATES on the tuning scenes (its first table) and reports
+# whether this is still their best.
+DIT_TIMESTEPS = [500]
+DIT_TIMESTEP_CANDIDATES = ([100], [300], [400], [500], [600], [700], [800], [400, 600], [500, 700])
 CAPTURES["dit"] = (_plain, DIT_PLAN, SEGMENT_SCALE)
 DIT_BACKGROUND_CONCEPT = "background"  # ConceptAttention's background word (labels by argmax against it)
 

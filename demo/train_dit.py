@@ -415,9 +415,9 @@ def main() -> None:
            "sigma_sampling": "half uniform, half logit-normal(0, 1)", "vae": "the UNet demo's (attnseg-shapes)",
            "validation_timesteps": evaluate.DIT_TIMESTEPS, "validation_scale": VALIDATION_SCALE}
     if earlier is not None:
+        parent = {"continued_from": earlier["continued_from"]} if "continued_from" in earlier else {}
         run["continued_from"] = {"file": args.init.name, "dit_steps": earlier["dit_steps"],
-                                 "training_seconds": earlier["training_seconds"],
-                                 **({"continued_from": earlier["continued_from"]} if "continued_from" in earlier else {})}
+                                 "training_seconds": earlier["training_seconds"], **parent}
     if validation:
         run["dit_steps"] = validation.restore_best()
         run["validation"] = validation.history
