@@ -63,14 +63,14 @@ def table(result: dict) -> str:
     best_block = result["best_single_block"]
     caption = (
         f"DiT demo model, {result['test_scenes']} held-out scenes (half non-square), thresholds tuned on "
-        f"{result['tune_scenes']} other scenes, {passes(result['timesteps'])}, CPU. mIoU "
-        f"includes background; the token columns segment each \"colour shape\" class with one of its words alone. I2I: the image x image part of a block's "
-        f"joint attention. ConceptAttention labels by the argmax against a \"background\" concept, its threshold "
-        f"column an offset on that concept's probability (0: the authors' argmax). Best single block, chosen on the "
-        f"tuning scenes: {best_block['block']} (tuning {best_block['tune_miou']:.3f}). s / image: the one capture of "
-        f"every block's I2T and I2I (all methods but ConceptAttention read it) plus the method's own time. For scale, "
-        f"labellings that "
-        f"read no attention: " + ", ".join(f"{n} {m:.3f}" for n, m in result["references"].items()) + ".")
+        f"{result['tune_scenes']} other scenes, {passes(result['timesteps'])}, CPU. mIoU includes background; the "
+        f"token columns segment each \"colour shape\" class with one of its words alone. I2I: the image x image "
+        f"part of a block's joint attention. ConceptAttention labels by the argmax against a \"background\" "
+        f"concept, its threshold column an offset on that concept's probability (0: the authors' argmax). Best "
+        f"single block, chosen on the tuning scenes: {best_block['block']} (tuning {best_block['tune_miou']:.3f}). "
+        f"s / image: the one capture of every block's I2T and I2I (all methods but ConceptAttention read it) plus "
+        f"the method's own time. For scale, labellings that read no attention: "
+        + ", ".join(f"{n} {m:.3f}" for n, m in result["references"].items()) + ".")
     rows = [[row["method"], f"**{cell(row['parts'], MAIN)}**", cell(row["parts"], "colour"),
              cell(row["parts"], "shape"), f"{row['parts'][MAIN]['threshold']:.2f}", f"{row['seconds_per_image']:.3f}"]
             for row in result["methods"]]
@@ -109,8 +109,9 @@ def sweep_table(result: dict) -> str:
 
 def comparisons(rows: list[dict]) -> dict:
     """The issue's rankings, each as the two mIoUs it compares: ConceptAttention (at the
-    authors' t = 500, one of the I2T rows' timesteps) against the raw I2T of the same
-    double blocks; the best self-attention refinement (DiffSegmenter, iSeg with N > 0, GoCA with propagation) against the best raw I2T."""
+    authors' t = 500) against the raw I2T of the same double blocks; the best
+    self-attention refinement (DiffSegmenter, iSeg with N > 0, GoCA with propagation)
+    against the best raw I2T."""
     miou = {r["method"]: r["parts"][MAIN]["miou"] for r in rows}
     concept = next(n for n in miou if n.startswith("ConceptAttention") and f"t = {evaluate.CONCEPT_TIMESTEPS[0]},"
                    in n and not n.endswith("argmax"))
