@@ -78,22 +78,23 @@ def table(result: dict) -> str:
                                     "s / image"], rows)
 
 
-def timestep_sweep(model, clip, vae, tune: list, methods) -> list[dict]:
-    """Each of evaluate.DIT_TIMESTEP_CANDIDATES on the tuning scenes: the attention-reading
-    methods (not ConceptAttention, which runs passes of its own) at their best threshold;
-    per candidate the I2T block groups and the best method."""
+def timestep_sweep(model, clip, vae, tune: list, methods) -> tuple[list[dict], dict[tuple, evaluate.Scores]]:
+    """Each of evaluate.DIT_TIMESTEP_CANDIDATES (and DIT_TIMESTEPS) on the tuning scenes:
+    the attention-reading methods (not ConceptAttention, which runs passes of its own) at
+    their best threshold. Returns per candidate the I2T block groups and the best method,
+    and each candidate's scores (the table's thresholds are tuned on DIT_TIMESTEPS')."""
     swept = [m for m in methods if m.direct is None]
-    out = []
-    for timesteps in evaluate.DIT_TIMESTEP_CANDIDATES:
-        scores = evaluate.score(model, clip, vae, tune, methods=swept, thresholds=evaluate.dit_thresholds,
-                                timesteps=timesteps)
+    out, kept = [], {}
+    for timesteps in dict.fromkeys(map(tuple, (*evaluate.DIT_TIMESTEP_CANDIDATES, evaluate.DIT_TIMESTEPS))):
+        scores = kept[timesteps] = evaluate.score(model, clip, vae, tune, methods=swept,
+                                                  thresholds=evaluate.dit_thresholds, timesteps=list(timesteps))
         tuned = {m.name: round(scores.miou(m.name, MAIN, scores.best_threshold(m.name, MAIN)), 4) for m in swept}
         best = max(tuned, key=tuned.get)
         out.append({"timesteps": list(timesteps), "best": {"method": best, "tune_miou": tuned[best]},
                     **{name: tuned[name] for name in ("I2T, all blocks", "I2T, double blocks", "I2T, single blocks")
                        if name in tuned}})
-        print(f"timesteps {timesteps}: best {best} {tuned[best]:.3f}", flush=True)
-    return out
+        print(f"timesteps {list(timesteps)}: best {best} {tuned[best]:.3f}", flush=True)
+    return out, kept
 
 
 def sweep_table(result: dict) -> str:
@@ -143,14 +144,15 @@ def main(argv: list[str] | None = None) -> None:
     test = [evaluate.scene(s) for s in evaluate.TEST_SEEDS[:args.test]]
 
     timesteps = evaluate.DIT_TIMESTEPS
-    sweep = timestep_sweep(model, clip, vae, tune, methods)
+    sweep, swept = timestep_sweep(model, clip, vae, tune, methods)
     best_timesteps = max(sweep, key=lambda r: r["best"]["tune_miou"])["timesteps"]
     if best_timesteps != timesteps:
         print(f"NOTE: on these tuning scenes timesteps {best_timesteps} beat evaluate.DIT_TIMESTEPS {timesteps}: "
               f"consider updating it (the workflows, the training validation and this table read it)")
-    tuned = evaluate.score(model, clip, vae, tune, methods=methods, thresholds=evaluate.dit_thresholds,
-                           timesteps=timesteps)
-    chosen = {(m.name, p): tuned.best_threshold(m.name, p) for m in methods for p in m.token_parts}
+    own_passes = evaluate.score(model, clip, vae, tune, methods=[m for m in methods if m.direct is not None],
+                                thresholds=evaluate.dit_thresholds, timesteps=timesteps)
+    tuned = {m.name: own_passes if m.direct is not None else swept[tuple(timesteps)] for m in methods}
+    chosen = {(m.name, p): tuned[m.name].best_threshold(m.name, p) for m in methods for p in m.token_parts}
     print(f"tuned on {len(tune)} scenes ({time.time() - began:.0f} s)", flush=True)
     measured = evaluate.score(model, clip, vae, test, methods=methods, thresholds=lambda m, p: (chosen[(m, p)],),
                               timesteps=timesteps)
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
                      "miou": round(measured.miou(method.name, p, chosen[(method.name, p)]), 4)}
                  for p in method.token_parts}
         rows.append({"method": method.name, "parts": parts,
-                     "tune_miou": round(tuned.miou(method.name, MAIN, chosen[(method.name, MAIN)]), 4),
+                     "tune_miou": round(tuned[method.name].miou(method.name, MAIN, chosen[(method.name, MAIN)]), 4),
                      "seconds_per_image": round(measured.seconds_per_image(method.name), 4)})
         print(f"{method.name}: " + ", ".join(f"{p} {v['miou']:.3f} @ {v['threshold']:.2f}" for p, v in parts.items())
               + f", {measured.seconds_per_image(method.name):.3f} s/image", flush=True)
