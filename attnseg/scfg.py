@@ -97,6 +97,24 @@ def foreground_maps(layers: list[tuple[tuple[int, int], torch.Tensor, torch.Tens
     return _mean_normalised_average(_layer_maps(layers, target_grid, blur, _bos_and_rest))
 
 
+def _others_and_words(words: torch.Tensor):
+    def columns(cross: torch.Tensor) -> torch.Tensor:
+        on_words = cross[..., words].sum(-1)
+        return torch.stack([cross.sum(-1) - on_words, on_words], dim=-1)
+    return columns
+
+
+def word_foreground_maps(layers: list[tuple[tuple[int, int], torch.Tensor, torch.Tensor]],
+                         target_grid: tuple[int, int], words: torch.Tensor,
+                         blur: int = RELEASED_BLUR) -> torch.Tensor:
+    """(B, 2, h, w) for the cond half: per layer the sum of the maps of every token
+    that is not a word (EOS and padding; BOS where there is one) and the sum of the
+    ``words`` tokens' maps, built as :func:`foreground_maps` builds its pair, so
+    :func:`foreground_mask` marks where the words together beat the rest. Ours, not
+    the authors': the released rule needs a BOS, which a T5 sequence (Flux) lacks."""
+    return _mean_normalised_average(_layer_maps(layers, target_grid, blur, _others_and_words(words)))
+
+
 def token_regions(cond_maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, H, W) int64: the argmax token (BOS included) of the cond half's
     :func:`refined_token_maps`, nearest-upsampled to ``size``."""
@@ -106,7 +124,8 @@ def token_regions(cond_maps: torch.Tensor, size: tuple[int, int]) -> torch.Tenso
 
 def foreground_mask(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, H, W) bool from the uncond half's :func:`foreground_maps`: where the sum
-    of the other tokens is strictly above BOS (ties are background),
+    of the other tokens is strictly above BOS (ties are background; likewise the
+    words over the rest for :func:`word_foreground_maps`),
     nearest-upsampled to ``size``."""
     foreground = (maps[:, 1:2] > maps[:, 0:1]).float()
     return F.interpolate(foreground, size=size, mode="nearest")[:, 0].bool()

@@ -1,14 +1,15 @@
 """Guidance from the model's own attention: S-CFG."""
 
 from ..attnseg import AttnSegError
+from ..attnseg.layers import parse_picks
 from ..attnseg.presets import find_preset, names
 from ..attnseg.scfg import RATE_LIMITS, RELEASED_BLUR
-from ..hosts.comfyui.scfg import SCFGSettings, install_scfg
+from ..hosts.comfyui.scfg import WORDS_CHOICE, SCFGSettings, install_scfg
 from .types import GUIDANCE
 
 RELEASED_PRESET = "S-CFG (released code)"
 # display name -> the host's foreground rule
-FOREGROUND_CHOICES = {"released code (BOS vs the sum of the other tokens)": "released"}
+FOREGROUND_CHOICES = {"released code (BOS vs the sum of the other tokens)": "released", WORDS_CHOICE: "words"}
 # display name -> the host's map source
 MAP_SOURCE_CHOICES = {"S-CFG (released code)": "scfg", "GoCA": "goca"}
 
@@ -16,8 +17,9 @@ MAP_SOURCE_CHOICES = {"S-CFG (released code)": "scfg", "GoCA": "goca"}
 class AttnSegSCFG:
     """S-CFG: spatially adaptive classifier-free guidance."""
 
-    DESCRIPTION = ("Patches the model so every sampling step rescales CFG per region: the step's attention (the two "
-                   "coarsest resolutions, both CFG halves) splits the latent into one region per prompt token, and "
+    DESCRIPTION = ("Patches the model so every sampling step rescales CFG per region: the step's attention (a UNet's "
+                   "two coarsest resolutions, a DiT's dit_blocks; both CFG halves) splits the latent into one "
+                   "region per prompt token, and "
                    "each region's guidance is scaled so its mean strength matches the foreground's: "
                    "eps = eps_u + cfg * rho * (eps_c - eps_u). The preset 'S-CFG (released code)' computes what the "
                    "authors' released code does; 'custom' uses rate_min, rate_max, blur and foreground. map_source "
@@ -54,9 +56,12 @@ class AttnSegSCFG:
                                                   "those inputs are used."}),
             "foreground": (list(FOREGROUND_CHOICES), {
                 "default": next(iter(FOREGROUND_CHOICES)),
-                "tooltip": "How the foreground, whose mean guidance strength every region is scaled to, is found "
-                           "from the uncond half: pixels where the sum of all non-BOS token maps (EOS and padding "
-                           "included) is above the BOS map, each map divided by its mean." + custom}),
+                "tooltip": "How the foreground, whose mean guidance strength every region is scaled to, is found. "
+                           "Released code: from the uncond half, pixels where the sum of all non-BOS token maps (EOS "
+                           "and padding included) is above the BOS map, each map divided by its mean. Words (ours, "
+                           "for Flux, whose T5 sequence has no BOS): from the cond half, pixels where the positive "
+                           "prompt's word tokens together are above the other tokens (EOS, padding) together; needs "
+                           "the positive from AttnSeg Text Encode." + custom}),
             "rescale_multiplier": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
                 "RescaleCFG's rescale applied after S-CFG's spatial guidance (RescaleCFG's default 0.7; 0 = off). "
                 "Use this instead of a RescaleCFG node: ComfyUI has one CFG-function slot, and a RescaleCFG "
@@ -70,6 +75,11 @@ class AttnSegSCFG:
                 "is below 0.5 (blur and foreground inputs then apply to the rate only). GoCA needs the positive "
                 "prompt from AttnSeg Text Encode (preset custom, class_weight 1), which records the token layout. "
                 "Applies with either preset.")}),
+            "dit_blocks": ("STRING", {"default": "", "tooltip": (
+                "DiT models only: the blocks whose I2T and I2I maps S-CFG reads each step, as 'TYPE INDEX' "
+                "separated by ';' (TYPE double, single or joint; INDEX from 0 or *), e.g. 'single 0'. Empty: "
+                "Seg4Diff's block 9 on SD3, GoCA's blocks 12 and 18 on Flux (the middle block on a model without "
+                "them). Leave empty on a UNet. Applies with either preset.")}),
         }}
 
     RETURN_TYPES = ("MODEL",)
@@ -81,7 +91,7 @@ class AttnSegSCFG:
 
     def patch(self, model, rate_min, rate_max, blur, start_percent, end_percent, preset=RELEASED_PRESET,
               foreground=next(iter(FOREGROUND_CHOICES)), rescale_multiplier=0.0,
-              map_source=next(iter(MAP_SOURCE_CHOICES))):
+              map_source=next(iter(MAP_SOURCE_CHOICES)), dit_blocks=""):
         chosen = find_preset(preset, "scfg")
         if chosen is not None:
             released = chosen.settings
@@ -92,7 +102,7 @@ class AttnSegSCFG:
         if source not in MAP_SOURCE_CHOICES.values():
             raise AttnSegError(f"map_source: {map_source!r} is not one of {', '.join(map(repr, MAP_SOURCE_CHOICES))}.")
         settings = SCFGSettings(rate_min, rate_max, blur, start_percent, end_percent, rule, rescale_multiplier,
-                                source)
+                                source, dit_blocks=parse_picks(dit_blocks, "dit_blocks"))
         patched = model.clone()
         install_scfg(patched, settings)
         return (patched,)

@@ -178,7 +178,7 @@ def test_the_seg4diff_preset_names_the_block_a_small_sd3_lacks(sd3, vae):
         NODES["AttnSegSegment"]().segment(model, clip, vae, image(), CLASSES, "Seg4Diff SD3 (paper)")
 
 
-def test_scfg_guides_sd3_and_refuses_flux(sd3, flux):
+def test_scfg_guides_sd3(sd3):
     model, clip = sd3
     cond, negative = encode(clip), clip.encode_from_tokens_scheduled(clip.tokenize("a blurry photograph"))
     latent = {"samples": torch.zeros(1, 16, 8, 8)}
@@ -186,8 +186,40 @@ def test_scfg_guides_sd3_and_refuses_flux(sd3, flux):
     guided = comfy_nodes.KSampler().sample(patched, 3, 2, 5.0, "euler", "simple", cond, negative, latent)[0]["samples"]
     plain = comfy_nodes.KSampler().sample(model, 3, 2, 5.0, "euler", "simple", cond, negative, latent)[0]["samples"]
     assert torch.isfinite(guided).all() and not torch.allclose(guided, plain)
-    with pytest.raises(AttnSegError, match="S-CFG needs real classifier-free guidance.*Flux"):
-        NODES["AttnSegSCFG"]().patch(flux[0], 0.8, 3.0, 3, 0.0, 1.0)
+
+
+WORDS = "words vs the other tokens (cond half; ours, for T5 without BOS)"
+
+
+def test_scfg_on_flux_takes_the_words_rule_and_refuses_what_needs_a_bos(flux):
+    model, clip = flux
+    node = NODES["AttnSegSCFG"]()
+    negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    latent = {"samples": torch.zeros(1, 16, 8, 8)}
+
+    def run(patched, positive):
+        return comfy_nodes.KSampler().sample(patched, 3, 2, 5.0, "euler", "simple", positive, negative,
+                                             latent)[0]["samples"]
+
+    with pytest.raises(AttnSegError, match="foreground: S-CFG's released rule .* no BOS. Set preset to 'custom'"):
+        node.patch(model, 0.8, 3.0, 3, 0.0, 1.0)
+    with pytest.raises(AttnSegError, match="map_source: GoCA's S-CFG integration .* no BOS"):
+        node.patch(model, 0.8, 3.0, 3, 0.0, 1.0, "custom", WORDS, map_source="GoCA")
+    with pytest.raises(AttnSegError, match="dit_blocks: .* has no single block 9; its blocks are double blocks 0-1 "
+                                           "and single blocks 0-1"):
+        node.patch(model, 0.8, 3.0, 3, 0.0, 1.0, "custom", WORDS, dit_blocks="single 9")
+    patched = node.patch(model, 0.8, 3.0, 3, 0.0, 1.0, "custom", WORDS, dit_blocks="single *")[0]
+    store = patched.model_options["sampler_cfg_function"].attnseg_store
+    keys = []
+    record = store.add  # the maps each step captures, before the CFG function drops them
+    store.add = lambda key, branch, *args: (keys.append((key, branch)), record(key, branch, *args))[1]
+    guided = run(patched, encode(clip))
+    plain = run(model, encode(clip))
+    assert torch.isfinite(guided).all() and not torch.allclose(guided, plain)
+    assert {(k.kind, branch) for k, branch in keys} == {("cross", "cond"), ("self", "cond")}  # no uncond half
+    assert {(k.block, k.block_id) for k, _ in keys} == {("single", 0), ("single", 1)}
+    with pytest.raises(AttnSegError, match="foreground: 'words vs the other tokens.*AttnSeg Text Encode"):
+        run(patched, clip.encode_from_tokens_scheduled(clip.tokenize(PROMPT)))  # a stock encoder's positive
 
 
 def test_concept_attention_node_on_flux(flux, vae):

@@ -62,13 +62,15 @@ def test_the_released_preset_ignores_the_custom_inputs(setup):
 def test_every_input_has_a_tooltip_and_old_workflows_still_validate():
     types = SCFG.INPUT_TYPES()
     assert list(types["required"]) == ["model", "rate_min", "rate_max", "blur", "start_percent", "end_percent"]
-    assert list(types["optional"]) == ["preset", "foreground", "rescale_multiplier", "map_source"]  # old ones first
+    assert list(types["optional"]) == ["preset", "foreground", "rescale_multiplier", "map_source",
+                                       "dit_blocks"]  # old ones first
     for section in types.values():
         for name, (_, options) in section.items():
             assert options.get("tooltip"), name
     assert types["optional"]["preset"][0] == [RELEASED, CUSTOM]
     assert types["optional"]["preset"][1]["default"] == RELEASED
-    assert types["optional"]["foreground"][0] == ["released code (BOS vs the sum of the other tokens)"]
+    assert types["optional"]["foreground"][0] == ["released code (BOS vs the sum of the other tokens)",
+                                                  "words vs the other tokens (cond half; ours, for T5 without BOS)"]
     assert types["optional"]["map_source"][0] == [RELEASED, "GoCA"]
     assert types["optional"]["map_source"][1]["default"] == RELEASED
 
@@ -107,6 +109,10 @@ def test_conflicting_cfg_function_and_bad_ranges_are_refused(setup):
         SCFG.patch(setup[0], 0.8, 3.0, 3, 0.0, 1.0, CUSTOM, "argmax (BOS not the argmax)")
     with pytest.raises(AttnSegError, match="preset"):
         SCFG.patch(setup[0], 0.8, 3.0, 3, 0.0, 1.0, "paper")
+    with pytest.raises(AttnSegError, match="dit_blocks: .* is a UNet"):
+        SCFG.patch(setup[0], 0.8, 3.0, 3, 0.0, 1.0, dit_blocks="single 0")
+    with pytest.raises(AttnSegError, match="dit_blocks: 'single' is not 'TYPE INDEX'"):
+        SCFG.patch(setup[0], 0.8, 3.0, 3, 0.0, 1.0, dit_blocks="single")
     SCFG.patch(setup[0], 3.0, 0.8, 4, 0.0, 1.0)  # the released preset ignores the bad custom values
 
 

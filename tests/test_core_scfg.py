@@ -8,7 +8,7 @@ import torch
 
 from attnseg import AttnSegError
 from attnseg.scfg import (RELEASED_BLUR, blur_sigma, foreground_mask, foreground_maps, guidance_rate,
-                          refined_token_maps, smooth, spatial_cfg, token_regions)
+                          refined_token_maps, smooth, spatial_cfg, token_regions, word_foreground_maps)
 
 
 def two_regions(h=8, w=8):
@@ -93,6 +93,24 @@ def test_foreground_maps_average_the_layers_and_match_the_summed_token_maps():
         pair = torch.stack([raw[:, 0], raw[:, 1:].sum(1)], 1)
         expected = expected + pair / pair.mean((-2, -1), keepdim=True)
     assert torch.allclose(maps, expected / 2, atol=1e-5)
+
+
+def test_the_words_rule_compares_the_word_tokens_with_every_other_token():
+    # 2x2 grid, T5-style tokens ("a", "red", "cat", EOS, pad): no BOS; identity self-attention.
+    cross = torch.tensor([[[0.3, 0.3, 0.2, 0.1, 0.1],     # the words hold 0.8
+                           [0.1, 0.1, 0.1, 0.3, 0.4],     # 0.3
+                           [0.2, 0.2, 0.2, 0.2, 0.2],     # 0.6
+                           [0.0, 0.1, 0.1, 0.4, 0.4]]])   # 0.2
+    words = torch.tensor([0, 1, 2])
+    maps = word_foreground_maps([((2, 2), torch.eye(4)[None], cross)], (2, 2), words, blur=0)
+    on_words = torch.tensor([0.8, 0.3, 0.6, 0.2])
+    expected = torch.stack([1 - on_words, on_words]).view(1, 2, 2, 2)
+    assert torch.allclose(maps, expected / expected.mean((-2, -1), keepdim=True))
+    # each sum over its mean (0.475 and 0.525): the words win where they hold more than 0.475 of the attention
+    assert foreground_mask(maps, (2, 2)).flatten().tolist() == [True, False, True, False]
+    # the same layer and a different word set: only the named tokens count as words
+    maps = word_foreground_maps([((2, 2), torch.eye(4)[None], cross)], (2, 2), torch.tensor([3, 4]), blur=0)
+    assert foreground_mask(maps, (2, 2)).flatten().tolist() == [False, True, False, True]
 
 
 def test_token_maps_and_regions():

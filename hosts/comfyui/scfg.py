@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ...attnseg import AttentionStore, AttnSegError, SegPrompt
 from ...attnseg.attention import fold_repeated_tokens
 from ...attnseg.scfg import (RATE_LIMITS, RELEASED_BLUR, foreground_mask, foreground_maps, guidance_rate,
-                              refined_token_maps, rescale_cfg, spatial_cfg, token_regions)
+                              refined_token_maps, rescale_cfg, spatial_cfg, token_regions, word_foreground_maps)
 from ...attnseg.scfg_goca import GoCAStages, StepLayer, goca_foreground, goca_regions, goca_token_maps
 from ...attnseg.layers import LayerPick
 from .capture import CapturePlan
@@ -32,12 +32,16 @@ from .unet import UNetInfo
 # Self-attention is pooled to at most this many tokens: S-CFG works on 16x16
 # maps (SD1.5 at 512 px), and this bounds memory on SDXL at 1024 px.
 SELF_TOKENS = 16 * 16
-# How the foreground (the rate's benchmark region) is found from the uncond half;
-# "released": where the sum of the non-BOS token maps is above the BOS map.
-FOREGROUND_RULES = ("released",)
+# How the foreground (the rate's benchmark region) is found. "released": on the
+# uncond half, where the sum of the non-BOS token maps is above the BOS map.
+# "words": on the cond half, where the prompt's word tokens together are above the
+# other tokens (ours, for T5 sequences, which have no BOS).
+FOREGROUND_RULES = ("released", "words")
 # Where the per-step region maps come from: "scfg" (S-CFG's released code) or
 # "goca" (GoCA's aggregation of the same layers, its S-CFG integration).
 MAP_SOURCES = ("scfg", "goca")
+# The node's name for the "words" rule, which errors point to.
+WORDS_CHOICE = "words vs the other tokens (cond half; ours, for T5 without BOS)"
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class SCFGSettings:
     rescale: float = 0.0  # RescaleCFG's multiplier, applied after S-CFG (0 = off)
     map_source: str = MAP_SOURCES[0]
     goca: GoCAStages = field(default_factory=GoCAStages)  # the stages of the "goca" map source
+    dit_blocks: tuple[LayerPick, ...] | None = None  # a DiT's blocks to read (None: the family's default)
 
 
 def scfg_factors(info: UNetInfo) -> frozenset[int]:
@@ -58,26 +63,50 @@ def scfg_factors(info: UNetInfo) -> frozenset[int]:
     return frozenset(sorted({layer.factor for layer in info.layers})[-2:])
 
 
-def scfg_plan(info, map_source: str = "scfg", stages: GoCAStages = GoCAStages()) -> CapturePlan:
+def dit_blocks(info: DiTInfo, picks: tuple[LayerPick, ...]) -> list:
+    """The blocks the ``dit_blocks`` picks name, in execution order."""
+    chosen = []
+    for pick in picks:
+        found = [la for la in info.layers if la.block == pick.block and pick.index in (None, la.block_id)]
+        if not found:
+            raise AttnSegError(f"dit_blocks: {info.model_id} has no {pick}; its blocks are {info.describe_blocks()}.")
+        chosen += [la for la in found if la not in chosen]
+    return sorted(chosen, key=list(info.layers).index)
+
+
+def scfg_plan(info, map_source: str = "scfg", stages: GoCAStages = GoCAStages(),
+              blocks: tuple[LayerPick, ...] | None = None, foreground: str = "released") -> CapturePlan:
     """What S-CFG records each step, both CFG halves. A UNet: its two coarsest
-    resolutions. SD3: the I2T and I2I of Seg4Diff's block (the middle one on a model
-    without it), pooled to 16x16 as S-CFG's maps are. Flux is refused: guidance-
-    distilled Flux samples at cfg 1, and its T5 sequence has no start token for
-    S-CFG's foreground rule. The GoCA map source reads the same layers; on a UNet
-    their heads are output-weighted inside the hook and the middle decoder layer of
-    the finer level also keeps its queries (the layer weights' reference); on a
+    resolutions. A DiT: the I2T and I2I of ``blocks`` (the ``dit_blocks`` input), by
+    default Seg4Diff's block 9 on SD3 and GoCA's blocks 12 and 18 on Flux (the middle
+    block on a model without them), pooled to 16x16 as S-CFG's maps are. Flux's T5
+    sequence has no BOS: there the released foreground rule and the GoCA map source
+    (whose regions and foreground need one) are refused; the "words" rule reads the
+    cond half only, so the uncond half is not captured. The GoCA map source reads the same layers; on a
+    UNet their heads are output-weighted inside the hook and the middle decoder layer
+    of the finer level also keeps its queries (the layer weights' reference); on a
     DiT the heads are averaged (GoCA's DiT configurations) and one block needs no
     layer weights."""
-    both = frozenset({"cond", "uncond"})
     goca = map_source == "goca"
+    both = frozenset({"cond"} if foreground == "words" and not goca else {"cond", "uncond"})
     if isinstance(info, DiTInfo):
-        if info.family != "sd3":
+        if goca and info.family == "flux":
             raise AttnSegError(
-                f"model: S-CFG needs real classifier-free guidance and a start token (BOS) in the text sequence; "
-                f"{info.model_id} samples guidance-distilled at cfg 1 and its T5 sequence has no BOS. Use S-CFG on "
-                f"SD1.x, SD2.x, SDXL or SD3/SD3.5.")
-        picks = tuple(LayerPick.dit(la.block, la.block_id) for la in info.default_self_layers())
+                f"map_source: GoCA's S-CFG integration takes its regions among BOS and the words and its "
+                f"foreground from the BOS map, and {info.model_id}'s T5 sequence has no BOS. Set map_source to "
+                f"'S-CFG (released code)' (with preset custom and foreground '{WORDS_CHOICE}').")
+        if foreground == "released" and info.family == "flux":
+            raise AttnSegError(
+                f"foreground: S-CFG's released rule finds the foreground where the uncond half's tokens beat its "
+                f"BOS map, and {info.model_id}'s T5 sequence has no BOS. Set preset to 'custom' and foreground to "
+                f"'{WORDS_CHOICE}' (ours: the positive prompt's words against the other tokens; encode the "
+                f"positive with AttnSeg Text Encode).")
+        chosen = dit_blocks(info, blocks) if blocks else info.default_self_layers()
+        picks = tuple(LayerPick.dit(la.block, la.block_id) for la in chosen)
         return CapturePlan(cross_layers=picks, self_layers=picks, branches=both, self_max_tokens=SELF_TOKENS)
+    if blocks:
+        raise AttnSegError(f"dit_blocks: {info.model_id} is a UNet, whose S-CFG layers are its two coarsest "
+                           f"resolutions; leave dit_blocks empty (it names the blocks of a DiT: Flux, SD3).")
     factors = scfg_factors(info)
     return CapturePlan(cross_factors=factors, self_factors=factors, branches=both, self_max_tokens=SELF_TOKENS,
                        cross_heads="auto" if goca and stages.heads else "mean",
@@ -184,31 +213,51 @@ def positive_prompt(guider) -> SegPrompt | None:
     return None
 
 
-def check_goca_prompt(prompt: SegPrompt | None) -> SegPrompt:
+def check_word_prompt(prompt: SegPrompt | None, goca: bool) -> SegPrompt:
+    """The positive prompt's recorded token layout, which the GoCA map source and the
+    "words" foreground rule need."""
+    what, why, other = (("map_source: 'GoCA'", "its rescaling and regions leave out BOS, EOS and padding",
+                         "set map_source to 'S-CFG (released code)'") if goca else
+                        (f"foreground: '{WORDS_CHOICE}'", "its foreground is where they beat the other tokens",
+                         "use the released foreground rule on a model whose text has a BOS"))
     if prompt is None:
         raise AttnSegError(
-            "map_source: 'GoCA' needs to know which of the positive prompt's tokens are words (its rescaling and "
-            "regions leave out BOS, EOS and padding), and this positive conditioning does not record it (a stock "
-            "text encoder's does not). Encode the positive prompt with AttnSeg Text Encode (preset custom and "
-            "class_weight 1 give CLIPTextEncode's conditioning; classes: any word of the prompt), or set "
-            "map_source to 'S-CFG (released code)'.")
+            f"{what} needs to know which of the positive prompt's tokens are words ({why}), and this positive "
+            f"conditioning does not record it (a stock text encoder's does not). Encode the positive prompt with "
+            f"AttnSeg Text Encode (preset custom and class_weight 1 give CLIPTextEncode's conditioning; classes: "
+            f"any word of the prompt), or {other}.")
     if not any(prompt.words):
-        raise AttnSegError("positive: the prompt has no word tokens, so map_source 'GoCA' has nothing to rescale "
-                           "by. Write a prompt, or set map_source to 'S-CFG (released code)'.")
+        raise AttnSegError(f"positive: the prompt has no word tokens, so {what} has nothing to read. Write a "
+                           f"prompt, or {other}.")
     return prompt
 
 
-def scfg_rate_inputs(store: AttentionStore, latent: tuple[int, int], settings: "SCFGSettings"):
+def scfg_rate_inputs(store: AttentionStore, latent: tuple[int, int], settings: "SCFGSettings",
+                     layout: "TokenLayout | None" = None):
     """(regions, foreground, token count) of one step from S-CFG's own maps (its
-    released code); None when the step captured no pair of halves."""
-    cond_layers, uncond_layers = _layers(store, "cond"), _layers(store, "uncond")
-    if not cond_layers or not uncond_layers:
+    released code); the "words" foreground rule reads ``layout``'s word tokens on the
+    cond half. None when the step captured no maps the rule needs."""
+    words = settings.foreground == "words"
+    cond_layers, uncond_layers = _layers(store, "cond"), (None if words else _layers(store, "uncond"))
+    if not cond_layers or not (words or uncond_layers):
         return None
     grid = max((g for g, _, _ in cond_layers), key=lambda g: g[0] * g[1])
     cond_maps = refined_token_maps(cond_layers, grid, settings.blur)
     regions = token_regions(cond_maps, latent)
-    foreground = foreground_mask(foreground_maps(uncond_layers, grid, settings.blur), latent)
-    return regions, foreground, cond_maps.shape[1]
+    if words:
+        check_token_count(layout.prompt, cond_maps.shape[1], "foreground")
+        maps = word_foreground_maps(cond_layers, grid, layout.words.to(cond_maps.device), settings.blur)
+    else:
+        maps = foreground_maps(uncond_layers, grid, settings.blur)
+    return regions, foreground_mask(maps, latent), cond_maps.shape[1]
+
+
+def check_token_count(prompt: SegPrompt, count: int, input_name: str) -> None:
+    if count != prompt.token_count:
+        raise AttnSegError(
+            f"positive: the model attends over {count} text tokens, not the {prompt.token_count} tokens of the "
+            f"prompt AttnSeg Text Encode recorded. {input_name} reads the positive prompt's token layout: give the "
+            f"sampler one positive prompt, encoded by AttnSeg Text Encode.")
 
 
 def cfg_function_name(function) -> str:
@@ -247,10 +296,12 @@ def install_scfg(model, settings: SCFGSettings) -> None:
     if settings.goca.order < 0:
         raise AttnSegError(f"propagation order: {settings.goca.order} is negative; use 0 (off) or more (GoCA: 2).")
     goca = settings.map_source == "goca"
+    needs_words = goca or settings.foreground == "words"  # both read the positive prompt's token layout
     info = describe_model(model)
     store = AttentionStore(info.model_id, 0, (0, 0), (0, 0))
-    install_model_capture(model, info, store, scfg_plan(info, settings.map_source, settings.goca))
-    # The positive prompt's token layout, read when each run starts (the GoCA map source).
+    plan = scfg_plan(info, settings.map_source, settings.goca, settings.dit_blocks, settings.foreground)
+    install_model_capture(model, info, store, plan)
+    # The positive prompt's token layout, read when each run starts (GoCA's maps, the words rule).
     run = {"layout": None}
     sampling = model.get_model_object("model_sampling")
     sigma_range = (float(sampling.percent_to_sigma(settings.start_percent)),
@@ -270,10 +321,10 @@ def install_scfg(model, settings: SCFGSettings) -> None:
                 note("cfg is 1, so there is no guidance to rescale; sampling as plain CFG.")
             elif sigma_range[1] <= sigma <= sigma_range[0]:
                 size = tuple(cond.shape[-2:])
-                if goca and run["layout"] is None:
-                    check_goca_prompt(None)  # a sampler that went around the run wrapper
+                if needs_words and run["layout"] is None:
+                    check_word_prompt(None, goca)  # a sampler that went around the run wrapper
                 found = (goca_rate_inputs(store, run["layout"], info, size, settings) if goca
-                         else scfg_rate_inputs(store, size, settings))
+                         else scfg_rate_inputs(store, size, settings, run["layout"]))
                 if found is not None:
                     regions, foreground, count = found
                     rate = guidance_rate(cond - uncond, regions, foreground, scale,
@@ -306,10 +357,10 @@ def install_scfg(model, settings: SCFGSettings) -> None:
                 f"model: {cfg_function_name(current) if current else 'a later node'} replaced S-CFG's CFG formula "
                 f"after the S-CFG node, so S-CFG would not run. Remove one of them; for RescaleCFG, remove it and "
                 f"set S-CFG's rescale_multiplier instead.")
-        if goca:
+        if needs_words:
             guider = executor.class_obj
             device = getattr(getattr(guider, "model_patcher", None), "load_device", None)
-            run["layout"] = TokenLayout(check_goca_prompt(positive_prompt(guider)), device)
+            run["layout"] = TokenLayout(check_word_prompt(positive_prompt(guider), goca), device)
         return executor(*args, **kwargs)
 
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "attnseg_scfg", fresh_run)
