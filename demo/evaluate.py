@@ -322,18 +322,38 @@ def object_names(caption: str) -> list[str]:
     return [part.removeprefix("a ").strip() for part in caption.split(" and ")]
 
 
-def generate(model, clip, vae, caption: str, seed: int, cfg: float = 5.0, steps: int = 20):
+def generate(model, clip, vae, caption: str, seed: int, cfg: float = 5.0, steps: int = 20, dit: bool = False):
     """A 128-px sample of ``caption`` with capture on: (image uint8 H x W x 3, masks (C, H, W)
-    bool from DiffSegmenter on the sample's own attention, the demo weights)."""
+    bool from DiffSegmenter on the sample's own attention, the demo weights; ``dit``: the
+    DiT demo's, as its generate-and-segment workflow: every block's I2T completed with
+    the single blocks' I2I, scheduler simple)."""
     positive, _ = encode_segmentation_prompt(clip, caption, ", ".join(object_names(caption)))
     negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
     latent = {"samples": torch.zeros(1, 4, 16, 16)}
+    plan, scheduler = (CapturePlan(self_every_layer=True), "simple") if dit else (CapturePlan(), "normal")
     with torch.inference_mode():  # as ComfyUI runs nodes
-        out, store = capture_sample(model, seed, steps, cfg, "euler", "normal", positive, negative, latent, 1.0,
-                                    CapturePlan())
+        out, store = capture_sample(model, seed, steps, cfg, "euler", scheduler, positive, negative, latent, 1.0,
+                                    plan)
         image = (vae.decode(out["samples"])[0].clamp(0, 1).numpy() * 255).astype(np.uint8)
-    _, masks, _ = make_masks(diffsegmenter(store, DEMO_WEIGHTS), DEMO_THRESHOLD)
+    if dit:
+        single = frozenset((k.block, k.block_id) for k, _ in store.layers("self") if k.block == "single")
+        scores, threshold = diffsegmenter(with_blocks(store, self=single), (1.0,)), DIT_THRESHOLD
+    else:
+        scores, threshold = diffsegmenter(store, DEMO_WEIGHTS), DEMO_THRESHOLD
+    _, masks, _ = make_masks(scores, threshold)
     return image, masks.numpy() > 0
+
+
+def share_inside(image: np.ndarray, caption: str, region: torch.Tensor) -> float | None:
+    """The share of the pixels painted in the caption's colours that lie in ``region``
+    ((h, w) in [0, 1], any size: nearest-resized to the image); None when nothing is."""
+    paint = np.zeros(image.shape[:2], bool)
+    for name in object_names(caption):
+        paint |= colour_mask(image, name.split()[0])
+    if not paint.any():
+        return None
+    region = torch.nn.functional.interpolate(region.float()[None, None], size=paint.shape, mode="nearest")[0, 0]
+    return float(region[torch.from_numpy(paint)].mean())
 
 
 def drawn(image: np.ndarray, masks: np.ndarray, caption: str) -> list[tuple[str, bool, str]]:
@@ -409,12 +429,14 @@ def shapes_present(image: np.ndarray, caption: str) -> list[bool]:
 # attention, head mean (a DiT's only reduction: GoCA's Flux setting), and the image
 # tokens' attention output at GoCA's reference block (the middle one on this model).
 DIT_PLAN = CapturePlan(self_every_layer=True, reference_factor=GOCA_REFERENCE_FACTOR)
-# The DiT demo's segmentation pass: one at t = 500 (sigma 0.5), not the UNet's 100.
+# The DiT demo's segmentation pass: one at t = 400 (sigma 0.4), not the UNet's 100.
 # This model reads its words where they decide the picture: at t = 100 the image all
 # but tells itself and its I2T barely localises. benchmarks/dit_segmentation_quality.py
 # sweeps DIT_TIMESTEP_CANDIDATES on the tuning scenes (its first table) and reports
 # whether this is still their best.
-DIT_TIMESTEPS = [500]
+DIT_TIMESTEPS = [400]
+# The best DiT method's threshold on the tuning scenes (the flux-demo workflows' too).
+DIT_THRESHOLD = 0.5
 DIT_TIMESTEP_CANDIDATES = ([100], [300], [400], [500], [600], [700], [800], [400, 600], [500, 700])
 CAPTURES["dit"] = (_plain, DIT_PLAN, SEGMENT_SCALE)
 DIT_BACKGROUND_CONCEPT = "background"  # ConceptAttention's background word (labels by argmax against it)
