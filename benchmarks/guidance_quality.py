@@ -123,12 +123,13 @@ def main() -> None:
             f"{sum(ceiling) / len(ceiling):.3f}).", columns, rows)
     else:
         text = markdown_table(
-        f"Demo model, {len(captions)} held-out captions (1-3 objects), one seed each, 20 euler steps, CPU: the "
-        f"share of named objects drawn where the caption says; S-CFG with its released-code preset and its own "
-        f"maps or GoCA's (map_source GoCA: GoCA's S-CFG integration on the same layers), and the share of latent "
-        f"pixels each one's foreground holds (mean over steps). Shapes present: the share of named objects whose "
-        f"shape is drawn in any colour (colour-blind prompt adherence; on the captions' own rendered scenes it is "
-        f"{sum(ceiling) / len(ceiling):.3f}, the misses being objects mostly hidden by another).", columns, rows)
+            f"Demo model, {len(captions)} held-out captions (1-3 objects), one seed each, 20 euler steps, CPU: the "
+            f"share of named objects drawn where the caption says; S-CFG with its released-code preset and its own "
+            f"maps or GoCA's (map_source GoCA: GoCA's S-CFG integration on the same layers), and the share of "
+            f"latent pixels each one's foreground holds (mean over steps). Shapes present: the share of named "
+            f"objects whose shape is drawn in any colour (colour-blind prompt adherence; on the captions' own "
+            f"rendered scenes it is {sum(ceiling) / len(ceiling):.3f}, the misses being objects mostly hidden by "
+            f"another).", columns, rows)
     print(text)
     if not args.no_readme:
         write_readme(text, *MARKERS[args.dit])

@@ -54,12 +54,12 @@ def decision_margin(scores: torch.Tensor, threshold: float, background: str,
 
 
 def assert_same_labels(labels, other_labels, other_scores, threshold, background="threshold",
-                       difference: float = SCORE_TOLERANCE, other_background=None):
-    """The same labels, except at pixels where the reference's decision is closer than twice
-    the two hosts' score difference (the winner may drop and the runner-up rise by it: a
-    near-tie that fp noise may break either way): at most one pixel in a thousand."""
+                       tie_window: float = SCORE_TOLERANCE, other_background=None):
+    """The same labels, except at pixels where the reference's decision is closer than
+    ``tie_window`` (a near-tie that fp noise may break either way): at most one pixel in
+    a thousand."""
     differ = labels != other_labels
-    tie = decision_margin(other_scores, threshold, background, other_background) < 2 * difference
+    tie = decision_margin(other_scores, threshold, background, other_background) < tie_window
     assert not (differ & ~tie).any(), f"{int((differ & ~tie).sum())} pixels with a clear decision got another label"
     assert differ.float().mean() <= 1e-3, f"{int(differ.sum())} of {differ.numel()} pixels differ"
     assert len(other_labels.unique()) >= 2  # not one label everywhere: the labels say something
@@ -76,7 +76,8 @@ def assert_same_masks(ours, theirs, threshold, background="threshold"):
         difference = max(difference, (resize(ours.background, ours.image_size).clamp(0, 1)
                                       - other_background).abs().max().item())
     assert difference < SCORE_TOLERANCE
-    assert_same_labels(labels, other_labels, other_scores, threshold, background, difference, other_background)
+    # the winner may drop and the runner-up rise by the difference: twice it is a near-tie
+    assert_same_labels(labels, other_labels, other_scores, threshold, background, 2 * difference, other_background)
 
 
 def scene_image(item) -> torch.Tensor:

@@ -82,11 +82,11 @@ def scfg_plan(info, map_source: str = "scfg", stages: GoCAStages = GoCAStages(),
     block on a model without them), pooled to 16x16 as S-CFG's maps are. Flux's T5
     sequence has no BOS: there the released foreground rule and the GoCA map source
     (whose regions and foreground need one) are refused; the "words" rule reads the
-    cond half only, so the uncond half is not captured. The GoCA map source reads the same layers; on a
-    UNet their heads are output-weighted inside the hook and the middle decoder layer
-    of the finer level also keeps its queries (the layer weights' reference); on a
-    DiT the heads are averaged (GoCA's DiT configurations) and one block needs no
-    layer weights."""
+    cond half only, so the uncond half is not captured. The GoCA map source reads the
+    same layers; on a UNet their heads are output-weighted inside the hook and the
+    middle decoder layer of the finer level also keeps its queries (the layer
+    weights' reference); on a DiT the heads are averaged (GoCA's DiT configurations)
+    and one block needs no layer weights."""
     goca = map_source == "goca"
     both = frozenset({"cond"} if foreground == "words" and not goca else {"cond", "uncond"})
     if isinstance(info, DiTInfo):
